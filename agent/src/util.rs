@@ -1,0 +1,276 @@
+//! Small pure helpers shared by several modules: time formatting, check ids, durations, the
+//! host name. No I/O beyond reading the kernel's host name and random bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms_now() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// `2026-11-27T23:59:38.123Z` for now.
+pub fn rfc3339_now() -> String {
+    format_rfc3339_ms(unix_ms_now())
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with milliseconds.
+pub fn format_rfc3339_ms(unix_ms: i64) -> String {
+    let secs = unix_ms.div_euclid(1000);
+    let ms = unix_ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    )
+}
+
+/// Parses the RFC 3339 UTC form this crate writes (`Z` suffix, optional fraction) back to Unix
+/// milliseconds. Offsets other than `Z`/`+00:00` are accepted too. `None` for anything else.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    let mut ms = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        let f = &frac[..digits];
+        let padded: String = f.chars().chain("000".chars()).take(3).collect();
+        ms = padded.parse().ok()?;
+        rest = &frac[digits..];
+    }
+    let offset_min = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let rb = rest.as_bytes();
+            if rb.len() != 6 || rb[3] != b':' || !(rb[0] == b'+' || rb[0] == b'-') {
+                return None;
+            }
+            let oh: i64 = rest[1..3].parse().ok()?;
+            let om: i64 = rest[4..6].parse().ok()?;
+            let sign = if rb[0] == b'-' { -1 } else { 1 };
+            sign * (oh * 60 + om)
+        }
+    };
+    let days = days_from_civil(y, mo, d);
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    Some(secs * 1000 + ms)
+}
+
+/// Howard Hinnant's days-from-civil: days since 1970-01-01 for a proleptic Gregorian date.
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A new UUIDv7 (time-ordered, 74 random bits) as lowercase hyphenated text.
+///
+/// Random bits come from the kernel once per process, then from a SplitMix64 sequence seeded by
+/// them and mixed with a counter: ids need to be unique, not secret.
+pub fn new_check_id() -> String {
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut seed = STATE.load(Ordering::Relaxed);
+    if seed == 0 {
+        seed = kernel_random_u64() | 1;
+        // A racing thread may store its own seed; either is fine.
+        let _ = STATE.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
+        seed = STATE.load(Ordering::Relaxed);
+    }
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let r1 = splitmix64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let r2 = splitmix64(r1 ^ seed.rotate_left(17));
+    let ms = unix_ms_now() as u64 & 0xFFFF_FFFF_FFFF;
+    let mut bytes = [0u8; 16];
+    bytes[0..6].copy_from_slice(&ms.to_be_bytes()[2..8]);
+    bytes[6..14].copy_from_slice(&r1.to_be_bytes());
+    bytes[14..16].copy_from_slice(&r2.to_be_bytes()[0..2]);
+    bytes[6] = 0x70 | (bytes[6] & 0x0F); // version 7
+    bytes[8] = 0x80 | (bytes[8] & 0x3F); // RFC 4122 variant
+    let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn kernel_random_u64() -> u64 {
+    use std::io::Read;
+    let mut buf = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom")
+        && f.read_exact(&mut buf).is_ok()
+    {
+        return u64::from_le_bytes(buf);
+    }
+    // No /dev/urandom (odd chroot): fall back to time and address-space entropy.
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (&buf as *const _ as u64).rotate_left(32) ^ std::process::id() as u64
+}
+
+/// The kernel's host name, used as the default agent id.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Parses `"30s"`, `"1m30s"`, `"250ms"`, `"2h"`, `"1d"`. Units are required: a bare number is
+/// ambiguous and refused.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(|c| c.is_ascii_digit() || *c == b'.').count();
+        if digits == 0 {
+            return None;
+        }
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|c| c.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = match unit {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            "d" => value * 86_400.0,
+            _ => return None,
+        };
+        if !secs.is_finite() || secs > 1e10 {
+            return None;
+        }
+        total += Duration::from_secs_f64(secs);
+    }
+    Some(total)
+}
+
+/// Formats a duration the way the config accepts it (`1m30s`, `250ms`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut s = ms / 1000;
+    let mut out = String::new();
+    for (unit, len) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if s >= len {
+            out.push_str(&format!("{}{unit}", s / len));
+            s %= len;
+        }
+    }
+    out
+}
+
+/// Milliseconds as f64 for the record's timings.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        let check = |ms: i64, text: &str| {
+            assert_eq!(format_rfc3339_ms(ms), text);
+            assert_eq!(parse_rfc3339_ms(text), Some(ms), "{text}");
+        };
+        check(0, "1970-01-01T00:00:00.000Z");
+        check(951_782_400_001, "2000-02-29T00:00:00.001Z");
+        check(1_795_910_378_123, "2026-11-28T23:59:38.123Z");
+        assert_eq!(parse_rfc3339_ms("2026-11-28T23:59:38+01:00"), Some(1_795_906_778_000));
+        for bad in ["", "2026-13-01T00:00:00Z", "2026-11-28 23:59", "2026-11-28T23:59:38.Z"] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let check = |s: &str, want: Option<u64>| {
+            assert_eq!(parse_duration(s).map(|d| d.as_millis() as u64), want, "{s}");
+        };
+        check("30s", Some(30_000));
+        check("1m30s", Some(90_000));
+        check("250ms", Some(250));
+        check("1.5s", Some(1500));
+        check("2h", Some(7_200_000));
+        check("5x", None);
+        check("30", None);
+        check("", None);
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+    }
+
+    #[test]
+    fn check_ids_are_unique_uuid_v7() {
+        let ids: std::collections::HashSet<String> = (0..10_000).map(|_| new_check_id()).collect();
+        assert_eq!(ids.len(), 10_000);
+        let id = new_check_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "7", "{id}");
+    }
+}
