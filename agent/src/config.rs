@@ -263,7 +263,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"********\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"********\""
+        })
     }
 }
 
@@ -354,7 +358,13 @@ impl fmt::Display for StatusSet {
         let parts: Vec<String> = self
             .0
             .iter()
-            .map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+            .map(|&(lo, hi)| {
+                if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                }
+            })
             .collect();
         f.write_str(&parts.join(","))
     }
@@ -408,7 +418,11 @@ pub fn default_path(given: Option<&Path>) -> PathBuf {
         return p.to_path_buf();
     }
     let local = PathBuf::from("agent.toml");
-    if local.exists() { local } else { PathBuf::from(SYSTEM_CONFIG) }
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(SYSTEM_CONFIG)
+    }
 }
 
 impl Config {
@@ -459,7 +473,12 @@ fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
         Some(span) => {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
-            let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+            let col = before
+                .rsplit('\n')
+                .next()
+                .map(|l| l.chars().count())
+                .unwrap_or(0)
+                + 1;
             format!("line {line}, column {col}: {msg}")
         }
         None => msg,
@@ -474,7 +493,10 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn err(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.clone(), message: message.into() }
+        ConfigError {
+            file: self.file.clone(),
+            message: message.into(),
+        }
     }
 
     fn env(&self, key: &str) -> Option<String> {
@@ -483,12 +505,18 @@ impl Validator<'_> {
 
     fn path(&self, p: &str) -> PathBuf {
         let p = PathBuf::from(p);
-        if p.is_absolute() { p } else { self.base.join(p) }
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
     }
 
     fn duration(&self, ctx: &str, field: &str, value: &str) -> Result<Duration, ConfigError> {
         parse_duration(value).ok_or_else(|| {
-            self.err(format!("{ctx}{field} {value:?}: expected a duration like \"30s\""))
+            self.err(format!(
+                "{ctx}{field} {value:?}: expected a duration like \"30s\""
+            ))
         })
     }
 
@@ -507,7 +535,9 @@ impl Validator<'_> {
 
     fn size(&self, ctx: &str, field: &str, value: &str) -> Result<u64, ConfigError> {
         parse_size(value).ok_or_else(|| {
-            self.err(format!("{ctx}{field} {value:?}: expected a size like \"1MiB\" or \"64KiB\""))
+            self.err(format!(
+                "{ctx}{field} {value:?}: expected a size like \"1MiB\" or \"64KiB\""
+            ))
         })
     }
 
@@ -525,12 +555,22 @@ impl Validator<'_> {
             }
             targets.push(target);
         }
-        Ok(Config { source: path.to_path_buf(), agent, kafka, postgres, rules, targets })
+        Ok(Config {
+            source: path.to_path_buf(),
+            agent,
+            kafka,
+            postgres,
+            rules,
+            targets,
+        })
     }
 
     fn agent(&self, raw: &RawAgent) -> Result<AgentConfig, ConfigError> {
         let ctx = "agent: ";
-        let id = self.env("SITEWATCH_AGENT_ID").or(raw.id.clone()).unwrap_or_else(crate::util::hostname);
+        let id = self
+            .env("SITEWATCH_AGENT_ID")
+            .or(raw.id.clone())
+            .unwrap_or_else(crate::util::hostname);
         if id.trim().is_empty() {
             return Err(self.err("agent: id: must not be empty"));
         }
@@ -544,7 +584,9 @@ impl Validator<'_> {
         };
         let concurrency = raw.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
         if !(1..=1024).contains(&concurrency) {
-            return Err(self.err(format!("agent: concurrency {concurrency}: expected 1 to 1024")));
+            return Err(self.err(format!(
+                "agent: concurrency {concurrency}: expected 1 to 1024"
+            )));
         }
         let jitter = match &raw.jitter {
             None => Jitter::Fraction(0.1),
@@ -617,22 +659,36 @@ impl Validator<'_> {
         let raw = raw.unwrap_or(&default);
         let ctx = "kafka: ";
         let brokers: Vec<String> = match env_brokers {
-            Some(list) => list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            None => raw.brokers.clone().unwrap_or_else(|| vec!["127.0.0.1:9092".to_string()]),
+            Some(list) => list
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            None => raw
+                .brokers
+                .clone()
+                .unwrap_or_else(|| vec!["127.0.0.1:9092".to_string()]),
         };
         if brokers.is_empty() {
             return Err(self.err("kafka: brokers: must list at least one host:port"));
         }
         for b in &brokers {
-            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
                 return Err(self.err(format!("kafka: brokers: {b:?}: expected host:port")));
             }
         }
-        let topic = self.env("SITEWATCH_KAFKA_TOPIC").or(raw.topic.clone()).unwrap_or_else(|| DEFAULT_TOPIC.into());
+        let topic = self
+            .env("SITEWATCH_KAFKA_TOPIC")
+            .or(raw.topic.clone())
+            .unwrap_or_else(|| DEFAULT_TOPIC.into());
         if topic.is_empty()
             || topic.len() > 249
-            || !topic.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+            || !topic
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
         {
             return Err(self.err(format!(
                 "kafka: topic {topic:?}: expected 1-249 characters of [a-zA-Z0-9._-]"
@@ -640,7 +696,9 @@ impl Validator<'_> {
         }
         let partitions = raw.partitions.unwrap_or(3);
         if !(1..=10_000).contains(&partitions) {
-            return Err(self.err(format!("kafka: partitions {partitions}: expected 1 to 10000")));
+            return Err(self.err(format!(
+                "kafka: partitions {partitions}: expected 1 to 10000"
+            )));
         }
         let replication_factor = raw.replication_factor.unwrap_or(1);
         if replication_factor < 1 {
@@ -668,9 +726,15 @@ impl Validator<'_> {
             }
         };
         let raw_tls = raw.tls.clone().unwrap_or_default();
-        let ca = self.env("SITEWATCH_KAFKA_CA_FILE").or(raw_tls.ca_file.clone());
-        let cert = self.env("SITEWATCH_KAFKA_CERT_FILE").or(raw_tls.cert_file.clone());
-        let key = self.env("SITEWATCH_KAFKA_KEY_FILE").or(raw_tls.key_file.clone());
+        let ca = self
+            .env("SITEWATCH_KAFKA_CA_FILE")
+            .or(raw_tls.ca_file.clone());
+        let cert = self
+            .env("SITEWATCH_KAFKA_CERT_FILE")
+            .or(raw_tls.cert_file.clone());
+        let key = self
+            .env("SITEWATCH_KAFKA_KEY_FILE")
+            .or(raw_tls.key_file.clone());
         let tls = if raw.tls.is_some() || ca.is_some() || cert.is_some() || key.is_some() {
             if cert.is_some() != key.is_some() {
                 return Err(self.err("kafka: tls: cert_file and key_file go together"));
@@ -685,7 +749,9 @@ impl Validator<'_> {
             None
         };
         let raw_sasl = raw.sasl.clone().unwrap_or_default();
-        let username = self.env("SITEWATCH_KAFKA_SASL_USERNAME").or(raw_sasl.username.clone());
+        let username = self
+            .env("SITEWATCH_KAFKA_SASL_USERNAME")
+            .or(raw_sasl.username.clone());
         let sasl = if raw.sasl.is_some() || username.is_some() {
             let mechanism = match self
                 .env("SITEWATCH_KAFKA_SASL_MECHANISM")
@@ -703,9 +769,12 @@ impl Validator<'_> {
                     )));
                 }
             };
-            let username =
-                username.ok_or_else(|| self.err("kafka: sasl: username: missing"))?;
-            let password = match (self.env("SITEWATCH_KAFKA_SASL_PASSWORD"), &raw_sasl.password_file, &raw_sasl.password) {
+            let username = username.ok_or_else(|| self.err("kafka: sasl: username: missing"))?;
+            let password = match (
+                self.env("SITEWATCH_KAFKA_SASL_PASSWORD"),
+                &raw_sasl.password_file,
+                &raw_sasl.password,
+            ) {
                 (Some(p), _, _) => p,
                 (None, Some(f), _) => read_secret_file(&self.path(f))
                     .map_err(|e| self.err(format!("kafka: sasl: password_file {f:?}: {e}")))?,
@@ -716,7 +785,11 @@ impl Validator<'_> {
                     ));
                 }
             };
-            Some(Sasl { mechanism, username, password: Secret(password) })
+            Some(Sasl {
+                mechanism,
+                username,
+                password: Secret(password),
+            })
         } else {
             None
         };
@@ -746,8 +819,8 @@ impl Validator<'_> {
         let url = env_url
             .or(raw.url.clone())
             .unwrap_or_else(|| "postgres://sitewatch@127.0.0.1/sitewatch".into());
-        let (url, inline_password) = split_password(&url)
-            .map_err(|e| self.err(format!("postgres: url: {e}")))?;
+        let (url, inline_password) =
+            split_password(&url).map_err(|e| self.err(format!("postgres: url: {e}")))?;
         let password = match (self.env("SITEWATCH_PG_PASSWORD"), &raw.password_file) {
             (Some(p), _) => Some(p),
             (None, Some(f)) => Some(
@@ -772,14 +845,19 @@ impl Validator<'_> {
                 )));
             }
         };
-        let ca_file = self.env("SITEWATCH_PG_CA_FILE").or(raw.ca_file.clone()).map(|p| self.path(&p));
+        let ca_file = self
+            .env("SITEWATCH_PG_CA_FILE")
+            .or(raw.ca_file.clone())
+            .map(|p| self.path(&p));
         let retention = match &raw.retention {
             Some(v) => self.positive_duration("postgres: ", "retention", v)?,
             None => Duration::from_secs(90 * 86_400),
         };
         let batch_size = raw.batch_size.unwrap_or(5000);
         if !(1..=100_000).contains(&batch_size) {
-            return Err(self.err(format!("postgres: batch_size {batch_size}: expected 1 to 100000")));
+            return Err(self.err(format!(
+                "postgres: batch_size {batch_size}: expected 1 to 100000"
+            )));
         }
         Ok(Some(PostgresConfig {
             url,
@@ -805,30 +883,57 @@ impl Validator<'_> {
             Some(v) => self.size(ctx, "memory_limit", v)? as usize,
             None => 16 * 1024 * 1024,
         };
-        Ok(RulesConfig { dir, deadline, memory_limit, fuel: raw.fuel })
+        Ok(RulesConfig {
+            dir,
+            deadline,
+            memory_limit,
+            fuel: raw.fuel,
+        })
     }
 
-    fn target(&self, index: usize, raw: &RawTarget, agent: &AgentConfig) -> Result<Target, ConfigError> {
+    fn target(
+        &self,
+        index: usize,
+        raw: &RawTarget,
+        agent: &AgentConfig,
+    ) -> Result<Target, ConfigError> {
         let id = match &raw.id {
             Some(id) if !id.trim().is_empty() => id.clone(),
-            Some(_) => return Err(self.err(format!("target #{}: id: must not be empty", index + 1))),
+            Some(_) => {
+                return Err(self.err(format!("target #{}: id: must not be empty", index + 1)));
+            }
             None => return Err(self.err(format!("target #{}: id: missing", index + 1))),
         };
         let ctx = format!("target {id:?}: ");
-        let url = raw.url.clone().ok_or_else(|| self.err(format!("{ctx}url: missing")))?;
+        let url = raw
+            .url
+            .clone()
+            .ok_or_else(|| self.err(format!("{ctx}url: missing")))?;
         validate_url(&url).map_err(|e| self.err(format!("{ctx}url {url:?}: {e}")))?;
-        let method = raw.method.clone().unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
-        if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(&method.as_str()) {
-            return Err(self.err(format!("{ctx}method {method:?}: expected GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS")));
+        let method = raw
+            .method
+            .clone()
+            .unwrap_or_else(|| "GET".into())
+            .to_ascii_uppercase();
+        if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(&method.as_str())
+        {
+            return Err(self.err(format!(
+                "{ctx}method {method:?}: expected GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS"
+            )));
         }
         let mut headers = Vec::new();
         for (name, value) in &raw.headers {
-            let name_ok = !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
             if !name_ok {
                 return Err(self.err(format!("{ctx}headers: {name:?}: not a valid header name")));
             }
             if value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0) {
-                return Err(self.err(format!("{ctx}headers: {name:?}: value must not contain CR, LF or NUL")));
+                return Err(self.err(format!(
+                    "{ctx}headers: {name:?}: value must not contain CR, LF or NUL"
+                )));
             }
             headers.push((name.clone(), value.clone()));
         }
@@ -844,9 +949,16 @@ impl Validator<'_> {
             None => StatusSet(vec![(200, 399)]),
             Some(list) => self.status_set(&ctx, list)?,
         };
-        let regex = raw.regex.as_deref().map(|p| self.regex(&ctx, "regex", p)).transpose()?;
-        let regex_absent =
-            raw.regex_absent.as_deref().map(|p| self.regex(&ctx, "regex_absent", p)).transpose()?;
+        let regex = raw
+            .regex
+            .as_deref()
+            .map(|p| self.regex(&ctx, "regex", p))
+            .transpose()?;
+        let regex_absent = raw
+            .regex_absent
+            .as_deref()
+            .map(|p| self.regex(&ctx, "regex_absent", p))
+            .transpose()?;
         let rule = match &raw.rule {
             None => None,
             Some(r) => {
@@ -861,24 +973,35 @@ impl Validator<'_> {
         };
         let max_redirects = raw.max_redirects.unwrap_or(10);
         if max_redirects > 50 {
-            return Err(self.err(format!("{ctx}max_redirects {max_redirects}: expected 0 to 50")));
+            return Err(self.err(format!(
+                "{ctx}max_redirects {max_redirects}: expected 0 to 50"
+            )));
         }
         let ip = match raw.ip.as_deref().unwrap_or("any") {
             "any" => IpFamily::Any,
             "v4" | "ipv4" => IpFamily::V4,
             "v6" | "ipv6" => IpFamily::V6,
-            other => return Err(self.err(format!("{ctx}ip {other:?}: expected \"any\", \"v4\" or \"v6\""))),
+            other => {
+                return Err(self.err(format!(
+                    "{ctx}ip {other:?}: expected \"any\", \"v4\" or \"v6\""
+                )));
+            }
         };
         let tls = raw.tls.clone().unwrap_or_default();
         let tls_insecure = tls.insecure_skip_verify.unwrap_or(false);
         if tls_insecure {
-            log::warn!("target {id}: insecure_skip_verify is set: its TLS certificate is not verified");
+            log::warn!(
+                "target {id}: insecure_skip_verify is set: its TLS certificate is not verified"
+            );
         }
         let tls_ca_file = tls.ca_file.as_deref().map(|p| self.path(p));
         if let Some(ca) = &tls_ca_file
             && !ca.is_file()
         {
-            return Err(self.err(format!("{ctx}tls: ca_file {:?}: no such file", ca.display())));
+            return Err(self.err(format!(
+                "{ctx}tls: ca_file {:?}: no such file",
+                ca.display()
+            )));
         }
         Ok(Target {
             id,
@@ -909,7 +1032,13 @@ impl Validator<'_> {
             .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
             .build()
             .map_err(|e| {
-                let detail = e.to_string().lines().last().unwrap_or("").trim().to_string();
+                let detail = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
                 self.err(format!("{ctx}{field} {pattern:?}: invalid regex: {detail}"))
             })
     }
@@ -954,11 +1083,17 @@ fn validate_url(url: &str) -> Result<(), String> {
         .or_else(|| url.strip_prefix("https://"))
         .ok_or("expected an http:// or https:// URL")?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let host = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
     if host.is_empty() || host.starts_with(':') {
         return Err("missing host".into());
     }
-    if url.bytes().any(|c| c.is_ascii_whitespace() || c.is_ascii_control()) {
+    if url
+        .bytes()
+        .any(|c| c.is_ascii_whitespace() || c.is_ascii_control())
+    {
         return Err("must not contain spaces or control characters".into());
     }
     Ok(())
@@ -995,7 +1130,11 @@ fn split_password(url: &str) -> Result<(String, Option<String>), String> {
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, pass)) => Ok((
-                format!("{}{user}@{host}{}", &url[..scheme_end], &rest[authority_end..]),
+                format!(
+                    "{}{user}@{host}{}",
+                    &url[..scheme_end],
+                    &rest[authority_end..]
+                ),
                 Some(percent_decode(pass)),
             )),
             None => Ok((url.to_string(), None)),
@@ -1011,7 +1150,8 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
         {
             out.push(v);
             i += 3;
@@ -1039,7 +1179,11 @@ impl Config {
         use std::fmt::Write;
         let mut s = String::new();
         let a = &self.agent;
-        let _ = writeln!(s, "# effective configuration from {}", self.source.display());
+        let _ = writeln!(
+            s,
+            "# effective configuration from {}",
+            self.source.display()
+        );
         let _ = writeln!(s, "[agent]");
         let _ = writeln!(s, "id = {:?}", a.id);
         let _ = writeln!(s, "interval = {:?}", format_duration(a.interval));
@@ -1067,19 +1211,33 @@ impl Config {
             let _ = writeln!(s, "replication_factor = {}", k.replication_factor);
             let _ = writeln!(s, "linger = {:?}", format_duration(k.linger));
             let _ = writeln!(s, "batch_max = \"{}B\"", k.batch_max_bytes);
-            let _ = writeln!(s, "request_timeout = {:?}", format_duration(k.request_timeout));
-            let c = if k.compression == Compression::Gzip { "gzip" } else { "none" };
+            let _ = writeln!(
+                s,
+                "request_timeout = {:?}",
+                format_duration(k.request_timeout)
+            );
+            let c = if k.compression == Compression::Gzip {
+                "gzip"
+            } else {
+                "none"
+            };
             let _ = writeln!(s, "compression = {c:?}");
             if let Some(t) = &k.tls {
-                let _ = writeln!(s, "tls = {{ ca_file = {:?}, cert_file = {:?}, key_file = {:?}, verify_hostname = {} }}",
+                let _ = writeln!(
+                    s,
+                    "tls = {{ ca_file = {:?}, cert_file = {:?}, key_file = {:?}, verify_hostname = {} }}",
                     t.ca_file.as_ref().map(|p| p.display().to_string()),
                     t.cert_file.as_ref().map(|p| p.display().to_string()),
                     t.key_file.as_ref().map(|p| p.display().to_string()),
-                    t.verify_hostname);
+                    t.verify_hostname
+                );
             }
             if let Some(sasl) = &k.sasl {
-                let _ = writeln!(s, "sasl = {{ mechanism = \"{:?}\", username = {:?}, password = {} }}",
-                    sasl.mechanism, sasl.username, sasl.password);
+                let _ = writeln!(
+                    s,
+                    "sasl = {{ mechanism = \"{:?}\", username = {:?}, password = {} }}",
+                    sasl.mechanism, sasl.username, sasl.password
+                );
             }
         }
         if let Some(p) = &self.postgres {
@@ -1108,7 +1266,11 @@ impl Config {
             let _ = writeln!(s, "method = {:?}", t.method);
             for (k, v) in &t.headers {
                 // Header values often carry tokens: show only the names.
-                let masked = if is_sensitive_header(k) { "********" } else { v.as_str() };
+                let masked = if is_sensitive_header(k) {
+                    "********"
+                } else {
+                    v.as_str()
+                };
                 let _ = writeln!(s, "headers.{k:?} = {masked:?}");
             }
             let _ = writeln!(s, "interval = {:?}", format_duration(t.interval));
@@ -1129,8 +1291,12 @@ impl Config {
             let _ = writeln!(s, "keep_alive = {}", t.keep_alive);
             let _ = writeln!(s, "retries = {}", t.retries);
             if t.tls_insecure || t.tls_ca_file.is_some() {
-                let _ = writeln!(s, "tls = {{ ca_file = {:?}, insecure_skip_verify = {} }}",
-                    t.tls_ca_file.as_ref().map(|p| p.display().to_string()), t.tls_insecure);
+                let _ = writeln!(
+                    s,
+                    "tls = {{ ca_file = {:?}, insecure_skip_verify = {} }}",
+                    t.tls_ca_file.as_ref().map(|p| p.display().to_string()),
+                    t.tls_insecure
+                );
             }
             if !t.tags.is_empty() {
                 let _ = writeln!(s, "tags = {:?}", t.tags);
@@ -1143,7 +1309,12 @@ impl Config {
 /// Header names whose values are credentials.
 pub fn is_sensitive_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n == "authorization" || n == "cookie" || n == "proxy-authorization" || n.contains("token") || n.contains("api-key") || n.contains("secret")
+    n == "authorization"
+        || n == "cookie"
+        || n == "proxy-authorization"
+        || n.contains("token")
+        || n.contains("api-key")
+        || n.contains("secret")
 }
 
 #[cfg(test)]
@@ -1151,8 +1322,10 @@ mod tests {
     use super::*;
 
     fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         Config::parse(text, Path::new("agent.toml"), &lookup)
     }
@@ -1164,7 +1337,10 @@ mod tests {
     /// `check_err(config, expected substring of the full message)`.
     fn check_err(text: &str, expected: &str) {
         let err = parse(text).expect_err(text).to_string();
-        assert!(err.contains(expected), "config:\n{text}\ngot:  {err}\nwant: {expected}");
+        assert!(
+            err.contains(expected),
+            "config:\n{text}\ngot:  {err}\nwant: {expected}"
+        );
     }
 
     const T: &str = "[[target]]\nid = \"shop\"\nurl = \"https://shop.example/\"\n";
@@ -1184,36 +1360,81 @@ mod tests {
 
     #[test]
     fn errors_name_file_target_and_field() {
-        check_err(&format!("{T}interval = \"5x\"\n"), "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"");
-        check_err(&format!("{T}intervall = \"5s\"\n"), "agent.toml: line 4, column 1: unknown field `intervall`");
-        check_err("[agent]\nconcurency = 3\n", "line 2, column 1: unknown field `concurency`");
-        check_err(&format!("{T}regex = \"(unclosed\"\n"), "target \"shop\": regex \"(unclosed\": invalid regex");
-        check_err(&format!("{T}expect_status = [200, \"abc\"]\n"), "target \"shop\": expect_status: \"abc\"");
+        check_err(
+            &format!("{T}interval = \"5x\"\n"),
+            "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"",
+        );
+        check_err(
+            &format!("{T}intervall = \"5s\"\n"),
+            "agent.toml: line 4, column 1: unknown field `intervall`",
+        );
+        check_err(
+            "[agent]\nconcurency = 3\n",
+            "line 2, column 1: unknown field `concurency`",
+        );
+        check_err(
+            &format!("{T}regex = \"(unclosed\"\n"),
+            "target \"shop\": regex \"(unclosed\": invalid regex",
+        );
+        check_err(
+            &format!("{T}expect_status = [200, \"abc\"]\n"),
+            "target \"shop\": expect_status: \"abc\"",
+        );
         check_err(&format!("{T}expect_status = [700]\n"), "expect_status: 700");
-        check_err("[[target]]\nid = \"a\"\nurl = \"ftp://x/\"\n", "target \"a\": url \"ftp://x/\": expected an http:// or https:// URL");
-        check_err("[[target]]\nurl = \"http://x/\"\n", "target #1: id: missing");
+        check_err(
+            "[[target]]\nid = \"a\"\nurl = \"ftp://x/\"\n",
+            "target \"a\": url \"ftp://x/\": expected an http:// or https:// URL",
+        );
+        check_err(
+            "[[target]]\nurl = \"http://x/\"\n",
+            "target #1: id: missing",
+        );
         check_err(&format!("{T}{T}"), "target \"shop\": duplicate id");
         check_err(&format!("{T}ip = \"v5\"\n"), "ip \"v5\"");
         check_err(&format!("{T}method = \"BREW\"\n"), "method \"BREW\"");
         check_err("[agent]\nconcurrency = 0\n", "agent: concurrency 0");
-        check_err("[agent]\ntimeout = \"0s\"\n", "agent: timeout \"0s\": must be greater than zero");
-        check_err("[kafka]\nbrokers = [\"nohost\"]\n", "kafka: brokers: \"nohost\": expected host:port");
-        check_err("[postgres]\nsslmode = \"maybe\"\n", "postgres: sslmode \"maybe\"");
-        check_err("[kafka]\nsasl = { username = \"u\" }\n", "kafka: sasl: password: missing");
-        check_err(&format!("{T}headers = {{ \"X-A\" = \"a\\nb\" }}\n"), "must not contain CR, LF or NUL");
+        check_err(
+            "[agent]\ntimeout = \"0s\"\n",
+            "agent: timeout \"0s\": must be greater than zero",
+        );
+        check_err(
+            "[kafka]\nbrokers = [\"nohost\"]\n",
+            "kafka: brokers: \"nohost\": expected host:port",
+        );
+        check_err(
+            "[postgres]\nsslmode = \"maybe\"\n",
+            "postgres: sslmode \"maybe\"",
+        );
+        check_err(
+            "[kafka]\nsasl = { username = \"u\" }\n",
+            "kafka: sasl: password: missing",
+        );
+        check_err(
+            &format!("{T}headers = {{ \"X-A\" = \"a\\nb\" }}\n"),
+            "must not contain CR, LF or NUL",
+        );
     }
 
     #[test]
     fn hostile_regex_is_a_config_error() {
         // Counted repetition that blows past the compiled-size limit.
-        check_err(&format!("{T}regex = \"(\\\\w{{100}}){{100}}\"\n"), "invalid regex");
+        check_err(
+            &format!("{T}regex = \"(\\\\w{{100}}){{100}}\"\n"),
+            "invalid regex",
+        );
     }
 
     #[test]
     fn status_ranges() {
         let c = parse(&format!("{T}expect_status = [200, \"300-302\", 418]\n")).unwrap();
         let s = &c.targets[0].expect_status;
-        for (code, want) in [(200, true), (201, false), (301, true), (303, false), (418, true)] {
+        for (code, want) in [
+            (200, true),
+            (201, false),
+            (301, true),
+            (303, false),
+            (418, true),
+        ] {
             assert_eq!(s.contains(code), want, "{code}");
         }
         assert_eq!(s.to_string(), "200,300-302,418");
@@ -1222,7 +1443,14 @@ mod tests {
     #[test]
     fn env_overrides_and_masking() {
         let text = "[kafka]\nbrokers = [\"a:1\"]\n[kafka.sasl]\nmechanism = \"PLAIN\"\nusername = \"u\"\n[postgres]\nurl = \"postgres://u:hunter2@db:5432/x\"\n";
-        let c = parse_env(text, &[("SITEWATCH_KAFKA_BROKERS", "b:2, c:3"), ("SITEWATCH_KAFKA_SASL_PASSWORD", "s3cr3t")]).unwrap();
+        let c = parse_env(
+            text,
+            &[
+                ("SITEWATCH_KAFKA_BROKERS", "b:2, c:3"),
+                ("SITEWATCH_KAFKA_SASL_PASSWORD", "s3cr3t"),
+            ],
+        )
+        .unwrap();
         let k = c.kafka.as_ref().unwrap();
         assert_eq!(k.brokers, vec!["b:2", "c:3"]);
         assert_eq!(k.sasl.as_ref().unwrap().password.expose(), "s3cr3t");
@@ -1230,7 +1458,10 @@ mod tests {
         assert_eq!(p.url, "postgres://u@db:5432/x");
         assert_eq!(p.password.as_ref().unwrap().expose(), "hunter2");
         let shown = format!("{}\n{:?}", c.effective(), c);
-        assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("hunter2"),
+            "{shown}"
+        );
         assert!(shown.contains("********"));
     }
 

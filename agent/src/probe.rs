@@ -30,7 +30,10 @@ impl Prober {
     pub fn check(&self, target: &Target) -> CheckResult {
         let _ = (&self.user_agent, self.body_cap, &self.rules);
         let mut r = CheckResult::new(&target.id, &target.url, &self.agent_id, &target.method);
-        r.fail(crate::result::FailureReason::Internal, "probe not implemented yet");
+        r.fail(
+            crate::result::FailureReason::Internal,
+            "probe not implemented yet",
+        );
         r
     }
 }

@@ -199,7 +199,10 @@ impl CheckResult {
             return Err("check_id and target must not be empty".to_string());
         }
         if crate::util::parse_rfc3339_ms(&record.started_at).is_none() {
-            return Err(format!("started_at {:?} is not RFC 3339 UTC", record.started_at));
+            return Err(format!(
+                "started_at {:?} is not RFC 3339 UTC",
+                record.started_at
+            ));
         }
         Ok(record)
     }
@@ -225,7 +228,10 @@ mod tests {
     fn from_json_rejects_bad_records() {
         let check = |input: &str, expected: &str| {
             let err = CheckResult::from_json(input.as_bytes()).unwrap_err();
-            assert!(err.contains(expected), "{input:?}: got {err:?}, want {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{input:?}: got {err:?}, want {expected:?}"
+            );
         };
         check("not json", "not a check record");
         check("{}", "missing field");

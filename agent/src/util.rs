@@ -133,7 +133,14 @@ pub fn new_check_id() -> String {
     bytes[6] = 0x70 | (bytes[6] & 0x0F); // version 7
     bytes[8] = 0x80 | (bytes[8] & 0x3F); // RFC 4122 variant
     let h: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -179,7 +186,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.bytes().take_while(|c| c.is_ascii_digit() || *c == b'.').count();
+        let digits = rest
+            .bytes()
+            .take_while(|c| c.is_ascii_digit() || *c == b'.')
+            .count();
         if digits == 0 {
             return None;
         }
@@ -242,8 +252,16 @@ mod tests {
         check(0, "1970-01-01T00:00:00.000Z");
         check(951_782_400_001, "2000-02-29T00:00:00.001Z");
         check(1_795_910_378_123, "2026-11-28T23:59:38.123Z");
-        assert_eq!(parse_rfc3339_ms("2026-11-28T23:59:38+01:00"), Some(1_795_906_778_000));
-        for bad in ["", "2026-13-01T00:00:00Z", "2026-11-28 23:59", "2026-11-28T23:59:38.Z"] {
+        assert_eq!(
+            parse_rfc3339_ms("2026-11-28T23:59:38+01:00"),
+            Some(1_795_906_778_000)
+        );
+        for bad in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "2026-11-28 23:59",
+            "2026-11-28T23:59:38.Z",
+        ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }
     }

@@ -1,0 +1,11 @@
+//! The one integration-test binary: runs the real `sitewatch` binary and the library against
+//! real servers started by the tests on 127.0.0.1 (HTTP, TLS, a Kafka-protocol broker,
+//! PostgreSQL). One module per area; shared harness code lives in `support/`.
+
+mod support;
+
+mod cli;
+mod kafka;
+mod probe;
+mod rules;
+mod sink;
