@@ -14,6 +14,13 @@ use crate::support::http::{Cert, HttpServer, OpensslServer, Reply, closed_port, 
 
 /// Parses an agent.toml with one target and runs one check of it.
 fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
+    let config = config_with(agent_extra, target_extra);
+    let prober = Prober::new(&config.agent, RuleSet::default());
+    prober.check(&config.targets[0])
+}
+
+/// An agent.toml with test defaults and one target `t`, parsed as users' files are.
+fn config_with(agent_extra: &str, target_extra: &str) -> Config {
     let text = format!(
         r#"
 [agent]
@@ -29,10 +36,8 @@ tags = ["probe-test"]
 {target_extra}
 "#
     );
-    let config = Config::parse(&text, Path::new("/nonexistent/agent.toml"), &|_| None)
-        .unwrap_or_else(|e| panic!("config: {e}\n{text}"));
-    let prober = Prober::new(&config.agent, RuleSet::default());
-    prober.check(&config.targets[0])
+    Config::parse(&text, Path::new("/nonexistent/agent.toml"), &|_| None)
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"))
 }
 
 fn probe(target_extra: &str) -> CheckResult {
@@ -429,6 +434,35 @@ fn trickling_body_ends_at_the_timeout() {
     assert!(!r.body_truncated);
     assert_eq!(r.regex_matched, None);
     assert_phases(&r, false, true, false, true);
+
+    // The same with the response head trickled: it never completes.
+    let server = HttpServer::start(|_, _| Reply::Trickle {
+        head: Vec::new(),
+        body: b"HTTP/1.1 200 OK\r\nX-Slow: 1234567890\r\n\r\n".to_vec(),
+        every: Duration::from_millis(500),
+    });
+    let started = Instant::now();
+    let r = probe(&format!("url = {:?}\ntimeout = \"2s\"", server.url("/")));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "reading the response header");
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+    assert_eq!(r.status, None);
+}
+
+#[test]
+fn tls_handshake_with_a_silent_server_times_out() {
+    // A plain server that never answers: the ClientHello gets no ServerHello.
+    let server = HttpServer::start(|_, _| Reply::Hang);
+    let started = Instant::now();
+    let r = probe(&format!(
+        "url = \"https://127.0.0.1:{}/\"\ntimeout = \"1s\"",
+        server.port()
+    ));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "TLS handshake with 127.0.0.1");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert_phases(&r, false, true, true, false);
+    assert_eq!(r.tls_version, None);
 }
 
 #[test]
@@ -585,4 +619,37 @@ fn a_rule_that_cannot_run_is_a_rule_failure_but_never_hides_a_transport_failure(
     ));
     assert_down(&r, FailureReason::Connect, "connect to");
     assert_eq!(r.rule_verdict.as_deref(), Some("error"));
+}
+
+#[test]
+fn keep_alive_target_reuses_its_connection_between_checks() {
+    let server = HttpServer::start_keep_alive(|_, _| Reply::status(200, "ok"));
+    let check_twice = |keep_alive: bool| {
+        let config = config_with(
+            "",
+            &format!("url = {:?}\nkeep_alive = {keep_alive}", server.url("/")),
+        );
+        let prober = Prober::new(&config.agent, RuleSet::default());
+        let target = &config.targets[0];
+        (prober.check(target), prober.check(target))
+    };
+    let (first, second) = check_twice(true);
+    assert_up(&first);
+    assert_up(&second);
+    assert_eq!(
+        server.connections(),
+        1,
+        "the second check reused the connection"
+    );
+    assert_phases(&first, false, true, false, true);
+    // A reused connection has no connect phase, but still its remote address.
+    assert_phases(&second, false, false, false, true);
+    assert_eq!(second.remote_ip.as_deref(), Some("127.0.0.1"));
+
+    // The default: a fresh connection per check, connect measured each time.
+    let (first, second) = check_twice(false);
+    assert_phases(&first, false, true, false, true);
+    assert_phases(&second, false, true, false, true);
+    assert_eq!(server.connections(), 3);
+    assert_eq!(server.requests().len(), 4);
 }

@@ -226,7 +226,13 @@ impl Prober {
     fn attempt(&self, target: &Target) -> CheckResult {
         let started = Instant::now();
         let deadline = started + target.timeout;
-        let mut r = CheckResult::new(&target.id, &target.url, &self.agent_id, &target.method);
+        // A `user:password@` in the URL never reaches the record or an error text.
+        let mut r = CheckResult::new(
+            &target.id,
+            &redact(&target.url),
+            &self.agent_id,
+            &target.method,
+        );
         r.tags = target.tags.clone();
         r.regex = target.regex.as_ref().map(|re| re.as_str().to_string());
         let client = self.client(target);
@@ -268,7 +274,7 @@ impl Prober {
                     last_tls = Some(conn.clone());
                 }
             }
-            r.final_url = Some(url.clone());
+            r.final_url = Some(redact(&url));
             let mut response = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -303,22 +309,29 @@ impl Prober {
                 let Some(next) = join_url(&url, &location) else {
                     break Some((
                         FailureReason::Protocol,
-                        format!("status {status} from {url} has an unusable Location {location:?}"),
+                        format!(
+                            "status {status} from {} has an unusable Location {:?}",
+                            redact(&url),
+                            redact(&location)
+                        ),
                     ));
                 };
                 if visited.contains(&next) {
                     visited.push(next);
+                    let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
                     break Some((
                         FailureReason::TooManyRedirects,
-                        format!("redirect loop: {}", visited.join(" -> ")),
+                        format!("redirect loop: {}", chain.join(" -> ")),
                     ));
                 }
                 if r.redirects >= target.max_redirects {
                     break Some((
                         FailureReason::TooManyRedirects,
                         format!(
-                            "more than {} redirects (the last one: {url} -> {next})",
-                            target.max_redirects
+                            "more than {} redirects (the last one: {} -> {})",
+                            target.max_redirects,
+                            redact(&url),
+                            redact(&next)
                         ),
                     ));
                 }
@@ -379,6 +392,15 @@ impl Prober {
 
         self.judge(target, &mut r, &seen, failure, started);
         r.timings.total = ms(started.elapsed());
+        log::debug!(
+            "target {} {}: up={} status={:?} failure={:?} total={:.1}ms",
+            target.id,
+            r.url,
+            r.up,
+            r.status,
+            r.failure,
+            r.timings.total
+        );
         r
     }
 
@@ -393,7 +415,7 @@ impl Prober {
     ) {
         let mut rule_verdict = None;
         if let Some(name) = &target.rule {
-            let url = r.final_url.clone().unwrap_or_else(|| target.url.clone());
+            let url = r.final_url.clone().unwrap_or_else(|| r.url.clone());
             let input = RuleInput {
                 status: seen.status.unwrap_or(0),
                 elapsed_ms: started.elapsed().as_millis().min(u32::MAX as u128) as u32,
@@ -468,7 +490,7 @@ impl Prober {
                 format!(
                     "status {status}, expected {} (from {})",
                     target.expect_status,
-                    r.final_url.as_deref().unwrap_or(&target.url)
+                    r.final_url.as_deref().unwrap_or(&r.url)
                 ),
             );
         } else if r.regex_matched == Some(false) {
@@ -680,6 +702,18 @@ fn is_redirect(status: u16) -> bool {
     matches!(status, 301 | 302 | 303 | 307 | 308)
 }
 
+/// The URL without any `user:password@` part.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 /// `scheme://authority` of an absolute URL (lower-cased), to tell whether a redirect leaves
 /// the host.
 fn authority(url: &str) -> Option<String> {
@@ -786,6 +820,21 @@ mod tests {
         check("http://h", "?a", Some("http://h/?a"));
         check(base, "ftp://h/x", None);
         check(base, "javascript:alert(1)", None);
+    }
+
+    #[test]
+    fn prober_is_shared_by_worker_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Prober>();
+    }
+
+    #[test]
+    fn redacts_credentials_in_urls() {
+        let check = |url: &str, want: &str| assert_eq!(redact(url), want);
+        check("https://u:p@h:1/x?y@z", "https://h:1/x?y@z");
+        check("http://h/a@b", "http://h/a@b");
+        check("http://u@h", "http://h");
+        check("/relative", "/relative");
     }
 
     #[test]

@@ -109,20 +109,37 @@ pub struct HttpServer {
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     requests: Arc<Mutex<Vec<Request>>>,
+    connections: Arc<AtomicUsize>,
     tls: bool,
+}
+
+/// How a server treats a connection after its first response.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Persist {
+    /// `Connection: close` after one response (the default: every check connects anew).
+    Close,
+    /// Answer requests on the connection until the client closes it.
+    KeepAlive,
 }
 
 impl HttpServer {
     /// A plain server on 127.0.0.1.
     pub fn start(script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static) -> HttpServer {
-        HttpServer::bind("127.0.0.1:0", None, Arc::new(script))
+        HttpServer::bind("127.0.0.1:0", None, Persist::Close, Arc::new(script))
+    }
+
+    /// A plain server on 127.0.0.1 that keeps connections open between requests.
+    pub fn start_keep_alive(
+        script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    ) -> HttpServer {
+        HttpServer::bind("127.0.0.1:0", None, Persist::KeepAlive, Arc::new(script))
     }
 
     /// A plain server on [::1].
     pub fn start_v6(
         script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static,
     ) -> HttpServer {
-        HttpServer::bind("[::1]:0", None, Arc::new(script))
+        HttpServer::bind("[::1]:0", None, Persist::Close, Arc::new(script))
     }
 
     /// A TLS server on 127.0.0.1 showing `cert`.
@@ -134,34 +151,45 @@ impl HttpServer {
         let key = std::fs::read(fixture(&format!("tls/{}.key", cert.stem()))).expect("key");
         let identity = native_tls::Identity::from_pkcs8(&pem, &key).expect("identity");
         let acceptor = native_tls::TlsAcceptor::new(identity).expect("acceptor");
-        HttpServer::bind("127.0.0.1:0", Some(Arc::new(acceptor)), Arc::new(script))
+        HttpServer::bind(
+            "127.0.0.1:0",
+            Some(Arc::new(acceptor)),
+            Persist::Close,
+            Arc::new(script),
+        )
     }
 
     fn bind(
         addr: &str,
         tls: Option<Arc<native_tls::TlsAcceptor>>,
+        persist: Persist,
         script: Arc<Script>,
     ) -> HttpServer {
         let listener = TcpListener::bind(addr).expect("bind test server");
         let addr = listener.local_addr().expect("local addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let is_tls = tls.is_some();
-        let accept = {
-            let stop = stop.clone();
-            let requests = requests.clone();
+        let shared = Shared {
+            script,
+            stop: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(Mutex::new(Vec::new())),
+            counter: Arc::new(AtomicUsize::new(0)),
+            connections: Arc::new(AtomicUsize::new(0)),
+            persist,
+        };
+        let mut server = HttpServer {
+            addr,
+            stop: shared.stop.clone(),
+            accept: None,
+            requests: shared.requests.clone(),
+            connections: shared.connections.clone(),
+            tls: tls.is_some(),
+        };
+        server.accept = Some(
             std::thread::Builder::new()
                 .name("test-http-accept".into())
-                .spawn(move || accept_loop(listener, tls, script, stop, requests))
-                .expect("spawn")
-        };
-        HttpServer {
-            addr,
-            stop,
-            accept: Some(accept),
-            requests,
-            tls: is_tls,
-        }
+                .spawn(move || accept_loop(listener, tls, shared))
+                .expect("spawn"),
+        );
+        server
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -182,6 +210,11 @@ impl HttpServer {
     pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for HttpServer {
@@ -195,37 +228,37 @@ impl Drop for HttpServer {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
-    tls: Option<Arc<native_tls::TlsAcceptor>>,
+/// What every connection thread of one server shares.
+#[derive(Clone)]
+struct Shared {
     script: Arc<Script>,
     stop: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<Request>>>,
-) {
-    let counter = Arc::new(AtomicUsize::new(0));
+    /// Requests answered (the script's index).
+    counter: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    persist: Persist,
+}
+
+fn accept_loop(listener: TcpListener, tls: Option<Arc<native_tls::TlsAcceptor>>, shared: Shared) {
     for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
+        if shared.stop.load(Ordering::SeqCst) {
             break;
         }
         let Ok(stream) = stream else { continue };
-        let (tls, script, stop, requests, counter) = (
-            tls.clone(),
-            script.clone(),
-            stop.clone(),
-            requests.clone(),
-            counter.clone(),
-        );
+        shared.connections.fetch_add(1, Ordering::SeqCst);
+        let (tls, shared) = (tls.clone(), shared.clone());
         let _ = std::thread::Builder::new()
             .name("test-http-conn".into())
             .spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
                 match tls {
-                    None => serve(stream, &*script, &stop, &requests, &counter),
+                    None => serve(stream, &shared),
                     Some(acceptor) => {
                         // A client that rejects our certificate ends the handshake: fine.
                         if let Ok(mut tls) = acceptor.accept(stream) {
-                            serve(&mut tls, &*script, &stop, &requests, &counter);
+                            serve(&mut tls, &shared);
                             let _ = tls.shutdown();
                         }
                     }
@@ -234,60 +267,59 @@ fn accept_loop(
     }
 }
 
-/// Reads one request, answers it, closes.
-fn serve(
-    mut stream: impl Read + Write,
-    script: &Script,
-    stop: &AtomicBool,
-    requests: &Mutex<Vec<Request>>,
-    counter: &AtomicUsize,
-) {
-    let Some(request) = read_request(&mut stream) else {
-        return;
-    };
-    let index = counter.fetch_add(1, Ordering::SeqCst);
-    requests.lock().unwrap().push(request.clone());
-    match script(&request, index) {
-        Reply::Response {
-            status,
-            headers,
-            body,
-        } => {
-            let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
-            for (k, v) in &headers {
-                head.push_str(&format!("{k}: {v}\r\n"));
+/// Answers requests on one connection: one, or (keep-alive) until the client leaves.
+fn serve(mut stream: impl Read + Write, shared: &Shared) {
+    while let Some(request) = read_request(&mut stream) {
+        let index = shared.counter.fetch_add(1, Ordering::SeqCst);
+        shared.requests.lock().unwrap().push(request.clone());
+        let keep = shared.persist == Persist::KeepAlive;
+        match (shared.script)(&request, index) {
+            Reply::Response {
+                status,
+                headers,
+                body,
+            } => {
+                let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+                for (k, v) in &headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                if !keep {
+                    head.push_str("Connection: close\r\n");
+                }
+                head.push_str("\r\n");
+                let _ = stream.write_all(head.as_bytes());
+                if request.method != "HEAD" {
+                    let _ = stream.write_all(&body);
+                }
+                let _ = stream.flush();
+                if keep {
+                    continue;
+                }
             }
-            head.push_str(&format!(
-                "Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            ));
-            let _ = stream.write_all(head.as_bytes());
-            if request.method != "HEAD" {
-                let _ = stream.write_all(&body);
+            Reply::Raw(bytes) => {
+                let _ = stream.write_all(&bytes);
+                let _ = stream.flush();
             }
-            let _ = stream.flush();
-        }
-        Reply::Raw(bytes) => {
-            let _ = stream.write_all(&bytes);
-            let _ = stream.flush();
-        }
-        Reply::Trickle { head, body, every } => {
-            if stream
-                .write_all(&head)
-                .and_then(|_| stream.flush())
-                .is_err()
-            {
-                return;
-            }
-            for b in body {
-                if sleep_unless_stopped(every, stop)
-                    || stream.write_all(&[b]).and_then(|_| stream.flush()).is_err()
+            Reply::Trickle { head, body, every } => {
+                if stream
+                    .write_all(&head)
+                    .and_then(|_| stream.flush())
+                    .is_err()
                 {
                     return;
                 }
+                for b in body {
+                    if sleep_unless_stopped(every, &shared.stop)
+                        || stream.write_all(&[b]).and_then(|_| stream.flush()).is_err()
+                    {
+                        return;
+                    }
+                }
             }
+            Reply::Hang => while !sleep_unless_stopped(Duration::from_secs(3600), &shared.stop) {},
         }
-        Reply::Hang => while !sleep_unless_stopped(Duration::from_secs(3600), stop) {},
+        return;
     }
 }
 
