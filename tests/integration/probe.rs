@@ -653,3 +653,21 @@ fn keep_alive_target_reuses_its_connection_between_checks() {
     assert_eq!(server.connections(), 3);
     assert_eq!(server.requests().len(), 4);
 }
+
+#[test]
+fn a_ca_file_that_is_not_pem_is_a_tls_failure_naming_the_file() {
+    let path = std::env::temp_dir().join(format!("sitewatch-bad-ca-{}.pem", std::process::id()));
+    std::fs::write(&path, "not a certificate").unwrap();
+    let server = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "x"));
+    let r = probe(&format!(
+        "url = \"https://localhost:{}/\"\n[target.tls]\nca_file = {:?}",
+        server.port(),
+        path.display().to_string()
+    ));
+    let _ = std::fs::remove_file(&path);
+    assert_down(&r, FailureReason::Tls, "tls ca_file");
+    assert!(r.error.unwrap().contains("sitewatch-bad-ca-"));
+    // Plain HTTP targets never need the TLS connector, so they are not affected.
+    let plain = HttpServer::start(|_, _| Reply::status(200, "x"));
+    assert_up(&probe(&format!("url = {:?}", plain.url("/"))));
+}

@@ -24,11 +24,9 @@ pub mod x509;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use native_tls::TlsConnector;
 use ureq::Agent;
 use ureq::http::{self, Response};
 
@@ -37,7 +35,9 @@ use crate::result::{CheckResult, FailureReason};
 use crate::rules::{RuleInput, RuleSet, Verdict};
 use crate::util::ms;
 
-use transport::{ConnFacts, HopLog, ProbeConnector, ProbeResolver, SharedLog, with_log};
+use transport::{
+    ConnFacts, HopLog, ProbeConnector, ProbeResolver, SharedLog, TlsConnectors, with_log,
+};
 
 pub use transport::server_hello_version;
 
@@ -55,15 +55,11 @@ pub struct Prober {
     body_cap: usize,
     retry_delay: Duration,
     rules: RuleSet,
-    /// TLS connectors by (CA file, insecure): building one reads the system roots, so it is
-    /// done once, not per check.
-    tls: Mutex<HashMap<TlsKey, Result<TlsConnector, String>>>,
+    /// TLS connectors, built once per (CA file, insecure) and only when a check needs TLS.
+    tls: Arc<TlsConnectors>,
     /// ureq agents of `keep_alive` targets, so their connections outlive one check.
     kept: Mutex<HashMap<String, Arc<Client>>>,
 }
-
-/// CA file and `insecure_skip_verify`: what a TLS connector is built from.
-type TlsKey = (Option<PathBuf>, bool);
 
 /// A ureq agent wired to our measuring resolver and connector, and the log they write.
 struct Client {
@@ -125,7 +121,7 @@ impl Prober {
             body_cap: agent.body_cap,
             retry_delay: agent.retry_delay,
             rules,
-            tls: Mutex::new(HashMap::new()),
+            tls: Arc::default(),
             kept: Mutex::new(HashMap::new()),
         }
     }
@@ -160,15 +156,6 @@ impl Prober {
             std::thread::sleep(self.retry_delay);
             attempt += 1;
         }
-    }
-
-    fn tls_connector(&self, target: &Target) -> Result<TlsConnector, String> {
-        let key = (target.tls_ca_file.clone(), target.tls_insecure);
-        let mut cache = self.tls.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(key)
-            .or_insert_with(|| build_tls(target.tls_ca_file.as_deref(), target.tls_insecure))
-            .clone()
     }
 
     fn client(&self, target: &Target) -> Arc<Client> {
@@ -209,7 +196,8 @@ impl Prober {
             .build();
         let log: SharedLog = Arc::default();
         let connector = ProbeConnector {
-            tls: self.tls_connector(target),
+            tls: self.tls.clone(),
+            tls_key: (target.tls_ca_file.clone(), target.tls_insecure),
             log: log.clone(),
         };
         let resolver = ProbeResolver {
@@ -549,32 +537,6 @@ fn send(
             agent.run(request)
         }
     }
-}
-
-fn build_tls(ca_file: Option<&std::path::Path>, insecure: bool) -> Result<TlsConnector, String> {
-    let mut builder = TlsConnector::builder();
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("tls ca_file {}: cannot read: {e}", path.display()))?;
-        let certs = native_tls::Certificate::stack_from_pem(&pem)
-            .map_err(|e| format!("tls ca_file {}: not PEM certificates: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "tls ca_file {}: no certificate in it",
-                path.display()
-            ));
-        }
-        for cert in certs {
-            builder.add_root_certificate(cert);
-        }
-    }
-    if insecure {
-        builder.danger_accept_invalid_certs(true);
-        builder.danger_accept_invalid_hostnames(true);
-    }
-    builder
-        .build()
-        .map_err(|e| format!("cannot set up TLS: {e}"))
 }
 
 /// The body as read: at most the cap, whether more was there, and why reading stopped early.

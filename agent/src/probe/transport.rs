@@ -9,9 +9,11 @@
 //! deadline ([`DeadlineStream`]), including the TLS handshake, so a server that trickles bytes
 //! cannot stretch a check past its timeout.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -229,10 +231,57 @@ fn lookup(
 // ---------------------------------------------------------------------------------------------
 // Connector
 
+/// CA file and `insecure_skip_verify`: what a TLS connector is built from.
+pub type TlsKey = (Option<PathBuf>, bool);
+
+/// TLS connectors by [`TlsKey`], built on first use: building one loads the system roots
+/// (tens of ms), which neither every check nor a plain-HTTP-only agent should pay.
+#[derive(Default)]
+pub struct TlsConnectors {
+    cache: Mutex<HashMap<TlsKey, Result<TlsConnector, String>>>,
+}
+
+impl TlsConnectors {
+    /// The connector for `key`, or why it cannot be built (a bad CA file).
+    pub fn get(&self, key: &TlsKey) -> Result<TlsConnector, String> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key.clone())
+            .or_insert_with(|| build_tls(key.0.as_deref(), key.1))
+            .clone()
+    }
+}
+
+fn build_tls(ca_file: Option<&std::path::Path>, insecure: bool) -> Result<TlsConnector, String> {
+    let mut builder = TlsConnector::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("tls ca_file {}: cannot read: {e}", path.display()))?;
+        let certs = native_tls::Certificate::stack_from_pem(&pem)
+            .map_err(|e| format!("tls ca_file {}: not PEM certificates: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "tls ca_file {}: no certificate in it",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            builder.add_root_certificate(cert);
+        }
+    }
+    if insecure {
+        builder.danger_accept_invalid_certs(true);
+        builder.danger_accept_invalid_hostnames(true);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot set up TLS: {e}"))
+}
+
 /// TCP connect (each resolved address in turn) and, for https, a native-tls handshake.
 pub struct ProbeConnector {
-    /// The TLS connector for this target, or why it could not be built (bad CA file).
-    pub tls: Result<TlsConnector, String>,
+    pub tls: Arc<TlsConnectors>,
+    pub tls_key: TlsKey,
     pub log: SharedLog,
 }
 
@@ -297,10 +346,10 @@ impl Connector<()> for ProbeConnector {
             )));
         }
 
-        let connector = match &self.tls {
+        let connector = match self.tls.get(&self.tls_key) {
             Ok(c) => c,
             Err(text) => {
-                self.fail(FailureReason::Tls, text.clone());
+                self.fail(FailureReason::Tls, text);
                 return Err(ureq::Error::Tls("TLS setup failed"));
             }
         };
