@@ -671,3 +671,36 @@ fn a_ca_file_that_is_not_pem_is_a_tls_failure_naming_the_file() {
     let plain = HttpServer::start(|_, _| Reply::status(200, "x"));
     assert_up(&probe(&format!("url = {:?}", plain.url("/"))));
 }
+
+#[test]
+fn broken_bodies_are_body_read_failures() {
+    let check = |raw: &'static [u8], bytes: u64, text: &str| {
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.to_vec()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_down(&r, FailureReason::BodyRead, text);
+        assert_eq!(r.status, Some(200));
+        assert_eq!(r.body_bytes, bytes);
+        assert_eq!(r.regex_matched, None);
+        assert_phases(&r, false, true, false, true);
+    };
+    // The server closes after 10 of 100 promised bytes.
+    check(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        10,
+        "after 10 bytes",
+    );
+    // A chunk size that is not hex (ureq rejects the buffer before handing out "hello").
+    check(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        0,
+        "chunk length",
+    );
+}
+
+#[test]
+fn garbage_instead_of_http_is_a_protocol_failure() {
+    let server = HttpServer::start(|_, _| Reply::Raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()));
+    let r = probe(&format!("url = {:?}", server.url("/")));
+    assert_eq!(r.failure, Some(FailureReason::Protocol), "{r:#?}");
+    assert_eq!(r.status, None);
+}
