@@ -701,6 +701,6 @@ fn broken_bodies_are_body_read_failures() {
 fn garbage_instead_of_http_is_a_protocol_failure() {
     let server = HttpServer::start(|_, _| Reply::Raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()));
     let r = probe(&format!("url = {:?}", server.url("/")));
-    assert_eq!(r.failure, Some(FailureReason::Protocol), "{r:#?}");
+    assert_down(&r, FailureReason::Protocol, "invalid HTTP response");
     assert_eq!(r.status, None);
 }
