@@ -76,7 +76,6 @@ struct Seen {
     status: Option<u16>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
-    body_complete: bool,
 }
 
 /// Phase durations summed over the hops of an attempt.
@@ -294,35 +293,11 @@ impl Prober {
             {
                 // The redirect's own body is not read: the connection is dropped with it.
                 phases.add_hop(&log, None);
-                let Some(next) = join_url(&url, &location) else {
-                    break Some((
-                        FailureReason::Protocol,
-                        format!(
-                            "status {status} from {} has an unusable Location {:?}",
-                            redact(&url),
-                            redact(&location)
-                        ),
-                    ));
-                };
-                if visited.contains(&next) {
-                    visited.push(next);
-                    let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
-                    break Some((
-                        FailureReason::TooManyRedirects,
-                        format!("redirect loop: {}", chain.join(" -> ")),
-                    ));
-                }
-                if r.redirects >= target.max_redirects {
-                    break Some((
-                        FailureReason::TooManyRedirects,
-                        format!(
-                            "more than {} redirects (the last one: {} -> {})",
-                            target.max_redirects,
-                            redact(&url),
-                            redact(&next)
-                        ),
-                    ));
-                }
+                let next =
+                    match next_hop(target, &url, &location, status, &mut visited, r.redirects) {
+                        Ok(next) => next,
+                        Err(failure) => break Some(failure),
+                    };
                 r.redirects += 1;
                 // Like browsers: 303, and 301/302 after a POST, continue as GET without body.
                 if status == 303 || ((status == 301 || status == 302) && method == "POST") {
@@ -337,7 +312,6 @@ impl Prober {
                             && !k.eq_ignore_ascii_case("cookie")
                     });
                 }
-                visited.push(next.clone());
                 url = next;
                 continue;
             }
@@ -348,16 +322,10 @@ impl Prober {
             seen.body = read.bytes;
             r.body_bytes = seen.body.len() as u64;
             r.body_truncated = read.truncated;
-            match read.error {
-                None => {
-                    seen.body_complete = true;
-                    break None;
-                }
-                Some(e) => {
-                    let log = with_log(&client.log, |l| l.clone());
-                    break Some(classify_body(e, &log, target.timeout, r.body_bytes));
-                }
-            }
+            break read.error.map(|e| {
+                let log = with_log(&client.log, |l| l.clone());
+                classify_body(e, &log, target.timeout, r.body_bytes)
+            });
         };
 
         if let Some(conn) = &last_conn {
@@ -503,6 +471,49 @@ impl Prober {
             r.up = true;
         }
     }
+}
+
+/// Where a redirect leads, or why it is not followed: an unusable `Location`, a loop (a URL
+/// already visited in this attempt), or one redirect more than `max_redirects`.
+fn next_hop(
+    target: &Target,
+    url: &str,
+    location: &str,
+    status: u16,
+    visited: &mut Vec<String>,
+    redirects: u32,
+) -> Result<String, Failure> {
+    let Some(next) = join_url(url, location) else {
+        return Err((
+            FailureReason::Protocol,
+            format!(
+                "status {status} from {} has an unusable Location {:?}",
+                redact(url),
+                redact(location)
+            ),
+        ));
+    };
+    if visited.contains(&next) {
+        visited.push(next);
+        let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
+        return Err((
+            FailureReason::TooManyRedirects,
+            format!("redirect loop: {}", chain.join(" -> ")),
+        ));
+    }
+    if redirects >= target.max_redirects {
+        return Err((
+            FailureReason::TooManyRedirects,
+            format!(
+                "more than {} redirects (the last one: {} -> {})",
+                target.max_redirects,
+                redact(url),
+                redact(&next)
+            ),
+        ));
+    }
+    visited.push(next.clone());
+    Ok(next)
 }
 
 /// Sends one request; `body` `None` sends none (ureq refuses a body on some methods unless
