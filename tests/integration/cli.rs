@@ -77,7 +77,10 @@ fn check_config_error(text: &str, expected: &str) {
         let o = run(&args, &dir.0);
         assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
         let err = stderr(&o);
-        assert!(err.contains(expected), "{args:?}\n got: {err}\nwant: {expected}");
+        assert!(
+            err.contains(expected),
+            "{args:?}\n got: {err}\nwant: {expected}"
+        );
         assert!(o.stdout.is_empty(), "nothing on stdout for a bad config");
     }
 }
@@ -85,9 +88,18 @@ fn check_config_error(text: &str, expected: &str) {
 #[test]
 fn bad_configs_refuse_to_start_with_a_precise_message() {
     let t = "[[target]]\nid = \"shop\"\nurl = \"http://127.0.0.1:1/\"\n";
-    check_config_error(&format!("{t}intervall = \"30s\"\n"), "agent.toml: line 4, column 1: unknown field `intervall`");
-    check_config_error(&format!("{t}interval = \"5x\"\n"), "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"");
-    check_config_error(&format!("{t}regex = \"(a\"\n"), "target \"shop\": regex \"(a\": invalid regex");
+    check_config_error(
+        &format!("{t}intervall = \"30s\"\n"),
+        "agent.toml: line 4, column 1: unknown field `intervall`",
+    );
+    check_config_error(
+        &format!("{t}interval = \"5x\"\n"),
+        "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"",
+    );
+    check_config_error(
+        &format!("{t}regex = \"(a\"\n"),
+        "target \"shop\": regex \"(a\": invalid regex",
+    );
     check_config_error("[agent\n", "agent.toml: line 1");
 }
 
@@ -96,7 +108,11 @@ fn missing_config_file_is_named() {
     let dir = TempDir::new("nocfg");
     let o = run(&["--once", "--config", "nope.toml"], &dir.0);
     assert_eq!(o.status.code(), Some(3));
-    assert!(stderr(&o).contains("nope.toml: cannot read"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nope.toml: cannot read"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -105,7 +121,10 @@ fn usage_errors_exit_3() {
     for (args, expected) in [
         (vec![], "no command given"),
         (vec!["--bogus"], "unknown argument \"--bogus\""),
-        (vec!["--once", "--format", "xml"], "--format \"xml\": expected json or table"),
+        (
+            vec!["--once", "--format", "xml"],
+            "--format \"xml\": expected json or table",
+        ),
         (vec!["agent", "sink"], "two commands given"),
     ] {
         let o = run(&args, &dir.0);
@@ -138,7 +157,10 @@ fn check_config_prints_effective_config_with_secrets_masked() {
     }
     assert!(all.contains("id = \"edge-1\""), "{all}");
     assert!(all.contains("url = \"postgres://u@127.0.0.1/db\""), "{all}");
-    assert!(all.contains("interval = \"30s\""), "defaults are shown: {all}");
+    assert!(
+        all.contains("interval = \"30s\""),
+        "defaults are shown: {all}"
+    );
 }
 
 #[test]
@@ -149,7 +171,16 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
         "agent.toml",
         &format!("[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"),
     );
-    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "json"], &dir.0);
+    let o = run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        &dir.0,
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let recs = records(&o);
     assert_eq!(recs.len(), 1);
@@ -168,12 +199,27 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
 fn once_table_format_is_readable() {
     let dir = TempDir::new("once-table");
     let port = closed_port();
-    let cfg = dir.write("agent.toml", &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"));
-    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "table"], &dir.0);
+    let cfg = dir.write(
+        "agent.toml",
+        &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"),
+    );
+    let o = run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "table",
+        ],
+        &dir.0,
+    );
     assert_eq!(o.status.code(), Some(2));
     let text = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].starts_with("TARGET"));
-    assert!(lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"), "{text}");
+    assert!(
+        lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"),
+        "{text}"
+    );
 }
