@@ -10,7 +10,7 @@ use sitewatch::output::Output;
 use sitewatch::publish::Publisher;
 use sitewatch::result::CheckResult;
 
-use crate::support::broker::{Broker, TempDir, free_port, kafka_config, kpeer};
+use crate::support::broker::{Broker, TempDir, TlsProxy, free_port, kafka_config, kpeer};
 
 /// Reads every record of `topic` from the earliest offset up to the high watermark, per
 /// partition, following `next_offset`.
@@ -431,4 +431,175 @@ fn publisher_restart_replays_the_previous_spool() {
         .unwrap()
         .count();
     assert_eq!(files, 0, "acknowledged segments are deleted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS. tansu 0.6 parses --cert/--key but never wraps its listener in TLS, so TLS is
+// terminated by tests/peer/tlsproxy.py (Python ssl = OpenSSL), which requires a client
+// certificate signed by the test CA and reports the subject of each one it accepted.
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/kafka-tls")
+        .join(name)
+}
+
+fn tls(ca: &str, cert: Option<(&str, &str)>, verify_hostname: bool) -> sitewatch::config::KafkaTls {
+    sitewatch::config::KafkaTls {
+        ca_file: Some(fixture(ca)),
+        cert_file: cert.map(|c| fixture(c.0)),
+        key_file: cert.map(|c| fixture(c.1)),
+        verify_hostname,
+    }
+}
+
+/// A broker behind the TLS proxy, advertised as `localhost:<proxy port>`.
+fn tls_broker() -> (Broker, TlsProxy) {
+    let mut proxy = TlsProxy::start(
+        &fixture("server.pem"),
+        &fixture("server.key"),
+        &fixture("ca.pem"),
+    );
+    let port = free_port();
+    let broker = Broker::start_with(port, format!("localhost:{}", proxy.port), &[]);
+    proxy.set_backend(port);
+    (broker, proxy)
+}
+
+/// `check_tls(host, tls settings, expected error substring or None for success)`.
+fn check_tls(
+    proxy: &TlsProxy,
+    host: &str,
+    settings: sitewatch::config::KafkaTls,
+    expected_err: Option<&str>,
+) -> Result<Client, KafkaError> {
+    let mut cfg = kafka_config(vec![format!("{host}:{}", proxy.port)], "tls");
+    cfg.tls = Some(settings);
+    cfg.request_timeout = Duration::from_secs(10);
+    let result = Client::connect(&cfg);
+    match (&result, expected_err) {
+        (Ok(_), None) => {}
+        (Err(e), Some(want)) => {
+            let text = e.to_string();
+            assert!(text.contains(want), "got {text:?}, want {want:?}");
+        }
+        (Ok(_), Some(want)) => panic!("connected, but expected an error with {want:?}"),
+        (Err(e), None) => panic!("expected success, got {e}"),
+    }
+    result
+}
+
+#[test]
+fn tls_with_ca_client_certificate_and_hostname_check() {
+    let (_broker, proxy) = tls_broker();
+    // PKCS#8 and PKCS#1 client keys both work end to end (metadata, create, produce, fetch).
+    for key in ["client.key", "client-rsa.key"] {
+        let mut c = check_tls(
+            &proxy,
+            "localhost",
+            tls("ca.pem", Some(("client.pem", key)), true),
+            None,
+        )
+        .unwrap();
+        c.ensure_topic("tls", 2, 1).expect("create over TLS");
+        let recs: Vec<ProduceRecord> = (0..200).map(record).collect();
+        c.produce("tls", &recs).expect("produce over TLS");
+        let got = fetch_all(&mut c, "tls");
+        assert!(got.values().map(Vec::len).sum::<usize>() >= 200, "{key}");
+    }
+    let events = proxy.events();
+    assert!(
+        events.iter().any(|e| e == "client sitewatch-agent"),
+        "the proxy saw our client certificate: {events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("refused")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn tls_refusals_are_clear() {
+    let (_broker, proxy) = tls_broker();
+    let cert = Some(("client.pem", "client.key"));
+    // The proxy's certificate names localhost only.
+    check_tls(
+        &proxy,
+        "127.0.0.1",
+        tls("ca.pem", cert, true),
+        Some("TLS handshake failed"),
+    )
+    .err();
+    // ... which verify_hostname = false accepts (the CA is still checked).
+    check_tls(&proxy, "127.0.0.1", tls("ca.pem", cert, false), None).ok();
+    check_tls(
+        &proxy,
+        "127.0.0.1",
+        tls("other-ca.pem", cert, false),
+        Some("certificate verify failed"),
+    )
+    .err();
+    // A CA we do not trust.
+    check_tls(
+        &proxy,
+        "localhost",
+        tls("other-ca.pem", cert, true),
+        Some("certificate verify failed"),
+    )
+    .err();
+    let accepted = proxy.events();
+    assert!(
+        accepted.iter().any(|e| e == "client sitewatch-agent"),
+        "{accepted:?}"
+    );
+    // No client certificate, or one from another CA: the server refuses us. Usually we read
+    // its TLS alert (a Tls error naming it); when the proxy's close wins the race we see a
+    // reset instead. Either way the proxy reports why it refused, checked below.
+    for (cert, alert) in [
+        (None, "certificate required"),
+        (Some(("other-client.pem", "other-client.key")), "unknown ca"),
+    ] {
+        let err = check_tls(&proxy, "localhost", tls("ca.pem", cert, true), Some(""))
+            .err()
+            .unwrap();
+        let text = err.to_string();
+        assert!(
+            (matches!(err, KafkaError::Tls(_)) && text.contains(alert))
+                || text.contains("reset by peer")
+                || text.contains("Broken pipe"),
+            "{text}"
+        );
+    }
+    let mut events = Vec::new();
+    wait_for(
+        "the proxy reports both refusals",
+        Duration::from_secs(10),
+        || {
+            events.extend(proxy.events());
+            events
+                .iter()
+                .any(|e| e.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE"))
+                && events
+                    .iter()
+                    .any(|e| e.contains("CERTIFICATE_VERIFY_FAILED"))
+        },
+    );
+    // Key formats we do not take are refused before any connection, with the fix.
+    let err = check_tls(
+        &proxy,
+        "localhost",
+        tls("ca.pem", Some(("client-ec.pem", "client-ec.key")), true),
+        Some("openssl pkcs8 -topk8"),
+    )
+    .err()
+    .unwrap();
+    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    let missing = check_tls(
+        &proxy,
+        "localhost",
+        tls("no-such-ca.pem", None, true),
+        Some("no-such-ca.pem"),
+    )
+    .err();
+    assert!(matches!(missing, Some(KafkaError::Tls(_))));
 }

@@ -215,7 +215,17 @@ impl Conn {
             versions: Versions::default(),
             request_timeout: s.request_timeout,
         };
-        conn.negotiate()?;
+        let tls = s.tls.is_some();
+        conn.negotiate().map_err(|e| match e {
+            // Under TLS 1.3 the server checks our certificate after the handshake, so its
+            // refusal arrives on the first read as an OpenSSL error (ErrorKind::Other).
+            KafkaError::Io { broker, error } if tls && error.kind() == io::ErrorKind::Other => {
+                KafkaError::Tls(format!(
+                    "broker {broker}: refused after the TLS handshake (client certificate?): {error}"
+                ))
+            }
+            e => e,
+        })?;
         if let Some(sasl) = &s.sasl {
             conn.authenticate(sasl)?;
         }
