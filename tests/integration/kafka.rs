@@ -657,3 +657,71 @@ fn sasl_scram_exchange_against_tansu() {
     // Without SASL an authenticating broker answers nothing past ApiVersions.
     assert!(Client::connect(&broker.config("sasl")).is_err());
 }
+
+/// Architecture Invariant: the probe never blocks on Kafka. A "broker" that accepts
+/// connections and never answers keeps the sender stuck in its first request for the whole
+/// request timeout; every write still returns at once (queue, then the spool), and close
+/// saves the queue to the spool itself by its deadline. Nothing is lost: a later publisher
+/// delivers all of it.
+#[test]
+fn publisher_never_blocks_on_a_hung_broker() {
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hole.incoming() {
+            held.push(s);
+        }
+    });
+    let state = TempDir::new("pub-hung");
+    let mut cfg = kafka_config(vec![hole_addr], "checks");
+    let request_timeout = Duration::from_secs(60);
+    cfg.request_timeout = request_timeout;
+    let mut publisher =
+        Publisher::start_with_spool(&cfg, state.path().join("spool"), 256 << 20).expect("start");
+    let n = sitewatch::publish::QUEUE_CAPACITY + 5_000;
+    let mut given = BTreeSet::new();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let r = check_result(i);
+        given.insert(r.check_id.clone());
+        let t = Instant::now();
+        publisher.write(r).expect("write");
+        slowest = slowest.max(t.elapsed());
+    }
+    // Not a speed test: the bound is the request timeout the sender is stuck in.
+    assert!(slowest < request_timeout / 4, "a write waited {slowest:?}");
+    let s = publisher.stats();
+    assert_eq!(s.accepted, n as u64);
+    assert!(s.spooled >= 5_000, "overflow went to the spool: {s:?}");
+    let t = Instant::now();
+    publisher
+        .close(Instant::now() + Duration::from_secs(1))
+        .expect("close");
+    assert!(
+        t.elapsed() < request_timeout / 4,
+        "close took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(publisher.stats().spooled, n as u64, "queue saved by close");
+    eprintln!(
+        "{n} writes against a hung broker: {:?}, slowest {slowest:?}",
+        started.elapsed()
+    );
+    drop(publisher);
+
+    let broker = Broker::start();
+    let cfg = broker.config("checks");
+    let mut next =
+        Publisher::start_with_spool(&cfg, state.path().join("spool"), 256 << 20).expect("start");
+    wait_for("replay", Duration::from_secs(120), || {
+        next.stats().spooled == 0
+    });
+    next.close(Instant::now() + Duration::from_secs(10))
+        .expect("close");
+    let mut c = Client::connect(&cfg).expect("connect");
+    let (ids, _) = topic_check_ids(&mut c, "checks");
+    assert_eq!(ids.len(), n);
+    assert!(given.iter().all(|id| ids.contains_key(id)));
+}

@@ -6,9 +6,6 @@
     kpeer.py consume BROKERS TOPIC COUNT [--timeout SECONDS]
         Reads COUNT records from the beginning of every partition (no consumer group
         offsets: explicit assignment). Prints "partition<TAB>offset<TAB>key<TAB>value<TAB>ts".
-    kpeer.py add-scram-user BROKERS USER PASSWORD SCRAM-SHA-256|SCRAM-SHA-512
-        Creates a SCRAM user with AlterUserScramCredentials, itself authenticated with SASL
-        PLAIN as "admin" (tansu's PLAIN accepts any password).
     kpeer.py versions
         Prints the librdkafka version.
 
@@ -96,28 +93,6 @@ def consume(brokers, topic, count, opts):
         sys.exit(1)
 
 
-def add_scram_user(brokers, user, password, mechanism):
-    from confluent_kafka import admin
-
-    a = admin.AdminClient({
-        "bootstrap.servers": brokers,
-        "security.protocol": "SASL_PLAINTEXT",
-        "sasl.mechanism": "PLAIN",
-        "sasl.username": "admin",
-        "sasl.password": "admin",
-    })
-    mech = {
-        "SCRAM-SHA-256": admin.ScramMechanism.SCRAM_SHA_256,
-        "SCRAM-SHA-512": admin.ScramMechanism.SCRAM_SHA_512,
-    }[mechanism]
-    up = admin.UserScramCredentialUpsertion(
-        user, admin.ScramCredentialInfo(mech, 4096), password.encode()
-    )
-    for f in a.alter_user_scram_credentials([up], request_timeout=30).values():
-        f.result()
-    print(f"user {user} {mechanism}")
-
-
 def main():
     args = sys.argv[1:]
     if not args:
@@ -128,8 +103,6 @@ def main():
         produce(args[1], args[2], args[3:])
     elif cmd == "consume" and len(args) >= 4:
         consume(args[1], args[2], int(args[3]), args[4:])
-    elif cmd == "add-scram-user" and len(args) == 5:
-        add_scram_user(*args[1:5])
     elif cmd == "versions":
         print(ck.libversion()[0])
     else:

@@ -92,6 +92,9 @@ struct Shared {
     connected: AtomicBool,
     /// Set while `write` spills because the queue is full (to log once per episode).
     spilling: AtomicBool,
+    /// A copy of the batch being produced (not in the spool yet): what `close` saves when the
+    /// sender is stuck past the deadline.
+    inflight: Mutex<Vec<ProduceRecord>>,
 }
 
 enum Cmd {
@@ -102,6 +105,9 @@ enum Cmd {
 /// The Kafka output. See the module docs.
 pub struct Publisher {
     tx: Option<SyncSender<Cmd>>,
+    /// Shared with the sender, which locks it only to receive (never across a network call),
+    /// so `close` can empty the queue into the spool if the sender is stuck in a request.
+    rx: Arc<Mutex<Receiver<Cmd>>>,
     thread: Option<JoinHandle<()>>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
@@ -132,10 +138,11 @@ impl Publisher {
         shared.spooled.store(spool.len(), Ordering::Relaxed);
         let spool = Arc::new(Mutex::new(spool));
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
+        let rx = Arc::new(Mutex::new(rx));
         let sender = Sender {
             cfg: kafka.clone(),
             client: None,
-            rx,
+            rx: rx.clone(),
             spool: spool.clone(),
             shared: shared.clone(),
             batch: Vec::new(),
@@ -150,6 +157,7 @@ impl Publisher {
             .map_err(PublishError::Thread)?;
         Ok(Publisher {
             tx: Some(tx),
+            rx,
             thread: Some(thread),
             spool,
             shared,
@@ -193,6 +201,32 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// The sender did not finish closing in time (stuck in a request): move what only lives
+    /// in memory (the queue, the batch in flight) to the spool from this thread.
+    fn rescue(&self) {
+        let mut saved: Vec<ProduceRecord> = self
+            .shared
+            .inflight
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        if let Ok(rx) = self.rx.lock() {
+            while let Ok(cmd) = rx.try_recv() {
+                if let Cmd::Record(r) = cmd {
+                    saved.push(r);
+                }
+            }
+        }
+        log::warn!(
+            target: "sitewatch::publish",
+            "publisher still busy with Kafka at the shutdown deadline: {} records saved to the spool (may be delivered twice)",
+            saved.len()
+        );
+        let _ = spool_append(&self.spool, &self.shared, &saved);
+    }
+}
+
 /// Appends records to the spool and updates the counters.
 fn spool_append(
     spool: &Mutex<Spool>,
@@ -230,20 +264,30 @@ impl Output for Publisher {
     }
 
     /// Persists everything not yet acknowledged to the spool, then tries to deliver the spool
-    /// until `deadline`. What is left stays in the spool for the next start.
+    /// until `deadline`. What is left stays in the spool for the next start. Returns by about
+    /// `deadline` + 1 s even when the sender is stuck in a request: then this thread saves the
+    /// queue and the batch in flight to the spool itself (they may be sent twice).
     fn close(&mut self, deadline: Instant) -> Result<(), OutputError> {
         if let Some(tx) = self.tx.take() {
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-            if tx.send(Cmd::Close(deadline, done_tx)).is_ok() {
-                // The sender spools first, so waiting a little past the deadline for a
-                // request in flight loses nothing if we give up.
-                let wait =
-                    deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
-                if done_rx.recv_timeout(wait).is_ok()
-                    && let Some(t) = self.thread.take()
-                {
+            let mut cmd = Cmd::Close(deadline, done_tx);
+            let delivered = loop {
+                match tx.try_send(cmd) {
+                    Ok(()) => break true,
+                    Err(TrySendError::Full(c)) if Instant::now() < deadline => {
+                        cmd = c;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => break false,
+                }
+            };
+            let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+            if delivered && done_rx.recv_timeout(wait).is_ok() {
+                if let Some(t) = self.thread.take() {
                     let _ = t.join();
                 }
+            } else {
+                self.rescue();
             }
         }
         let mut s = lock(&self.spool);
@@ -285,7 +329,7 @@ impl Drop for Publisher {
 struct Sender {
     cfg: KafkaConfig,
     client: Option<Client>,
-    rx: Receiver<Cmd>,
+    rx: Arc<Mutex<Receiver<Cmd>>>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
     batch: Vec<ProduceRecord>,
@@ -313,32 +357,39 @@ impl Sender {
                 self.replay_one();
             }
             let timeout = self.wait_time();
-            match self.rx.recv_timeout(timeout) {
-                Ok(Cmd::Record(r)) => {
-                    self.push(r);
-                    // Take whatever else is queued, up to a batch.
-                    while self.batch_bytes < self.cfg.batch_max_bytes {
-                        match self.rx.try_recv() {
-                            Ok(Cmd::Record(r)) => self.push(r),
-                            Ok(Cmd::Close(deadline, done)) => {
-                                self.close(deadline);
-                                let _ = done.send(());
-                                return;
+            // Receive under the queue lock, act (close) after releasing it.
+            let mut closing: Option<(Instant, Option<SyncSender<()>>)> = None;
+            {
+                let rx = self.rx.clone();
+                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                match rx.recv_timeout(timeout) {
+                    Ok(Cmd::Record(r)) => {
+                        self.push(r);
+                        // Take whatever else is queued, up to a batch.
+                        while self.batch_bytes < self.cfg.batch_max_bytes {
+                            match rx.try_recv() {
+                                Ok(Cmd::Record(r)) => self.push(r),
+                                Ok(Cmd::Close(deadline, done)) => {
+                                    closing = Some((deadline, Some(done)));
+                                    break;
+                                }
+                                Err(_) => break,
                             }
-                            Err(_) => break,
                         }
                     }
+                    Ok(Cmd::Close(deadline, done)) => closing = Some((deadline, Some(done))),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closing = Some((Instant::now() + Duration::from_secs(1), None));
+                    }
                 }
-                Ok(Cmd::Close(deadline, done)) => {
-                    self.close(deadline);
+            }
+            if let Some((deadline, done)) = closing {
+                self.close(deadline);
+                if let Some(done) = done {
                     let _ = done.send(());
-                    return;
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.close(Instant::now() + Duration::from_secs(1));
-                    return;
-                }
+                return;
             }
             let lingered = self
                 .batch_since
@@ -478,12 +529,25 @@ impl Sender {
             return;
         }
         if self.client.is_some() && self.spool_len() == 0 {
-            match self.send(&batch) {
-                Sent::Done => return,
-                Sent::Failed => {}
+            self.set_inflight(&batch);
+            let sent = self.send(&batch);
+            if matches!(sent, Sent::Failed) {
+                self.spill(&batch);
             }
+            self.set_inflight(&[]);
+            return;
         }
         self.spill(&batch);
+    }
+
+    fn set_inflight(&self, recs: &[ProduceRecord]) {
+        let mut f = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.clear();
+        f.extend_from_slice(recs);
     }
 
     fn spill(&mut self, recs: &[ProduceRecord]) {
@@ -526,11 +590,14 @@ impl Sender {
     /// Shutdown: everything to the spool first (so giving up loses nothing), then deliver the
     /// spool until the deadline.
     fn close(&mut self, deadline: Instant) {
-        while let Ok(cmd) = self.rx.try_recv() {
+        let rx = self.rx.clone();
+        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+        while let Ok(cmd) = rx.try_recv() {
             if let Cmd::Record(r) = cmd {
                 self.push(r);
             }
         }
+        drop(rx);
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.batch_since = None;
