@@ -715,9 +715,15 @@ fn publisher_never_blocks_on_a_hung_broker() {
     let cfg = broker.config("checks");
     let mut next =
         Publisher::start_with_spool(&cfg, state.path().join("spool"), 256 << 20).expect("start");
+    let t = Instant::now();
     wait_for("replay", Duration::from_secs(120), || {
         next.stats().spooled == 0
     });
+    eprintln!(
+        "replayed {n} spooled records in {:?} ({:.0} rec/s)",
+        t.elapsed(),
+        n as f64 / t.elapsed().as_secs_f64()
+    );
     next.close(Instant::now() + Duration::from_secs(10))
         .expect("close");
     let mut c = Client::connect(&cfg).expect("connect");

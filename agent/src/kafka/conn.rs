@@ -348,11 +348,15 @@ impl Conn {
         self.socket
             .set_read_timeout(Some(self.request_timeout + extra_wait))
             .map_err(|e| KafkaError::io(&self.addr, e))?;
-        self.call(req, version)
+        self.exchange(req, version)
     }
 
-    /// Sends `req` as `version` and reads its response.
+    /// Sends `req` as `version` and reads its response within the request timeout.
     pub fn call<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, KafkaError> {
+        self.call_with_wait(req, version, Duration::ZERO)
+    }
+
+    fn exchange<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, KafkaError> {
         self.correlation = self.correlation.wrapping_add(1);
         let mut header = RequestHeader::default();
         header.request_api_key = R::KEY;
