@@ -403,10 +403,18 @@ fn publisher_restart_replays_the_previous_spool() {
     assert!(first.status().contains("Kafka unreachable"));
     drop(first);
 
+    // The second run is configured from agent.toml text, as the agent is: state_dir/spool.
     let broker = Broker::start();
-    let cfg = broker.config("checks");
-    let mut second =
-        Publisher::start_with_spool(&cfg, state.path().join("spool"), 64 << 20).expect("start");
+    let toml = format!(
+        "[agent]\nstate_dir = {:?}\nspool_max = \"64MiB\"\n[kafka]\nbrokers = [{:?}]\ntopic = \"checks\"\n",
+        state.path().display().to_string(),
+        broker.addr()
+    );
+    let config =
+        sitewatch::config::Config::parse(&toml, &state.path().join("agent.toml"), &|_| None)
+            .expect("config");
+    let cfg = config.kafka.clone().expect("[kafka]");
+    let mut second = Publisher::start(&cfg, &config.agent).expect("start");
     assert_eq!(
         second.stats().spooled,
         300,

@@ -92,8 +92,8 @@ struct Shared {
     connected: AtomicBool,
     /// Set while `write` spills because the queue is full (to log once per episode).
     spilling: AtomicBool,
-    /// A copy of the batch being produced (not in the spool yet): what `close` saves when the
-    /// sender is stuck past the deadline.
+    /// A copy of the records only in the sender's memory (the batch being gathered or sent)
+    /// while it is in a network call: what `close` saves when the sender is stuck.
     inflight: Mutex<Vec<ProduceRecord>>,
 }
 
@@ -350,11 +350,17 @@ enum Sent {
 impl Sender {
     fn run(mut self) {
         loop {
+            // The batch being gathered lives only in memory: publish a copy for `rescue`
+            // while this thread is in a network call.
             if self.client.is_none() && Instant::now() >= self.next_connect {
+                self.set_inflight(&self.batch);
                 self.connect();
+                self.set_inflight(&[]);
             }
             if self.client.is_some() && self.spool_len() > 0 {
+                self.set_inflight(&self.batch);
                 self.replay_one();
+                self.set_inflight(&[]);
             }
             let timeout = self.wait_time();
             // Receive under the queue lock, act (close) after releasing it.
