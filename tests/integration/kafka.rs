@@ -255,7 +255,7 @@ fn check_result(i: usize) -> CheckResult {
         "test-agent",
         "GET",
     );
-    r.up = i % 3 != 0;
+    r.up = !i.is_multiple_of(3);
     r.status = Some(200);
     r
 }
