@@ -2,9 +2,12 @@
 //! output and exit codes.
 
 use std::path::{Path, PathBuf};
+
 use std::process::{Command, Output};
 
 use sitewatch::result::{CheckResult, FailureReason};
+
+use crate::support::TempDir;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sitewatch"));
@@ -16,33 +19,6 @@ fn bin() -> Command {
     }
     c.env("RUST_LOG", "warn");
     c
-}
-
-/// A fresh temp dir per test, removed at drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "sitewatch-test-{tag}-{}-{}",
-            std::process::id(),
-            sitewatch::util::new_check_id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn run(args: &[&str], dir: &Path) -> Output {
@@ -69,12 +45,12 @@ fn records(o: &Output) -> Vec<CheckResult> {
 /// `check_config_error(config text, expected message part)`: exit 3 and a precise message.
 fn check_config_error(text: &str, expected: &str) {
     let dir = TempDir::new("cfgerr");
-    let cfg = dir.write("agent.toml", text);
+    let cfg = write(&dir, "agent.toml", text);
     for args in [
         vec!["--once", "--config", cfg.to_str().unwrap()],
         vec!["check-config", "--config", cfg.to_str().unwrap()],
     ] {
-        let o = run(&args, &dir.0);
+        let o = run(&args, dir.path());
         assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
         let err = stderr(&o);
         assert!(
@@ -106,7 +82,7 @@ fn bad_configs_refuse_to_start_with_a_precise_message() {
 #[test]
 fn missing_config_file_is_named() {
     let dir = TempDir::new("nocfg");
-    let o = run(&["--once", "--config", "nope.toml"], &dir.0);
+    let o = run(&["--once", "--config", "nope.toml"], dir.path());
     assert_eq!(o.status.code(), Some(3));
     assert!(
         stderr(&o).contains("nope.toml: cannot read"),
@@ -127,11 +103,11 @@ fn usage_errors_exit_3() {
         ),
         (vec!["agent", "sink"], "two commands given"),
     ] {
-        let o = run(&args, &dir.0);
+        let o = run(&args, dir.path());
         assert_eq!(o.status.code(), Some(3), "{args:?}");
         assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
     }
-    let o = run(&["--version"], &dir.0);
+    let o = run(&["--version"], dir.path());
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("sitewatch "));
 }
@@ -139,7 +115,8 @@ fn usage_errors_exit_3() {
 #[test]
 fn check_config_prints_effective_config_with_secrets_masked() {
     let dir = TempDir::new("checkcfg");
-    let cfg = dir.write(
+    let cfg = write(
+        &dir,
         "agent.toml",
         "[agent]\nid = \"edge-1\"\n[postgres]\nurl = \"postgres://u:pg-secret-1@127.0.0.1/db\"\n\
          [kafka]\nbrokers = [\"127.0.0.1:9092\"]\n[kafka.sasl]\nusername = \"u\"\n\
@@ -167,9 +144,12 @@ fn check_config_prints_effective_config_with_secrets_masked() {
 fn once_all_down_exits_2_with_a_full_failure_record() {
     let dir = TempDir::new("once-down");
     let port = closed_port();
-    let cfg = dir.write(
+    let cfg = write(
+        &dir,
         "agent.toml",
-        &format!("[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"),
+        &format!(
+            "[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"
+        ),
     );
     let o = run(
         &[
@@ -179,7 +159,7 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
             "--format",
             "json",
         ],
-        &dir.0,
+        dir.path(),
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let recs = records(&o);
@@ -199,7 +179,8 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
 fn once_table_format_is_readable() {
     let dir = TempDir::new("once-table");
     let port = closed_port();
-    let cfg = dir.write(
+    let cfg = write(
+        &dir,
         "agent.toml",
         &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"),
     );
@@ -211,7 +192,7 @@ fn once_table_format_is_readable() {
             "--format",
             "table",
         ],
-        &dir.0,
+        dir.path(),
     );
     assert_eq!(o.status.code(), Some(2));
     let text = String::from_utf8_lossy(&o.stdout);
@@ -222,4 +203,10 @@ fn once_table_format_is_readable() {
         lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"),
         "{text}"
     );
+}
+
+pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
 }
