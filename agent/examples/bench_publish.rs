@@ -1,0 +1,91 @@
+//! Benchmark helper for `bench/run` (section 3): how many check records per second the
+//! [`Publisher`] moves into a Kafka broker with acks=all.
+//!
+//! Usage: `bench_publish BROKER TOPIC COUNT SPOOL_DIR`. Creates the topic, then feeds COUNT
+//! realistic records (a full "up" check, about 600 bytes of JSON) through the publisher as fast
+//! as its queue takes them, closes it (which waits for the last acknowledgement) and prints one
+//! JSON line: `{"records":..,"acked":..,"spooled":..,"seconds":..,"per_second":..}`.
+//! Only for the benchmark: it is not part of the agent.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use sitewatch::config::Config;
+use sitewatch::kafka::Client;
+use sitewatch::output::Output;
+use sitewatch::publish::{Publisher, QUEUE_CAPACITY};
+use sitewatch::result::{CheckResult, Timings};
+
+fn record(i: u64) -> CheckResult {
+    let target = format!("target-{}", i % 100);
+    let mut r = CheckResult::new(&target, "http://127.0.0.1:8080/", "bench", "GET");
+    r.up = true;
+    r.status = Some(200);
+    r.http_version = Some("HTTP/1.1".into());
+    r.remote_ip = Some("127.0.0.1".into());
+    r.body_bytes = 612;
+    r.regex = Some("sitewatch bench page".into());
+    r.regex_matched = Some(true);
+    r.timings = Timings {
+        connect: Some(0.08),
+        ttfb: Some(0.21),
+        transfer: Some(0.01),
+        total: 0.35,
+        ..Timings::default()
+    };
+    r
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() != 5 {
+        eprintln!("usage: bench_publish BROKER TOPIC COUNT SPOOL_DIR");
+        std::process::exit(2);
+    }
+    let (broker, topic) = (&args[1], &args[2]);
+    let count: u64 = args[3].parse().unwrap_or_else(|_| {
+        eprintln!("COUNT must be a number");
+        std::process::exit(2)
+    });
+    let toml = format!("[kafka]\nbrokers = [\"{broker}\"]\ntopic = \"{topic}\"\n");
+    let cfg = Config::parse(&toml, std::path::Path::new("bench.toml"), &|_| None)
+        .unwrap_or_else(|e| fail(&format!("config: {e}")));
+    let kafka = cfg
+        .kafka
+        .unwrap_or_else(|| fail("config: no [kafka] section"));
+    Client::connect(&kafka)
+        .and_then(|mut c| c.ensure_topic(topic, kafka.partitions, kafka.replication_factor))
+        .unwrap_or_else(|e| fail(&format!("kafka: {e}")));
+
+    let records: Vec<CheckResult> = (0..count.min(1000)).map(record).collect();
+    let mut publisher = Publisher::start_with_spool(&kafka, PathBuf::from(&args[4]), 1 << 30)
+        .unwrap_or_else(|e| fail(&format!("publisher: {e}")));
+    let start = Instant::now();
+    for i in 0..count {
+        // Stay under the queue capacity so the measurement is the network path, not the spool.
+        while publisher.stats().accepted - publisher.stats().acked >= QUEUE_CAPACITY as u64 - 100 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut r = records[(i % records.len() as u64) as usize].clone();
+        r.check_id = sitewatch::util::new_check_id();
+        publisher
+            .write(r)
+            .unwrap_or_else(|e| fail(&format!("write: {e}")));
+    }
+    publisher
+        .close(Instant::now() + Duration::from_secs(120))
+        .unwrap_or_else(|e| fail(&format!("close: {e}")));
+    let seconds = start.elapsed().as_secs_f64();
+    let st = publisher.stats();
+    println!(
+        "{{\"records\":{count},\"acked\":{},\"spooled\":{},\"seconds\":{seconds:.4},\"per_second\":{:.1}}}",
+        st.acked,
+        st.spooled,
+        st.acked as f64 / seconds
+    );
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench_publish: {msg}");
+    std::process::exit(1)
+}
