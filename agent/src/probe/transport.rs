@@ -332,6 +332,7 @@ impl Connector<()> for ProbeConnector {
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
         );
+        let poolable = details.config.max_idle_connections_per_host() > 0;
         if !details.needs_tls() {
             let facts = ConnFacts {
                 remote,
@@ -343,6 +344,7 @@ impl Connector<()> for ProbeConnector {
                 buffers,
                 facts,
                 self.log.clone(),
+                poolable,
             )));
         }
 
@@ -400,6 +402,7 @@ impl Connector<()> for ProbeConnector {
             buffers,
             facts,
             self.log.clone(),
+            poolable,
         )))
     }
 }
@@ -612,16 +615,27 @@ pub struct ProbeTransport {
     facts: Arc<ConnFacts>,
     log: SharedLog,
     awaiting_first_byte: bool,
+    /// Whether the agent keeps idle connections at all (a `keep_alive` target). When not, the
+    /// pool's "still open?" probe before reuse is skipped: it cost three syscalls per check
+    /// (two fcntl, one peek) on a connection that is closed right after anyway.
+    poolable: bool,
 }
 
 impl ProbeTransport {
-    fn new(conn: Conn, buffers: LazyBuffers, facts: ConnFacts, log: SharedLog) -> ProbeTransport {
+    fn new(
+        conn: Conn,
+        buffers: LazyBuffers,
+        facts: ConnFacts,
+        log: SharedLog,
+        poolable: bool,
+    ) -> ProbeTransport {
         ProbeTransport {
             conn,
             buffers,
             facts: Arc::new(facts),
             log,
             awaiting_first_byte: false,
+            poolable,
         }
     }
 
@@ -678,6 +692,9 @@ impl Transport for ProbeTransport {
     /// For keep-alive: a pooled connection is reusable only if the peer has not closed it and
     /// has sent nothing unasked.
     fn is_open(&mut self) -> bool {
+        if !self.poolable {
+            return false;
+        }
         let tcp = self.conn.tcp();
         if tcp.set_nonblocking(true).is_err() {
             return false;
