@@ -268,7 +268,7 @@ fn writer_stores_every_field_and_dead_letters_what_does_not_decode() {
         dead_offsets.push(offset);
         offset += 1;
     }
-    let outcome = w.write(None, &batch).expect("write");
+    let outcome = w.write(None, &batch, 0).expect("write");
     assert_eq!(outcome.inserted, 5);
     assert_eq!(outcome.duplicates, 0);
     assert_eq!(outcome.dead_letters, garbage.len() as u64);
@@ -322,7 +322,9 @@ fn redelivered_records_are_not_duplicated_and_a_stale_writer_is_fenced() {
     let records: Vec<CheckResult> = (0..50).map(|i| record("t", i, None, 1.0)).collect();
     let mut a = writer(&db, 0);
     let mut b = writer(&db, 0);
-    let first = a.write(None, &messages(&json(&records), 0)).expect("write");
+    let first = a
+        .write(None, &messages(&json(&records), 0), 0)
+        .expect("write");
     assert_eq!((first.inserted, first.next_offset), (50, 50));
     // b still believes nothing was stored: it must not write.
     let check_fenced =
@@ -334,14 +336,14 @@ fn redelivered_records_are_not_duplicated_and_a_stale_writer_is_fenced() {
             }) => assert_eq!(e, expected),
             other => panic!("expected Fenced, got {other:?}"),
         };
-    check_fenced(b.write(None, &messages(&json(&records), 0)), None);
+    check_fenced(b.write(None, &messages(&json(&records), 0), 0), None);
     check_fenced(
-        b.write(Some(10), &messages(&json(&records[10..]), 10)),
+        b.write(Some(10), &messages(&json(&records[10..]), 10), 0),
         Some(10),
     );
     // A producer retry: the same records again at later offsets are skipped, offset advances.
     let again = b
-        .write(Some(50), &messages(&json(&records), 50))
+        .write(Some(50), &messages(&json(&records), 50), 0)
         .expect("redelivery");
     assert_eq!((again.inserted, again.duplicates), (0, 50));
     assert_eq!(again.next_offset, 100);
@@ -362,7 +364,9 @@ fn a_record_postgres_rejects_becomes_a_dead_letter_and_a_dropped_partition_is_re
     let mut records: Vec<CheckResult> = (0..10).map(|i| record("t", i, None, 1.0)).collect();
     records[4].status = Some(418);
     let mut w = writer(&db, 1);
-    let outcome = w.write(None, &messages(&json(&records), 0)).expect("write");
+    let outcome = w
+        .write(None, &messages(&json(&records), 0), 0)
+        .expect("write");
     assert_eq!((outcome.inserted, outcome.dead_letters), (9, 1));
     let error: String = client
         .query_one("SELECT error FROM dead_letters WHERE \"offset\" = 4", &[])
@@ -383,7 +387,7 @@ fn a_record_postgres_rejects_becomes_a_dead_letter_and_a_dropped_partition_is_re
         .unwrap();
     let more: Vec<CheckResult> = (0..3).map(|i| record("t", i, None, 2.0)).collect();
     let outcome = w
-        .write(Some(10), &messages(&json(&more), 10))
+        .write(Some(10), &messages(&json(&more), 10), 0)
         .expect("write");
     assert_eq!((outcome.inserted, outcome.dead_letters), (3, 0));
     assert_eq!(stored_records(&mut client), more);
@@ -409,7 +413,7 @@ fn views_say_whether_a_target_is_up_and_since_when() {
     ];
     let mut w = writer(&db, 0);
     let all: Vec<CheckResult> = shop.iter().chain(&api).cloned().collect();
-    w.write(None, &messages(&json(&all), 0)).expect("write");
+    w.write(None, &messages(&json(&all), 0), 0).expect("write");
     let mut client = db.client();
     let rows = client
         .query(
@@ -574,7 +578,7 @@ fn a_throwaway_cluster_serves_init_db_and_writes() {
     sink::init_db(&config_for(&db)).expect("init-db");
     let records: Vec<CheckResult> = (0..20).map(|i| record("t", i, None, 1.0)).collect();
     writer(&db, 0)
-        .write(None, &messages(&json(&records), 0))
+        .write(None, &messages(&json(&records), 0), 0)
         .expect("write");
     assert_eq!(stored_records(&mut db.client()), records);
     drop(db);
@@ -593,7 +597,7 @@ fn writer_throughput_20k_records() {
     let mut from = None;
     for (i, chunk) in values.chunks(1000).enumerate() {
         let outcome = w
-            .write(from, &messages(chunk, (i * 1000) as i64))
+            .write(from, &messages(chunk, (i * 1000) as i64), 0)
             .expect("write");
         from = Some(outcome.next_offset);
     }
@@ -768,4 +772,426 @@ fn sslmodes_against_a_tls_only_server() {
     );
     drop(cluster);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// With a broker: the consume loop.
+
+/// A broker, a database with the schema, and a topic with `partitions` partitions.
+struct Pipeline {
+    broker: crate::support::broker::Broker,
+    db: TestDb,
+    topic: String,
+    partitions: i32,
+}
+
+impl Pipeline {
+    fn new(partitions: i32) -> Pipeline {
+        Pipeline::on(partitions, fresh_db())
+    }
+
+    fn on(partitions: i32, db: TestDb) -> Pipeline {
+        // RUST_LOG=sitewatch=info shows the sink's retries when a test fails.
+        let _ = env_logger::builder().is_test(true).try_init();
+        let broker = crate::support::broker::Broker::start();
+        let topic = "sitewatch.checks".to_string();
+        let p = Pipeline {
+            broker,
+            db,
+            topic,
+            partitions,
+        };
+        p.kafka()
+            .ensure_topic(&p.topic, partitions, 1)
+            .expect("create topic");
+        p
+    }
+
+    fn kafka(&self) -> sitewatch::kafka::Client {
+        sitewatch::kafka::Client::connect(&self.broker.config(&self.topic)).expect("kafka")
+    }
+
+    fn config_text(&self) -> String {
+        format!(
+            "[kafka]\nbrokers = [\"{}\"]\ntopic = \"{}\"\npartitions = {}\n\n\
+             [postgres]\nurl = \"{}\"\nsslmode = \"disable\"\nbatch_size = 500\n",
+            self.broker.addr(),
+            self.topic,
+            self.partitions,
+            self.db.url()
+        )
+    }
+
+    fn config(&self) -> Config {
+        Config::parse(
+            &self.config_text(),
+            std::path::Path::new("test.toml"),
+            &|_| None,
+        )
+        .expect("config")
+    }
+
+    fn start_sink(&self) -> (sink::Sink, sitewatch::service::Shutdown) {
+        let shutdown = sitewatch::service::Shutdown::new();
+        let s = sink::Sink::start(&self.config(), &shutdown).expect("sink starts");
+        (s, shutdown)
+    }
+
+    fn produce(&self, records: &[CheckResult]) {
+        self.produce_raw(
+            &records
+                .iter()
+                .map(|r| (r.target.clone().into_bytes(), r.to_json().into_bytes()))
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    fn produce_raw(&self, messages: &[(Vec<u8>, Vec<u8>)]) {
+        let mut k = self.kafka();
+        for chunk in messages.chunks(500) {
+            let batch: Vec<sitewatch::kafka::ProduceRecord> = chunk
+                .iter()
+                .map(|(key, value)| sitewatch::kafka::ProduceRecord {
+                    key: key.clone(),
+                    value: value.clone(),
+                    timestamp_ms: unix_ms_now(),
+                })
+                .collect();
+            k.produce(&self.topic, &batch).expect("produce");
+        }
+    }
+
+    /// Per partition: the high watermark (from a fetch: exact, unlike ListOffsets on tansu).
+    fn high_watermarks(&self) -> Vec<(i32, i64)> {
+        let mut k = self.kafka();
+        (0..self.partitions)
+            .map(|p| {
+                let f = k
+                    .fetch(&self.topic, p, 0, 1024, Duration::from_millis(1))
+                    .expect("fetch");
+                (p, f.high_watermark)
+            })
+            .collect()
+    }
+
+    fn stored_offsets(&self) -> Vec<(i32, i64)> {
+        let mut c = self.db.client();
+        (0..self.partitions)
+            .map(|p| {
+                (
+                    p,
+                    schema::load_offset(&mut c, &self.topic, p)
+                        .expect("offset")
+                        .unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until `checks` + `dead_letters` hold `n` rows (generous: the machine is shared).
+    fn wait_rows(&self, n: i64, within: Duration) -> Duration {
+        let start = Instant::now();
+        let mut c = self.db.client();
+        loop {
+            let have = count(
+                &mut c,
+                "SELECT (SELECT count(*) FROM checks) + (SELECT count(*) FROM dead_letters)",
+            );
+            if have >= n {
+                assert_eq!(have, n, "more rows than records");
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "only {have} of {n} rows after {within:?}; {}",
+                self.diagnose()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Offsets, high watermarks and the offset ranges missing from `checks`, for a failure
+    /// message.
+    fn diagnose(&self) -> String {
+        let mut c = self.db.client();
+        let gaps: Vec<String> = c
+            .query(
+                "SELECT p, min(o), max(o) FROM ( \
+                   SELECT p, o, o - row_number() OVER (PARTITION BY p ORDER BY o) AS grp \
+                   FROM (SELECT kafka_partition AS p, kafka_offset AS o FROM checks \
+                         UNION ALL SELECT partition, \"offset\" FROM dead_letters) x) y \
+                 GROUP BY p, grp ORDER BY p, min(o)",
+                &[],
+            )
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        format!(
+                            "p{} {}..={}",
+                            r.get::<_, i32>(0),
+                            r.get::<_, i64>(1),
+                            r.get::<_, i64>(2)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "stored offsets {:?}, high watermarks {:?}, stored ranges {gaps:?}",
+            self.stored_offsets(),
+            self.high_watermarks()
+        )
+    }
+
+    /// No duplicates, every record stored, offsets at the high watermarks.
+    fn assert_exactly_once(&self, records: &[CheckResult]) {
+        let mut c = self.db.client();
+        assert_eq!(
+            count(&mut c, "SELECT count(*) FROM checks"),
+            records.len() as i64
+        );
+        assert_eq!(
+            count(&mut c, "SELECT count(DISTINCT check_id) FROM checks"),
+            records.len() as i64
+        );
+        let mut stored = stored_records(&mut c);
+        stored.sort_by(|a, b| a.check_id.cmp(&b.check_id));
+        let mut want = records.to_vec();
+        want.sort_by(|a, b| a.check_id.cmp(&b.check_id));
+        assert!(stored == want, "stored rows differ from the records");
+        assert_eq!(self.stored_offsets(), self.high_watermarks());
+    }
+}
+
+/// `n` records over 20 targets with every kind of outcome, started within the last hour.
+fn varied_records(n: usize) -> Vec<CheckResult> {
+    let failures = [
+        None,
+        None,
+        None,
+        Some(FailureReason::Dns),
+        Some(FailureReason::Connect),
+        Some(FailureReason::Tls),
+        Some(FailureReason::Timeout),
+        Some(FailureReason::HttpStatus),
+        Some(FailureReason::BodyMismatch),
+        Some(FailureReason::Rule),
+    ];
+    (0..n)
+        .map(|i| {
+            let target = format!("site-{}", i % 20);
+            let mut r = record(
+                &target,
+                (i % 3_600_000) as i64,
+                failures[i % failures.len()],
+                (i % 997) as f64 + 0.5,
+            );
+            if i % 4 == 0 {
+                r.regex = Some("ok".into());
+                r.regex_matched = Some(i % 8 == 0);
+            }
+            if r.failure == Some(FailureReason::HttpStatus) {
+                r.status = Some(503);
+            }
+            r.timings.ttfb = Some(1.25);
+            r
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn published_records_land_exactly_once_with_every_field() {
+    let p = Pipeline::new(4);
+    let records = varied_records(4000);
+    p.produce(&records);
+    let (sink, shutdown) = p.start_sink();
+    let took = p.wait_rows(4000, Duration::from_secs(300));
+    eprintln!(
+        "sink: 4000 records from 4 partitions in {:.2}s = {:.0} rows/s",
+        took.as_secs_f64(),
+        4000.0 / took.as_secs_f64()
+    );
+    wait_until("status to show no lag", Duration::from_secs(60), || {
+        let s = sink.status();
+        s.partitions.len() == 4 && s.lag() == 0
+    });
+    let status = sink.status();
+    assert_eq!(
+        status.partitions.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert_eq!(
+        status.partitions.values().map(|s| s.rows).sum::<u64>(),
+        4000
+    );
+    assert!(
+        status
+            .line()
+            .contains("partitions 0,1,2,3 lag 0; 4000 rows"),
+        "{}",
+        status.line()
+    );
+    shutdown.trigger();
+    sink.join().expect("clean stop");
+    p.assert_exactly_once(&records);
+    // Targets and the status view know every target.
+    let mut c = p.db.client();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM targets"), 20);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM target_status"), 20);
+}
+
+#[test]
+fn two_sinks_share_the_partitions_and_one_takes_all_when_the_other_stops() {
+    let p = Pipeline::new(4);
+    let (a, stop_a) = p.start_sink();
+    wait_until("sink A to own all 4", Duration::from_secs(60), || {
+        a.status().partitions.len() == 4
+    });
+    let (b, stop_b) = p.start_sink();
+    wait_until("A and B to own 2 each", Duration::from_secs(60), || {
+        a.status().partitions.len() == 2 && b.status().partitions.len() == 2
+    });
+    let first = varied_records(2000);
+    p.produce(&first);
+    p.wait_rows(2000, Duration::from_secs(300));
+    let rows_a: u64 = a.status().partitions.values().map(|s| s.rows).sum();
+    let rows_b: u64 = b.status().partitions.values().map(|s| s.rows).sum();
+    assert!(
+        rows_a > 0 && rows_b > 0,
+        "both work: A {rows_a}, B {rows_b}"
+    );
+    assert_eq!(rows_a + rows_b, 2000);
+    stop_a.trigger();
+    a.join().expect("A stops");
+    let start = Instant::now();
+    wait_until("B to own all 4", Duration::from_secs(60), || {
+        b.status().partitions.len() == 4
+    });
+    eprintln!(
+        "takeover after a clean stop: {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let second = varied_records(2000);
+    p.produce(&second);
+    p.wait_rows(4000, Duration::from_secs(300));
+    stop_b.trigger();
+    b.join().expect("B stops");
+    let all: Vec<CheckResult> = first.into_iter().chain(second).collect();
+    p.assert_exactly_once(&all);
+}
+
+#[test]
+fn garbage_on_the_topic_becomes_dead_letters_and_good_records_land() {
+    let p = Pipeline::new(1);
+    let good = varied_records(300);
+    let mut messages: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let garbage: Vec<Vec<u8>> = vec![
+        b"\x00\x01\x02 not json".to_vec(),
+        b"{\"hello\": \"world\"}".to_vec(),
+        format!("{{\"v\":1,\"pad\":\"{}\"}}", "x".repeat(400 * 1024)).into_bytes(),
+    ];
+    for (i, r) in good.iter().enumerate() {
+        messages.push((r.target.clone().into_bytes(), r.to_json().into_bytes()));
+        if i % 100 == 50 {
+            messages.push((b"junk".to_vec(), garbage[i / 100].clone()));
+        }
+    }
+    p.produce_raw(&messages);
+    let (sink, shutdown) = p.start_sink();
+    p.wait_rows(303, Duration::from_secs(300));
+    shutdown.trigger();
+    sink.join().expect("stop");
+    p.assert_exactly_once(&good);
+    let mut c = p.db.client();
+    let dead: Vec<(i64, String, i32)> = c
+        .query(
+            "SELECT \"offset\", error, value_bytes FROM dead_letters ORDER BY \"offset\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let offsets: Vec<i64> = dead.iter().map(|d| d.0).collect();
+    assert_eq!(offsets, vec![51, 152, 253]);
+    assert!(dead[0].1.contains("not a check record"), "{}", dead[0].1);
+    assert!(dead[1].1.contains("missing field"), "{}", dead[1].1);
+    assert!(
+        dead[2].1.contains("over the 262144-byte limit"),
+        "{}",
+        dead[2].1
+    );
+    assert_eq!(dead[2].2, garbage[2].len() as i32);
+}
+
+#[test]
+fn killed_database_sessions_mid_stream_lose_nothing_and_duplicate_nothing() {
+    let p = Pipeline::new(2);
+    let records = varied_records(20_000);
+    p.produce(&records);
+    let (sink, shutdown) = p.start_sink();
+    let mut kills = 0;
+    let mut c = p.db.client();
+    let end = Instant::now() + Duration::from_secs(600);
+    let mut last = 0;
+    loop {
+        // Let it make some progress between kills, then kill every sink session: the writers
+        // (mid-transaction or between batches) and the lock session.
+        let have = count(&mut c, "SELECT count(*) FROM checks");
+        if have >= 20_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "stalled at {have} rows after {kills} kills"
+        );
+        if have >= last + 1000 {
+            last = have;
+            kills += p.db.terminate_sessions("sitewatch sink");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(kills >= 5, "only {kills} sessions killed");
+    wait_until("offsets to reach the end", Duration::from_secs(120), || {
+        p.stored_offsets() == p.high_watermarks()
+    });
+    shutdown.trigger();
+    sink.join().expect("stop");
+    eprintln!("{kills} sink sessions killed during 20000 records");
+    p.assert_exactly_once(&records);
+}
+
+#[test]
+fn postgres_restarting_mid_stream_loses_nothing() {
+    let server = Arc::new(Server::throwaway(ClusterOptions::default()));
+    let db = TestDb::create_on(server.clone());
+    sink::init_db(&config_for(&db)).expect("init-db");
+    let p = Pipeline::on(2, db);
+    let (sink, shutdown) = p.start_sink();
+    let records = varied_records(6000);
+    p.produce(&records[..3000]);
+    wait_until("some rows", Duration::from_secs(120), || {
+        count(&mut p.db.client(), "SELECT count(*) FROM checks") > 0
+    });
+    let cluster = server.cluster.as_ref().expect("throwaway");
+    cluster.stop_server("immediate");
+    // Records keep arriving while the database is down.
+    p.produce(&records[3000..]);
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.start_server();
+    p.wait_rows(6000, Duration::from_secs(300));
+    wait_until("offsets to reach the end", Duration::from_secs(120), || {
+        p.stored_offsets() == p.high_watermarks()
+    });
+    shutdown.trigger();
+    sink.join().expect("stop");
+    p.assert_exactly_once(&records);
 }

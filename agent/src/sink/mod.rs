@@ -7,6 +7,7 @@
 //!
 //! Not here: the record's shape and JSON (`result`), the Kafka wire protocol (`kafka`).
 
+pub mod consume;
 pub mod db;
 pub mod owner;
 pub mod schema;
@@ -16,6 +17,7 @@ use std::fmt;
 
 use crate::config::{Config, PostgresConfig};
 
+pub use consume::{PartitionStatus, Sink, SinkStatus, run};
 pub use writer::{BatchOutcome, Message, Writer};
 
 /// Everything that can stop the sink or a sink operation. Messages name the database by its

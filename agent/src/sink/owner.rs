@@ -5,6 +5,10 @@
 //! session ends and PostgreSQL releases the locks; the other sinks retry unowned partitions
 //! every few seconds, so one of them takes over within that bound.
 //!
+//! Sinks share the partitions fairly: each session also holds a shared "member" lock on
+//! (topic, -1), the number of members is read from `pg_locks`, and a sink takes at most
+//! ceil(partitions / members) partitions, giving up its extra ones when another sink joins.
+//!
 //! Architecture Invariant: ownership is an optimisation, not the correctness guarantee. A sink
 //! that lost its lock session keeps no partition: its workers stop. And even a writer that has
 //! not noticed yet cannot corrupt anything, because the offset update is a compare-and-set (see
@@ -21,6 +25,7 @@ pub struct Ownership {
     client: Client,
     topic: String,
     held: BTreeSet<i32>,
+    member: bool,
 }
 
 impl Ownership {
@@ -29,7 +34,37 @@ impl Ownership {
             client,
             topic: topic.to_string(),
             held: BTreeSet::new(),
+            member: false,
         }
+    }
+
+    /// Joins the group of sinks consuming the topic (idempotent for this session).
+    pub fn join_group(&mut self) -> Result<(), SinkError> {
+        if !self.member {
+            self.client
+                .execute(
+                    "SELECT pg_advisory_lock_shared(hashtext($1), -1)",
+                    &[&self.topic],
+                )
+                .map_err(db_error)?;
+            self.member = true;
+        }
+        Ok(())
+    }
+
+    /// How many sink sessions consume the topic (on this database), this one included.
+    pub fn members(&mut self) -> Result<i64, SinkError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(DISTINCT pid) FROM pg_locks \
+                 WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND classid = hashtext($1)::oid AND objid = (-1)::oid AND objsubid = 2",
+                &[&self.topic],
+            )
+            .map_err(db_error)?;
+        Ok(row.get(0))
     }
 
     /// Takes `partition` if no other session holds it. True when this session owns it now.

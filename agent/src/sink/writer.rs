@@ -34,16 +34,8 @@ pub const MAX_FUTURE: Duration = Duration::from_secs(86_400);
 const MAX_ERROR_CHARS: usize = 2000;
 const DAY_MS: i64 = 86_400_000;
 
-/// One message as fetched from a partition (the fields of the Kafka fetcher's record the sink
-/// needs).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub offset: i64,
-    /// Kafka record timestamp, ms since the epoch (-1 when the producer set none).
-    pub timestamp_ms: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-}
+/// One message as fetched from a partition: the Kafka fetcher's record.
+pub use crate::kafka::FetchedRecord as Message;
 
 /// What one committed batch did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -468,23 +460,28 @@ impl Writer {
         )
     }
 
-    /// Writes `messages` (in offset order, all from this partition, starting at or after
-    /// `from`) and moves the stored offset from `from` to one past the last message, in one
-    /// transaction. `from` is what [`Writer::stored_offset`] returned (or the previous batch's
-    /// `next_offset`); when the stored offset is no longer `from`, nothing is written and the
-    /// result is [`SinkError::Fenced`].
+    /// Writes `messages` (in offset order, all from this partition, at or after `from`) and
+    /// moves the stored offset from `from` to `next_offset` (one past the last message, or
+    /// further when the fetch skipped control batches), in one transaction. `from` is what
+    /// [`Writer::stored_offset`] returned, or the previous batch's `next_offset`; when the
+    /// stored offset is no longer `from`, nothing is written and the result is
+    /// [`SinkError::Fenced`].
     pub fn write(
         &mut self,
         from: Option<i64>,
         messages: &[Message],
+        next_offset: i64,
     ) -> Result<BatchOutcome, SinkError> {
-        let Some(last) = messages.last() else {
-            return Ok(BatchOutcome {
-                next_offset: from.unwrap_or(0),
-                ..BatchOutcome::default()
-            });
+        let next_offset = match messages.last() {
+            Some(last) => next_offset.max(last.offset + 1),
+            None if from == Some(next_offset) => {
+                return Ok(BatchOutcome {
+                    next_offset,
+                    ..BatchOutcome::default()
+                });
+            }
+            None => next_offset,
         };
-        let next_offset = last.offset + 1;
         let now_ms = crate::util::unix_ms_now();
         let mut rows = Vec::with_capacity(messages.len());
         let mut dead = Vec::new();
@@ -500,7 +497,7 @@ impl Writer {
                 log::warn!(
                     target: "sitewatch::sink",
                     "{}/{}: batch at offset {} rejected ({e}); retrying record by record",
-                    self.prepared.topic, self.prepared.partition, messages[0].offset
+                    self.prepared.topic, self.prepared.partition, from.unwrap_or(0)
                 );
                 // A partition may have been dropped under us: forget what we knew.
                 self.days_ready.clear();
