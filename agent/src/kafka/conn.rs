@@ -215,7 +215,17 @@ impl Conn {
             versions: Versions::default(),
             request_timeout: s.request_timeout,
         };
-        conn.negotiate()?;
+        let tls = s.tls.is_some();
+        conn.negotiate().map_err(|e| match e {
+            // Under TLS 1.3 the server checks our certificate after the handshake, so its
+            // refusal arrives on the first read as an OpenSSL error (ErrorKind::Other).
+            KafkaError::Io { broker, error } if tls && error.kind() == io::ErrorKind::Other => {
+                KafkaError::Tls(format!(
+                    "broker {broker}: refused after the TLS handshake (client certificate?): {error}"
+                ))
+            }
+            e => e,
+        })?;
         if let Some(sasl) = &s.sasl {
             conn.authenticate(sasl)?;
         }
@@ -338,11 +348,15 @@ impl Conn {
         self.socket
             .set_read_timeout(Some(self.request_timeout + extra_wait))
             .map_err(|e| KafkaError::io(&self.addr, e))?;
-        self.call(req, version)
+        self.exchange(req, version)
     }
 
-    /// Sends `req` as `version` and reads its response.
+    /// Sends `req` as `version` and reads its response within the request timeout.
     pub fn call<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, KafkaError> {
+        self.call_with_wait(req, version, Duration::ZERO)
+    }
+
+    fn exchange<R: Request>(&mut self, req: &R, version: i16) -> Result<R::Response, KafkaError> {
         self.correlation = self.correlation.wrapping_add(1);
         let mut header = RequestHeader::default();
         header.request_api_key = R::KEY;
