@@ -943,6 +943,13 @@ impl Pipeline {
         )
     }
 
+    /// Waits until every partition's stored offset is its high watermark.
+    fn wait_offsets_at_end(&self) {
+        wait_until("offsets to reach the end", Duration::from_secs(120), || {
+            self.stored_offsets() == self.high_watermarks()
+        });
+    }
+
     /// No duplicates, every record stored, offsets at the high watermarks.
     fn assert_exactly_once(&self, records: &[CheckResult]) {
         let mut c = self.db.client();
@@ -1089,47 +1096,57 @@ fn two_sinks_share_the_partitions_and_one_takes_all_when_the_other_stops() {
 }
 
 #[test]
-fn garbage_on_the_topic_becomes_dead_letters_and_good_records_land() {
+fn garbage_from_librdkafka_becomes_dead_letters_and_good_records_land() {
     let p = Pipeline::new(1);
     let good = varied_records(300);
-    let mut messages: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
     let garbage: Vec<Vec<u8>> = vec![
-        b"\x00\x01\x02 not json".to_vec(),
+        b"\x01\x02 not json".to_vec(),
         b"{\"hello\": \"world\"}".to_vec(),
         format!("{{\"v\":1,\"pad\":\"{}\"}}", "x".repeat(400 * 1024)).into_bytes(),
     ];
+    // Through the librdkafka peer: one "key<TAB>value" line per message.
+    let mut input = Vec::new();
     for (i, r) in good.iter().enumerate() {
-        messages.push((r.target.clone().into_bytes(), r.to_json().into_bytes()));
+        input.extend_from_slice(format!("{}\t{}\n", r.target, r.to_json()).as_bytes());
         if i % 100 == 50 {
-            messages.push((b"junk".to_vec(), garbage[i / 100].clone()));
+            input.extend_from_slice(b"junk\t");
+            input.extend_from_slice(&garbage[i / 100]);
+            input.push(b'\n');
         }
     }
-    p.produce_raw(&messages);
+    let out = crate::support::broker::kpeer(&["produce", &p.broker.addr(), &p.topic], &input);
+    assert_eq!(out.trim(), "produced 303");
     let (sink, shutdown) = p.start_sink();
     p.wait_rows(303, Duration::from_secs(300));
+    p.wait_offsets_at_end();
     shutdown.trigger();
     sink.join().expect("stop");
     p.assert_exactly_once(&good);
     let mut c = p.db.client();
-    let dead: Vec<(i64, String, i32)> = c
+    let dead: Vec<(String, Vec<u8>, i32, Vec<u8>)> = c
         .query(
-            "SELECT \"offset\", error, value_bytes FROM dead_letters ORDER BY \"offset\"",
+            "SELECT error, key, value_bytes, value FROM dead_letters ORDER BY \"offset\"",
             &[],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
-    let offsets: Vec<i64> = dead.iter().map(|d| d.0).collect();
-    assert_eq!(offsets, vec![51, 152, 253]);
-    assert!(dead[0].1.contains("not a check record"), "{}", dead[0].1);
-    assert!(dead[1].1.contains("missing field"), "{}", dead[1].1);
-    assert!(
-        dead[2].1.contains("over the 262144-byte limit"),
-        "{}",
-        dead[2].1
-    );
-    assert_eq!(dead[2].2, garbage[2].len() as i32);
+    let expected = [
+        "not a check record",
+        "missing field",
+        "over the 262144-byte limit",
+    ];
+    assert_eq!(dead.len(), expected.len());
+    for ((error, key, len, value), (want, sent)) in dead.iter().zip(expected.iter().zip(&garbage)) {
+        assert!(error.contains(want), "{error:?} lacks {want:?}");
+        assert_eq!(key.as_slice(), b"junk");
+        assert_eq!(*len as usize, sent.len());
+        assert_eq!(
+            value.as_slice(),
+            &sent[..sent.len().min(sink::writer::DEAD_LETTER_KEEP_BYTES)]
+        );
+    }
 }
 
 #[test]
@@ -1160,9 +1177,7 @@ fn killed_database_sessions_mid_stream_lose_nothing_and_duplicate_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(kills >= 5, "only {kills} sessions killed");
-    wait_until("offsets to reach the end", Duration::from_secs(120), || {
-        p.stored_offsets() == p.high_watermarks()
-    });
+    p.wait_offsets_at_end();
     shutdown.trigger();
     sink.join().expect("stop");
     eprintln!("{kills} sink sessions killed during 20000 records");
@@ -1188,10 +1203,316 @@ fn postgres_restarting_mid_stream_loses_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     cluster.start_server();
     p.wait_rows(6000, Duration::from_secs(300));
-    wait_until("offsets to reach the end", Duration::from_secs(120), || {
-        p.stored_offsets() == p.high_watermarks()
-    });
+    p.wait_offsets_at_end();
     shutdown.trigger();
     sink.join().expect("stop");
     p.assert_exactly_once(&records);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real `sitewatch sink` process, killed with SIGKILL.
+
+/// A `sitewatch sink --config F` process, SIGKILLed on drop.
+struct SinkProcess {
+    child: std::process::Child,
+}
+
+impl SinkProcess {
+    fn start(config: &std::path::Path, log: &std::path::Path) -> SinkProcess {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("sink log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+            .arg("sink")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "sitewatch=info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start sitewatch sink");
+        SinkProcess { child }
+    }
+
+    /// SIGKILL: no shutdown code runs, transactions in flight are cut off.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SinkProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Pipeline {
+    fn config_file(&self, dir: &crate::support::TempDir) -> std::path::PathBuf {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, self.config_text()).expect("write config");
+        path
+    }
+
+    /// Which lock session holds which partitions: backend pid → partitions (one lock session
+    /// per sink process).
+    fn owners(&self) -> std::collections::BTreeMap<i32, Vec<i64>> {
+        let mut c = self.db.client();
+        let mut out: std::collections::BTreeMap<i32, Vec<i64>> = Default::default();
+        for row in c
+            .query(
+                "SELECT pid, objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND mode = 'ExclusiveLock' AND classid = hashtext($1)::oid AND objsubid = 2 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 ORDER BY 1, 2",
+                &[&self.topic],
+            )
+            .expect("pg_locks")
+        {
+            out.entry(row.get(0)).or_default().push(row.get(1));
+        }
+        out
+    }
+}
+
+#[test]
+fn exactly_once_while_the_sink_process_is_killed_repeatedly() {
+    let p = Pipeline::new(4);
+    let dir = crate::support::TempDir::new("sink-kill");
+    let config = p.config_file(&dir);
+    let log = dir.path().join("sink.log");
+    let records = varied_records(20_000);
+    p.produce(&records);
+    let mut c = p.db.client();
+    let mut kills = 0;
+    let end = Instant::now() + Duration::from_secs(900);
+    let sink = loop {
+        let before = count(&mut c, "SELECT count(*) FROM checks");
+        let sink = SinkProcess::start(&config, &log);
+        // Let this life make progress, then SIGKILL it wherever it is.
+        loop {
+            let have = count(&mut c, "SELECT count(*) FROM checks");
+            if have >= 20_000 || have >= before + 1500 {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "stalled at {have} rows after {kills} kills; {}\nsink log:\n{}",
+                p.diagnose(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if count(&mut c, "SELECT count(*) FROM checks") >= 20_000 {
+            break sink;
+        }
+        sink.kill();
+        kills += 1;
+    };
+    p.wait_offsets_at_end();
+    sink.kill();
+    eprintln!("sink process SIGKILLed {kills} times during 20000 records");
+    assert!(kills >= 5, "only {kills} kills");
+    p.assert_exactly_once(&records);
+}
+
+#[test]
+fn two_sink_processes_share_partitions_and_the_survivor_of_a_kill_takes_all() {
+    let p = Pipeline::new(4);
+    let dir = crate::support::TempDir::new("sink-two");
+    let config = p.config_file(&dir);
+    let a = SinkProcess::start(&config, &dir.path().join("a.log"));
+    wait_until(
+        "A to own all 4 partitions",
+        Duration::from_secs(120),
+        || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![4],
+    );
+    let b = SinkProcess::start(&config, &dir.path().join("b.log"));
+    wait_until(
+        "two sinks with 2 partitions each",
+        Duration::from_secs(120),
+        || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![2, 2],
+    );
+    let first = varied_records(4000);
+    p.produce(&first);
+    p.wait_rows(4000, Duration::from_secs(300));
+    // Both wrote: each partition's rows came through its owner, and each owns two.
+    let mut c = p.db.client();
+    let per_partition: Vec<i64> = (0..4)
+        .map(|i| {
+            c.query_one(
+                "SELECT count(*) FROM checks WHERE kafka_partition = $1",
+                &[&i],
+            )
+            .unwrap()
+            .get(0)
+        })
+        .collect();
+    assert!(per_partition.iter().all(|&n| n > 0), "{per_partition:?}");
+    a.kill();
+    let start = Instant::now();
+    wait_until(
+        "B to own all 4 partitions",
+        Duration::from_secs(120),
+        || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![4],
+    );
+    eprintln!(
+        "takeover after SIGKILL: {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let second = varied_records(4000);
+    p.produce(&second);
+    p.wait_rows(8000, Duration::from_secs(300));
+    p.wait_offsets_at_end();
+    b.kill();
+    let all: Vec<CheckResult> = first.into_iter().chain(second).collect();
+    p.assert_exactly_once(&all);
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: HTTP targets → `sitewatch run` (agent and sink in one process) → PostgreSQL.
+
+/// Every record in the topic, read with our client from offset 0 to each high watermark.
+fn topic_records(p: &Pipeline) -> Vec<CheckResult> {
+    let mut k = p.kafka();
+    let mut out = Vec::new();
+    for part in 0..p.partitions {
+        let mut offset = 0;
+        loop {
+            let f = k
+                .fetch(&p.topic, part, offset, 4 << 20, Duration::from_millis(10))
+                .expect("fetch");
+            offset = f.next_offset.max(offset);
+            for r in f.records {
+                let value = r.value.expect("value");
+                out.push(CheckResult::from_json(&value).expect("a check record"));
+            }
+            if offset >= f.high_watermark {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
+    use crate::support::http::{HttpServer, Reply, closed_port};
+    let p = Pipeline::new(3);
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
+    let missing = HttpServer::start(|_, _| Reply::status(404, "nope"));
+    let dir = crate::support::TempDir::new("sink-e2e");
+    let text = format!(
+        "[agent]\nid = \"e2e\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{state}\"\n\n{pipeline}\n\
+         [[target]]\nid = \"up\"\nurl = \"{up}\"\nregex = \"hello\"\n\
+         [[target]]\nid = \"mismatch\"\nurl = \"{up}\"\nregex = \"goodbye\"\n\
+         [[target]]\nid = \"notfound\"\nurl = \"{missing}\"\n\
+         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{closed}/\"\n",
+        state = dir.path().join("state").display(),
+        pipeline = p.config_text(),
+        up = up.url("/"),
+        missing = missing.url("/missing"),
+        closed = closed_port(),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = dir.path().join("run.log");
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "sitewatch=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start sitewatch run");
+    // Rows appear while it runs: at least 3 checks of every target.
+    let mut c = p.db.client();
+    wait_until("3 rows per target", Duration::from_secs(120), || {
+        count(
+            &mut c,
+            "SELECT count(*) FROM (SELECT target FROM checks GROUP BY target \
+             HAVING count(*) >= 3) t",
+        ) == 4
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = run.wait().unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(exit.code(), Some(0), "sitewatch run exit; log:\n{log_text}");
+    // What the agent flushed at shutdown after the sink stopped: a sink started now drains it.
+    let (sink, shutdown) = p.start_sink();
+    p.wait_offsets_at_end();
+    shutdown.trigger();
+    sink.join().expect("stop");
+
+    let records = topic_records(&p);
+    assert!(records.len() >= 12, "{} records", records.len());
+    p.assert_exactly_once(&records);
+    // The fields the rows must carry for each kind of target.
+    for r in stored_records(&mut c) {
+        let t = &r.timings;
+        assert!(t.total > 0.0, "{r:?}");
+        match r.target.as_str() {
+            "up" => {
+                assert_eq!(
+                    (r.up, r.status, r.regex_matched, r.failure),
+                    (true, Some(200), Some(true), None)
+                );
+                assert!(
+                    t.connect.is_some() && t.ttfb.is_some() && t.transfer.is_some(),
+                    "{t:?}"
+                );
+            }
+            "mismatch" => assert_eq!(
+                (r.up, r.status, r.regex_matched, r.failure),
+                (
+                    false,
+                    Some(200),
+                    Some(false),
+                    Some(FailureReason::BodyMismatch)
+                )
+            ),
+            "notfound" => assert_eq!(
+                (r.up, r.status, r.failure),
+                (false, Some(404), Some(FailureReason::HttpStatus))
+            ),
+            "closed" => {
+                assert_eq!(
+                    (r.up, r.status, r.failure),
+                    (false, None, Some(FailureReason::Connect))
+                );
+                assert!(t.ttfb.is_none(), "{t:?}");
+            }
+            other => panic!("unexpected target {other}"),
+        }
+    }
+    // The view answers "is my site up, and since when".
+    let rows = c
+        .query(
+            "SELECT target, up, since <= last_check FROM target_status ORDER BY target",
+            &[],
+        )
+        .unwrap();
+    let got: Vec<(String, bool, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("closed".to_string(), false, true),
+            ("mismatch".to_string(), false, true),
+            ("notfound".to_string(), false, true),
+            ("up".to_string(), true, true),
+        ]
+    );
 }
