@@ -770,6 +770,41 @@ fn sslmodes_against_a_tls_only_server() {
         other,
         Err("certificate verify failed"),
     );
+
+    // The password comes from PostgresConfig.password (env or file in real configs) and never
+    // shows in an error.
+    let admin_cfg = sitewatch::config::PostgresConfig {
+        url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        password: None,
+        sslmode: SslMode::Require,
+        ca_file: None,
+        retention: Duration::from_secs(86_400),
+        batch_size: 10,
+    };
+    db::connect(&admin_cfg, "sitewatch-tls-test")
+        .expect("admin")
+        .batch_execute("CREATE ROLE sitewatch LOGIN PASSWORD 'right-horse-battery'")
+        .expect("create role");
+    let login = |password: &str| sitewatch::config::PostgresConfig {
+        url: format!("postgres://sitewatch@127.0.0.1:{port}/postgres"),
+        password: Some(sitewatch::config::Secret(password.into())),
+        ..admin_cfg.clone()
+    };
+    let mut c = db::connect(&login("right-horse-battery"), "sitewatch-tls-test").expect("login");
+    let user: String = c
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, "sitewatch");
+    let Err(e) = db::connect(&login("wrong-staple"), "sitewatch-tls-test") else {
+        panic!("a wrong password was accepted");
+    };
+    let text = e.to_string();
+    assert!(text.contains("password authentication failed"), "{text}");
+    assert!(
+        !text.contains("wrong-staple") && !text.contains("right-horse"),
+        "{text}"
+    );
     drop(cluster);
     let _ = std::fs::remove_dir_all(&tmp);
 }

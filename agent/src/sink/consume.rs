@@ -554,3 +554,52 @@ impl Worker {
         Ok((w, stored))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_and_lag() {
+        let mut s = SinkStatus {
+            topic: "checks".into(),
+            ..SinkStatus::default()
+        };
+        assert_eq!(
+            s.line(),
+            "sink: checks partitions none lag 0; 0 rows, 0 dead letters"
+        );
+        let part = |next: Option<i64>, hw: i64, rows: u64, dead: u64| PartitionStatus {
+            next_offset: next,
+            high_watermark: hw,
+            rows,
+            duplicates: 0,
+            dead_letters: dead,
+        };
+        s.partitions.insert(0, part(Some(90), 100, 80, 1));
+        s.partitions.insert(2, part(None, 5, 0, 0));
+        s.partitions.insert(3, part(Some(7), 7, 7, 0));
+        assert_eq!(s.lag(), 15);
+        assert_eq!(
+            s.line(),
+            "sink: checks partitions 0,2,3 lag 15; 87 rows, 1 dead letters"
+        );
+    }
+
+    #[test]
+    fn fetch_size_follows_batch_size_within_bounds() {
+        let check = |batch: usize, bytes: i32| assert_eq!(fetch_max_bytes(batch), bytes, "{batch}");
+        check(1, 64 * 1024);
+        check(5000, 5000 * 1024);
+        check(100_000, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let seen: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seen, vec![250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        b.reset();
+        assert_eq!(b.next(), BACKOFF_MIN);
+    }
+}

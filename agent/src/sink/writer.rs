@@ -702,3 +702,82 @@ impl From<postgres::Error> for Failure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn message(value: Option<&[u8]>) -> Message {
+        Message {
+            offset: 7,
+            timestamp_ms: 0,
+            key: None,
+            value: value.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn decode_refuses_what_postgres_cannot_or_should_not_store() {
+        let now = 1_800_000_000_000;
+        let retention = Duration::from_secs(7 * 86_400);
+        let check = |edit: &dyn Fn(&mut CheckResult), expected: Result<(), &str>| {
+            let mut r = CheckResult::new("t", "http://127.0.0.1/", "a", "GET");
+            r.started_at = crate::util::format_rfc3339_ms(now - 1000);
+            edit(&mut r);
+            let json = r.to_json();
+            let m = message(Some(json.as_bytes()));
+            let got = decode(&m, now, retention);
+            match (got, expected) {
+                (Ok(row), Ok(())) => assert_eq!(row.record, r),
+                (Err(e), Err(want)) => assert!(e.contains(want), "{e:?} lacks {want:?}"),
+                (got, want) => panic!("got {got:?}, want {want:?}"),
+            }
+        };
+        check(&|_| {}, Ok(()));
+        check(
+            &|r| r.started_at = crate::util::format_rfc3339_ms(now - 7 * DAY + 1),
+            Ok(()),
+        );
+        check(
+            &|r| r.started_at = crate::util::format_rfc3339_ms(now - 8 * DAY),
+            Err("older than the retention"),
+        );
+        check(
+            &|r| r.started_at = crate::util::format_rfc3339_ms(now + 2 * DAY),
+            Err("in the future"),
+        );
+        check(&|r| r.url = "a\0b".into(), Err("field url contains a NUL"));
+        check(&|r| r.tags = vec!["\0".into()], Err("field tags"));
+        check(
+            &|r| r.rule_extra = Some(serde_json::json!({"k": "\u{0}"})),
+            Err("field rule_extra"),
+        );
+        check(&|r| r.body_bytes = u64::MAX, Err("body_bytes"));
+        check(
+            &|r| r.cert_not_after = Some("never".into()),
+            Err("cert_not_after \"never\""),
+        );
+        let tombstone = decode(&message(None), now, retention).unwrap_err();
+        assert!(tombstone.contains("tombstone"), "{tombstone}");
+        let huge = vec![b' '; MAX_RECORD_BYTES + 1];
+        let err = decode(&message(Some(&huge)), now, retention).unwrap_err();
+        assert!(err.contains("over the 262144-byte limit"), "{err}");
+    }
+
+    #[test]
+    fn insert_statement_has_one_array_per_column_and_the_partition() {
+        let sql = insert_checks_sql();
+        assert!(sql.contains(&format!("${}::int8[]", CHECK_COLUMNS.len())));
+        assert!(sql.contains(&format!("${} FROM unnest", CHECK_COLUMNS.len() + 1)));
+        let columns = CheckColumns::default();
+        assert_eq!(columns.params(&0).len(), CHECK_COLUMNS.len() + 1);
+    }
+
+    #[test]
+    fn error_texts_are_cut_on_a_char_boundary() {
+        assert_eq!(truncate_chars("abc", 5), "abc");
+        assert_eq!(truncate_chars("äöüß", 2), "äö…");
+    }
+}

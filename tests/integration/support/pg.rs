@@ -288,10 +288,12 @@ impl Cluster {
                 cert.display(),
                 key.display()
             ));
-            // TCP only over TLS, so a client that does not negotiate TLS is refused.
+            // TCP only over TLS, so a client that does not negotiate TLS is refused; the role
+            // `sitewatch` (if a test creates it) must give its password.
             std::fs::write(
                 data.join("pg_hba.conf"),
-                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+                "local all all trust\nhostssl all sitewatch 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 trust\n",
             )
             .expect("write pg_hba.conf");
         }
