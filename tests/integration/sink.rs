@@ -1551,3 +1551,76 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
         ]
     );
 }
+
+#[test]
+fn a_sink_started_while_postgres_is_down_waits_then_refuses_a_database_without_schema() {
+    let server = Arc::new(Server::throwaway(ClusterOptions::default()));
+    let db = TestDb::create_on(server.clone());
+    let cluster = server.cluster.as_ref().expect("throwaway");
+    cluster.stop_server("fast");
+    let text = format!(
+        "[kafka]\nbrokers = [\"127.0.0.1:{}\"]\n[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n",
+        crate::support::http::closed_port(),
+        db.url()
+    );
+    let cfg = Config::parse(&text, std::path::Path::new("test.toml"), &|_| None).unwrap();
+    let shutdown = sitewatch::service::Shutdown::new();
+    // Down is not an error: the sink retries.
+    let sink = sink::Sink::start(&cfg, &shutdown).expect("starts while the database is down");
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.start_server();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(sink.join());
+    });
+    let result = rx.recv_timeout(Duration::from_secs(120));
+    shutdown.trigger();
+    match result {
+        Ok(Err(e @ SinkError::SchemaMissing { .. })) => {
+            assert!(
+                e.to_string().contains("run `sitewatch init-db` first"),
+                "{e}"
+            )
+        }
+        other => panic!("expected SchemaMissing, got {other:?}"),
+    }
+}
+
+#[test]
+fn init_db_command_runs_twice_and_reports_an_unreachable_database_without_the_password() {
+    let db = TestDb::create();
+    let dir = crate::support::TempDir::new("sink-initdb");
+    let init_db = |url: &str| {
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!("[postgres]\nurl = \"{url}\"\nsslmode = \"disable\"\n"),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+            .args(["init-db", "--config", config.to_str().unwrap()])
+            .env("SITEWATCH_PG_PASSWORD", "pw-never-printed")
+            .output()
+            .expect("run sitewatch init-db");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for _ in 0..2 {
+        let (code, stderr) = init_db(&db.url());
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(stderr.contains("schema is up to date"), "{stderr}");
+    }
+    schema::require(&mut db.client(), &db.url()).expect("schema");
+    let closed = crate::support::http::closed_port();
+    let (code, stderr) = init_db(&format!("postgres://sitewatch@127.0.0.1:{closed}/x"));
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to PostgreSQL at postgres://sitewatch@127.0.0.1:{closed}/x"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pw-never-printed"), "{stderr}");
+}

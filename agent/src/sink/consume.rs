@@ -212,7 +212,17 @@ impl Coordinator {
             let session = match owner.as_mut() {
                 Some(o) => o,
                 None => match db::connect(&self.pg, "sitewatch sink locks") {
-                    Ok(c) => owner.insert(Ownership::new(c, &topic)),
+                    Ok(mut c) => {
+                        // Started while the database was down: check now what start() could
+                        // not. A missing schema is not something retrying fixes.
+                        if let Err(e @ SinkError::SchemaMissing { .. }) =
+                            schema::require(&mut c, &self.pg.url)
+                        {
+                            self.stop_all();
+                            return Err(e);
+                        }
+                        owner.insert(Ownership::new(c, &topic))
+                    }
                     Err(e) => {
                         log::warn!(target: "sitewatch::sink", "lock session: {e}");
                         self.shutdown.sleep(backoff.next());
