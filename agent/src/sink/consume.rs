@@ -279,6 +279,11 @@ impl Coordinator {
     /// Takes free partitions up to this sink's fair share, or gives one up when it holds more
     /// than its share (another sink joined). One release per pass keeps the hand-over gradual.
     fn balance(&mut self, session: &mut Ownership, partitions: &[i32]) -> Result<(), SinkError> {
+        if partitions.is_empty() {
+            // Not joined before the partition list is known: a sink that cannot reach Kafka
+            // must not count as a member and shrink the others' share.
+            return Ok(());
+        }
         session.join_group()?;
         let members = session.members()?.max(1) as usize;
         let share = partitions.len().div_ceil(members);
