@@ -826,9 +826,30 @@ impl Pipeline {
     }
 
     fn on(partitions: i32, db: TestDb) -> Pipeline {
+        Pipeline::with_broker(partitions, db, crate::support::broker::Broker::start())
+    }
+
+    /// A pipeline whose clients reach the broker through a proxy that can be cut: the broker
+    /// advertises the proxy's port.
+    fn behind_proxy(partitions: i32) -> (Pipeline, crate::support::proxy::Proxy) {
+        let proxy_port = crate::support::broker::free_port();
+        let broker_port = crate::support::broker::free_port();
+        let broker = crate::support::broker::Broker::start_with(
+            broker_port,
+            format!("127.0.0.1:{proxy_port}"),
+            &[],
+        );
+        let proxy = crate::support::proxy::Proxy::start_on(proxy_port, broker_port);
+        (Pipeline::with_broker(partitions, fresh_db(), broker), proxy)
+    }
+
+    fn with_broker(
+        partitions: i32,
+        db: TestDb,
+        broker: crate::support::broker::Broker,
+    ) -> Pipeline {
         // RUST_LOG=sitewatch=info shows the sink's retries when a test fails.
         let _ = env_logger::builder().is_test(true).try_init();
-        let broker = crate::support::broker::Broker::start();
         let topic = "sitewatch.checks".to_string();
         let p = Pipeline {
             broker,
@@ -1623,4 +1644,24 @@ fn init_db_command_runs_twice_and_reports_an_unreachable_database_without_the_pa
         "{stderr}"
     );
     assert!(!stderr.contains("pw-never-printed"), "{stderr}");
+}
+
+#[test]
+fn kafka_unreachable_mid_stream_loses_nothing() {
+    let (p, mut proxy) = Pipeline::behind_proxy(2);
+    let records = varied_records(6000);
+    p.produce(&records[..3000]);
+    let (sink, shutdown) = p.start_sink();
+    wait_until("some rows", Duration::from_secs(120), || {
+        count(&mut p.db.client(), "SELECT count(*) FROM checks") > 0
+    });
+    proxy.cut();
+    std::thread::sleep(Duration::from_secs(4));
+    proxy.resume();
+    p.produce(&records[3000..]);
+    p.wait_rows(6000, Duration::from_secs(300));
+    p.wait_offsets_at_end();
+    shutdown.trigger();
+    sink.join().expect("stop");
+    p.assert_exactly_once(&records);
 }
