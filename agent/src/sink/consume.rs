@@ -134,7 +134,7 @@ impl Sink {
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
-            .map_err(|e| SinkError::Database {
+            .map_err(|e| SinkError::Internal {
                 message: format!("cannot start the sink thread: {e}"),
             })?;
         Ok(Sink {
@@ -154,7 +154,7 @@ impl Sink {
     /// Waits until the sink stops (after the shutdown it was started with is triggered).
     pub fn join(self) -> Result<(), SinkError> {
         self.coordinator.join().unwrap_or_else(|_| {
-            Err(SinkError::Database {
+            Err(SinkError::Internal {
                 message: "the sink thread panicked".into(),
             })
         })

@@ -41,8 +41,8 @@ pub enum SinkError {
         partition: i32,
         expected: Option<i64>,
     },
-    /// The Kafka side failed in a way retrying will not fix.
-    Kafka { message: String },
+    /// The sink's own machinery failed (a thread could not start, or panicked).
+    Internal { message: String },
 }
 
 impl fmt::Display for SinkError {
@@ -75,7 +75,7 @@ impl fmt::Display for SinkError {
                     "{topic}/{partition}: another sink stored a first offset: it owns the partition"
                 ),
             },
-            SinkError::Kafka { message } => write!(f, "Kafka: {message}"),
+            SinkError::Internal { message } => write!(f, "sink: {message}"),
         }
     }
 }

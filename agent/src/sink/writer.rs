@@ -119,7 +119,7 @@ fn decode(message: &Message, now_ms: i64, retention: Duration) -> Result<Row<'_>
 
 /// The name of the first text field holding U+0000 (PostgreSQL refuses it in text and jsonb).
 fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
-    let texts: [(&'static str, Option<&str>); 21] = [
+    let texts: [(&'static str, Option<&str>); 20] = [
         ("check_id", Some(&r.check_id)),
         ("target", Some(&r.target)),
         ("url", Some(&r.url)),
@@ -140,7 +140,6 @@ fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
         ("rule_verdict", r.rule_verdict.as_deref()),
         ("rule_reason", r.rule_reason.as_deref()),
         ("failure", r.failure.map(|f| f.as_str())),
-        ("tags", None),
     ];
     if let Some((name, _)) = texts
         .iter()
