@@ -9,7 +9,6 @@ use std::time::Duration;
 use native_tls::{Certificate, TlsConnector};
 use postgres::Client;
 use postgres::config::SslMode as PgSslMode;
-use postgres::error::SqlState;
 use postgres_native_tls::MakeTlsConnector;
 
 use super::SinkError;
@@ -161,14 +160,6 @@ pub fn is_data_error(e: &postgres::Error) -> bool {
     // partition of relation found for row", 23514).
     let class = &code.code()[..2];
     class == "22" || class == "23"
-}
-
-/// True when the transaction lost a race it can simply run again (deadlock, serialization).
-pub fn is_conflict(e: &postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
-    )
 }
 
 #[cfg(test)]
