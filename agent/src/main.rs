@@ -257,7 +257,7 @@ fn rule_test(_args: &[String]) -> Result<u8, Failure> {
 
 fn init_db(args: &Args) -> Result<u8, Failure> {
     let cfg = load(args)?;
-    pending::sink_init_db(&cfg).map_err(|e| Failure {
+    sitewatch::sink::init_db(&cfg).map_err(|e| Failure {
         code: exit::UNKNOWN,
         message: format!("init-db: {e}"),
     })?;
@@ -295,7 +295,7 @@ fn daemon_main(args: &Args) -> Result<u8, Failure> {
             std::thread::Builder::new()
                 .name("sink".into())
                 .spawn(move || {
-                    if let Err(e) = pending::sink_run(&cfg, &shutdown) {
+                    if let Err(e) = sitewatch::sink::run(&cfg, &shutdown) {
                         log::error!("sink: {e}");
                         shutdown.trigger();
                         return false;
@@ -447,14 +447,6 @@ fn agent_loop(
 
 /// Placeholders until the Kafka, sink and rules modules land (replaced at merge).
 mod pending {
-    use sitewatch::config::Config;
-    use sitewatch::service::Shutdown;
-    pub fn sink_init_db(_: &Config) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    pub fn sink_run(_: &Config, _: &Shutdown) -> Result<(), String> {
-        Err("not built yet".into())
-    }
     #[allow(dead_code)]
     pub fn rule_test_main(_: &[String], _: &mut dyn std::io::Write) -> i32 {
         3
