@@ -844,3 +844,43 @@ fn four_threads_share_one_rule_while_another_loops() {
         "every loop evaluation is a rule error"
     );
 }
+
+#[test]
+fn rules_from_other_toolchains_follow_the_abi() {
+    // Binaries built from the sources beside them (commands in their first line), so the ABI
+    // as documented in rules/README.md is proven with real C and AssemblyScript output.
+    let dir = fixtures().join("foreign");
+    let rules = RuleSet::load(&limits(&dir), &["c_rule.wasm", "assemblyscript.wasm"]);
+    let headers = Vec::new();
+    type Expected = Result<(Verdict, Option<&'static str>), &'static str>;
+    let cases: &[(&str, u16, Expected)] = &[
+        ("c_rule.wasm", 200, Ok((Verdict::Up, None))),
+        ("c_rule.wasm", 500, Ok((Verdict::Down, Some("bad status")))),
+        ("assemblyscript.wasm", 204, Ok((Verdict::Up, None))),
+        (
+            "assemblyscript.wasm",
+            503,
+            Ok((Verdict::Down, Some("bad status 503"))),
+        ),
+        (
+            "assemblyscript.wasm",
+            418,
+            Err("the rule called env.abort: \"teapot\" at assembly/index.ts:8:3"),
+        ),
+    ];
+    for (rule, status, expected) in cases {
+        let input = RuleInput {
+            status: *status,
+            ..example_input(&headers, b"")
+        };
+        match expected {
+            Ok((verdict, reason)) => {
+                check_verdict(&rules, rule, &input, *verdict, *reason);
+            }
+            Err(needle) => {
+                let err = rules.evaluate(rule, &input).expect_err(rule);
+                assert!(err.message.contains(needle), "{rule}: {}", err.message);
+            }
+        }
+    }
+}

@@ -9,7 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -171,6 +172,30 @@ pub struct Engine {
     /// Epoch ticks an evaluation may run (the deadline rounded up, plus one partial tick).
     deadline_ticks: u64,
     rules: RwLock<HashMap<String, Slot>>,
+    /// Evaluations in flight: the ticker only ticks while there are some, so an idle agent
+    /// does not wake up every few ms.
+    running: AtomicUsize,
+    ticker: OnceLock<std::thread::Thread>,
+}
+
+/// Counts one evaluation in flight (and wakes the ticker) for as long as it lives.
+struct Running<'a>(&'a Engine);
+
+impl<'a> Running<'a> {
+    fn start(engine: &'a Engine) -> Running<'a> {
+        if engine.running.fetch_add(1, Ordering::SeqCst) == 0
+            && let Some(t) = engine.ticker.get()
+        {
+            t.unpark();
+        }
+        Running(engine)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Engine {
@@ -214,12 +239,23 @@ impl Engine {
             cfg: cfg.clone(),
             deadline_ticks,
             rules: RwLock::new(HashMap::new()),
+            running: AtomicUsize::new(0),
+            ticker: OnceLock::new(),
         });
         let weak: Weak<Engine> = Arc::downgrade(&this);
-        std::thread::Builder::new()
+        let ticker = std::thread::Builder::new()
             .name("rule-epoch".into())
             .spawn(move || {
                 loop {
+                    let Some(engine) = weak.upgrade() else { return };
+                    if engine.running.load(Ordering::SeqCst) == 0 {
+                        drop(engine);
+                        // Woken by the next evaluation (an unpark before the park is not
+                        // lost); the timeout only lets the thread notice the engine is gone.
+                        std::thread::park_timeout(Duration::from_secs(1));
+                        continue;
+                    }
+                    drop(engine);
                     std::thread::sleep(tick);
                     match weak.upgrade() {
                         Some(e) => e.engine.increment_epoch(),
@@ -228,6 +264,7 @@ impl Engine {
                 }
             })
             .map_err(|e| format!("cannot start the rule-epoch thread: {e}"))?;
+        let _ = this.ticker.set(ticker.thread().clone());
         Ok(this)
     }
 
@@ -299,6 +336,7 @@ impl Engine {
     ) -> Result<RuleOutcome, (Option<String>, String)> {
         let start = Instant::now();
         let rule = self.loaded(name)?;
+        let _running = Running::start(self);
         let (verdict, reason, extra) = self
             .run(&rule, input)
             .map_err(|e| (Some(rule.hash.clone()), e))?;
@@ -533,7 +571,7 @@ impl Engine {
                     size_text(MAX_WASM_STACK)
                 ),
                 Trap::UnreachableCodeReached => {
-                    "`unreachable` executed (a Rust rule that panics ends here)".to_string()
+                    "`unreachable` executed (a panic or failed assertion in the rule)".to_string()
                 }
                 Trap::MemoryOutOfBounds => "out-of-bounds memory access".to_string(),
                 other => other.to_string(),

@@ -233,6 +233,11 @@ impl Reason {
 
     /// Appends text (cut at a character boundary when full).
     pub fn push(mut self, s: &str) -> Reason {
+        self.append(s);
+        self
+    }
+
+    fn append(&mut self, s: &str) {
         let room = Reason::CAPACITY - self.len;
         let mut n = s.len().min(room);
         while !s.is_char_boundary(n) {
@@ -240,7 +245,6 @@ impl Reason {
         }
         self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
         self.len += n;
-        self
     }
 
     /// Appends a number in decimal.
@@ -267,6 +271,14 @@ impl Reason {
 impl Default for Reason {
     fn default() -> Reason {
         Reason::new()
+    }
+}
+
+/// `write!(reason, ..)`; costs the module `core::fmt` (several KB), which `push` avoids.
+impl core::fmt::Write for Reason {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.append(s);
+        Ok(())
     }
 }
 
@@ -456,5 +468,8 @@ mod tests {
         assert_eq!(Reason::new().push_u32(4294967295).as_str(), "4294967295");
         let long = Reason::new().push(&"é".repeat(400));
         assert_eq!(long.as_str().len(), 512);
+        let mut r = Reason::from("n=");
+        core::fmt::Write::write_fmt(&mut r, format_args!("{}", 42)).unwrap();
+        assert_eq!(r.as_str(), "n=42");
     }
 }
