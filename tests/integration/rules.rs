@@ -884,3 +884,57 @@ fn rules_from_other_toolchains_follow_the_abi() {
         }
     }
 }
+
+#[test]
+fn the_watcher_picks_up_a_changed_file() {
+    let dir = TempDir::new("watch");
+    let good = std::fs::read(fixtures().join("keyword.wat")).expect("fixture");
+    let other = String::from_utf8(good.clone())
+        .expect("utf-8 fixture")
+        .replace("Example Domain", "Example Dxmain")
+        .into_bytes();
+    dir.write("rule.wat", &good);
+    let rules = RuleSet::load(&limits(&dir.0), &["rule.wat"]);
+    let headers = Vec::new();
+    let input = example_input(&headers, b"Example Domain");
+    let first = check_verdict(&rules, "rule.wat", &input, Verdict::Up, Some("found"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = rules
+        .watch(
+            vec!["rule.wat".into()],
+            Duration::from_millis(20),
+            stop.clone(),
+        )
+        .expect("spawn watcher");
+    dir.write("rule.wat", b"(module (func $broken");
+    std::thread::sleep(Duration::from_millis(200));
+    let still = check_verdict(&rules, "rule.wat", &input, Verdict::Up, Some("found"));
+    assert_eq!(
+        still.hash, first.hash,
+        "a broken file never replaces a serving rule"
+    );
+
+    // Write to a temp name and rename, as deploy tools do, so the watcher never sees half a file.
+    dir.write("rule.wat.tmp", &other);
+    std::fs::rename(dir.0.join("rule.wat.tmp"), dir.0.join("rule.wat")).expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let changed = loop {
+        let outcome = rules.evaluate("rule.wat", &input).expect("serving");
+        if outcome.hash != first.hash {
+            break outcome;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watcher did not reload within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(changed.verdict, Verdict::Down);
+    assert_eq!(
+        changed.reason.as_deref(),
+        Some("missing \"Example Dxmain\"")
+    );
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().expect("watcher thread");
+}

@@ -1,9 +1,15 @@
 //! Rules that decide whether a response is "up": the per-target regexes (compiled by
 //! [`crate::config`]) and drop-in WASM rules ([`RuleSet`]).
 //!
-//! The WASM engine lives in `wasm.rs` behind the `wasm` cargo feature. Without the feature a
-//! [`RuleSet`] loads nothing and every evaluation is a rule error (config validation already
-//! refuses targets that name a rule in that build).
+//! The WASM engine lives in `wasm.rs` behind the `wasm` cargo feature; the ABI it speaks is
+//! written down in `rules/README.md`. `cli.rs` is `sitewatch rule test`. Without the feature a
+//! [`RuleSet`] loads nothing and every evaluation is a rule error saying so (config validation
+//! already refuses targets that name a rule in that build).
+//!
+//! Architecture invariants: a rule cannot run longer than `rules.deadline` (plus one epoch
+//! tick) nor use more than `rules.memory_limit`; a rule that fails to load or to run is a
+//! [`RuleError`] for the checks that use it and never stops the agent; a reload never leaves a
+//! target without the last good version of its rule.
 
 use std::path::Path;
 
@@ -127,6 +133,28 @@ impl RuleSet {
             engine.reload(names);
         }
         let _ = names;
+    }
+
+    /// Polls the named rule files every `every` on a thread named `rule-watch` and reloads
+    /// what changed (by content hash: rules are a few KB, so reading them is cheaper than
+    /// trusting mtimes, which in-place copies may keep). A broken file is logged once. The
+    /// thread ends when `stop` is set (checked every `every`).
+    pub fn watch(
+        &self,
+        names: Vec<String>,
+        every: std::time::Duration,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let rules = self.clone();
+        std::thread::Builder::new()
+            .name("rule-watch".into())
+            .spawn(move || {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(every);
+                    rules.reload(&names);
+                }
+            })
     }
 
     /// Runs rule `name` on one response, within the deadline and memory limit.

@@ -69,8 +69,16 @@ pub struct LoadedRule {
 /// What the table holds for one rule name.
 #[derive(Clone)]
 enum Slot {
-    Ready(Arc<LoadedRule>),
-    Failed { hash: Option<String>, error: String },
+    /// Serving. `rejected` remembers the last newer file that failed to load (its hash, or
+    /// the read error), so a reload or a poll does not recompile and re-log it.
+    Ready {
+        rule: Arc<LoadedRule>,
+        rejected: Option<String>,
+    },
+    Failed {
+        hash: Option<String>,
+        error: String,
+    },
 }
 
 /// Per-evaluation store data: only the resource limiter.
@@ -276,16 +284,34 @@ impl Engine {
         for name in &wanted {
             let current = self.slot(name);
             let path = self.cfg.dir.join(name);
-            let new_slot = match read_rule(&path) {
-                Err(error) => Slot::Failed { hash: None, error },
+            let (key, new_slot) = match read_rule(&path) {
+                Err(error) => (error.clone(), Slot::Failed { hash: None, error }),
                 Ok(bytes) => {
                     let hash = hash16(&bytes);
-                    if let Some(Slot::Ready(rule)) = &current
-                        && rule.hash == hash
-                    {
-                        continue;
+                    match &current {
+                        Some(Slot::Ready { rule, rejected }) if rule.hash == hash => {
+                            if rejected.is_some() {
+                                // The serving version is back: forget the rejected one.
+                                let rule = rule.clone();
+                                self.write_table().insert(
+                                    name.to_string(),
+                                    Slot::Ready {
+                                        rule,
+                                        rejected: None,
+                                    },
+                                );
+                            }
+                            continue;
+                        }
+                        Some(Slot::Ready { rejected, .. }) if rejected.as_ref() == Some(&hash) => {
+                            continue;
+                        }
+                        Some(Slot::Failed { hash: h, .. }) if h.as_ref() == Some(&hash) => {
+                            continue;
+                        }
+                        _ => {}
                     }
-                    match self.compile(name, &bytes, hash.clone()) {
+                    let slot = match self.compile(name, &bytes, hash.clone()) {
                         Ok(rule) => {
                             log::info!(
                                 "rule {name}: loaded {} ({} bytes, hash {}, compiled in {:.1} ms)",
@@ -294,25 +320,46 @@ impl Engine {
                                 rule.hash,
                                 rule.compile_ms
                             );
-                            Slot::Ready(Arc::new(rule))
+                            Slot::Ready {
+                                rule: Arc::new(rule),
+                                rejected: None,
+                            }
                         }
                         Err(error) => Slot::Failed {
-                            hash: Some(hash),
+                            hash: Some(hash.clone()),
                             error,
                         },
-                    }
+                    };
+                    (hash, slot)
                 }
             };
-            if let Slot::Failed { error, .. } = &new_slot {
-                if let Some(Slot::Ready(old)) = &current {
+            let new_slot = match (new_slot, current) {
+                (Slot::Failed { error, .. }, Some(Slot::Ready { rule, rejected })) => {
+                    // The same broken file is reported once, not on every reload.
+                    if rejected.as_ref() == Some(&key) {
+                        continue;
+                    }
                     log::error!(
                         "rule {name}: {error}; the previous version (hash {}) keeps serving",
-                        old.hash
+                        rule.hash
                     );
-                    continue;
+                    Slot::Ready {
+                        rule,
+                        rejected: Some(key),
+                    }
                 }
-                log::error!("rule {name}: {error}; targets using it record failure \"rule\"");
-            }
+                (Slot::Failed { hash, error }, current) => {
+                    let repeated = matches!(&current,
+                        Some(Slot::Failed { hash: h, error: e }) if *h == hash && *e == error);
+                    if !repeated {
+                        log::error!(
+                            "rule {name}: {error}; targets using it record failure \"rule\""
+                        );
+                    }
+                    Slot::Failed { hash, error }
+                }
+                (ready, _) => ready,
+            };
             self.write_table().insert(name.to_string(), new_slot);
         }
         self.write_table()
@@ -322,7 +369,7 @@ impl Engine {
     /// The load state of one rule: its hash when it serves, else the load error.
     pub fn loaded(&self, name: &str) -> Result<Arc<LoadedRule>, (Option<String>, String)> {
         match self.slot(name) {
-            Some(Slot::Ready(rule)) => Ok(rule),
+            Some(Slot::Ready { rule, .. }) => Ok(rule),
             Some(Slot::Failed { hash, error }) => Err((hash, error)),
             None => Err((None, not_loaded(name))),
         }
