@@ -737,15 +737,17 @@ fn rule_test_command_on_real_and_offline_responses() {
     );
 }
 
+/// The WAT keyword rule, and a second version of it looking for another keyword.
+fn keyword_versions() -> (Vec<u8>, Vec<u8>) {
+    let good = std::fs::read_to_string(fixtures().join("keyword.wat")).expect("fixture");
+    let other = good.replace("Example Domain", "Example Dxmain");
+    (good.into_bytes(), other.into_bytes())
+}
+
 #[test]
 fn reload_keeps_the_old_version_until_a_fixed_one_arrives() {
     let dir = TempDir::new("reload");
-    let good = std::fs::read(fixtures().join("keyword.wat")).expect("fixture");
-    // The same rule looking for another keyword: a new, different version.
-    let other = String::from_utf8(good.clone())
-        .expect("utf-8 fixture")
-        .replace("Example Domain", "Example Dxmain")
-        .into_bytes();
+    let (good, other) = keyword_versions();
     let broken = b"(module (func $oops".to_vec();
     dir.write("rule.wat", &good);
     dir.write("late.wat", &broken);
@@ -888,11 +890,7 @@ fn rules_from_other_toolchains_follow_the_abi() {
 #[test]
 fn the_watcher_picks_up_a_changed_file() {
     let dir = TempDir::new("watch");
-    let good = std::fs::read(fixtures().join("keyword.wat")).expect("fixture");
-    let other = String::from_utf8(good.clone())
-        .expect("utf-8 fixture")
-        .replace("Example Domain", "Example Dxmain")
-        .into_bytes();
+    let (good, other) = keyword_versions();
     dir.write("rule.wat", &good);
     let rules = RuleSet::load(&limits(&dir.0), &["rule.wat"]);
     let headers = Vec::new();
