@@ -936,3 +936,46 @@ fn the_watcher_picks_up_a_changed_file() {
     stop.store(true, Ordering::SeqCst);
     watcher.join().expect("watcher thread");
 }
+
+#[test]
+fn large_bodies_grow_memory_up_to_the_limit() {
+    let dist = examples();
+    let cfg = RulesConfig {
+        memory_limit: 4 << 20,
+        ..limits(dist)
+    };
+    let rules = RuleSet::load(&cfg, &["status_and_keyword.wasm"]);
+    let headers = Vec::new();
+    // 3 MiB with the keyword at the very end: the SDK's allocator grows memory to hold it.
+    let mut body = vec![b'x'; 3 << 20];
+    body.extend_from_slice(b"Example Domain");
+    check_verdict(
+        &rules,
+        "status_and_keyword.wasm",
+        &example_input(&headers, &body),
+        Verdict::Up,
+        Some("found"),
+    );
+    // 5 MiB cannot fit under a 4 MiB limit: a rule error naming the limit, then business as usual.
+    let huge = vec![b'x'; 5 << 20];
+    let err = rules
+        .evaluate("status_and_keyword.wasm", &example_input(&headers, &huge))
+        .expect_err("over the memory limit");
+    assert!(
+        err.message.starts_with("alloc: memory limit exceeded"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains("rules.memory_limit is 4 MiB"),
+        "{}",
+        err.message
+    );
+    check_verdict(
+        &rules,
+        "status_and_keyword.wasm",
+        &example_input(&headers, b"Example Domain"),
+        Verdict::Up,
+        Some("found"),
+    );
+}
