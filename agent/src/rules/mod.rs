@@ -83,6 +83,7 @@ impl std::error::Error for RuleError {}
 #[derive(Clone, Default)]
 pub struct RuleSet {
     #[cfg(feature = "wasm")]
+    #[allow(dead_code)] // filled by the WASM engine
     inner: Option<std::sync::Arc<wasm::Engine>>,
     /// Why the engine did not start (then every evaluation is a rule error saying so).
     #[cfg(feature = "wasm")]
