@@ -10,16 +10,17 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sitewatch::config::RulesConfig;
 use sitewatch::rules::cli::rule_test_main;
 use sitewatch::rules::{RuleInput, RuleOutcome, RuleSet, Verdict};
+
+use crate::support::http::{HttpServer, Reply, closed_port};
 
 const DEADLINE: Duration = Duration::from_millis(200);
 /// Room for a loaded 2-core machine on top of the deadline; containment, not speed, is tested.
@@ -118,99 +119,7 @@ impl Drop for TempDir {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A tiny HTTP/1.1 server on 127.0.0.1:0 and a raw client, so rules see real response bytes.
-
-#[derive(Clone)]
-struct Route {
-    path: &'static str,
-    status: u16,
-    content_type: &'static str,
-    body: &'static str,
-    delay: Duration,
-}
-
-fn route(path: &'static str, status: u16, content_type: &'static str, body: &'static str) -> Route {
-    Route {
-        path,
-        status,
-        content_type,
-        body,
-        delay: Duration::ZERO,
-    }
-}
-
-struct Server {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(routes: Vec<Route>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_flag = stop.clone();
-        let routes = Arc::new(routes);
-        let thread = std::thread::Builder::new()
-            .name("rules-http".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if stop_flag.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let routes = routes.clone();
-                    std::thread::spawn(move || serve(conn, &routes));
-                }
-            })
-            .expect("spawn server");
-        Server {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(mut conn: TcpStream, routes: &[Route]) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16384 {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&request);
-    let path = text.split_whitespace().nth(1).unwrap_or("/");
-    let not_found = route("", 404, "text/plain", "not found");
-    let r = routes.iter().find(|r| r.path == path).unwrap_or(&not_found);
-    std::thread::sleep(r.delay);
-    let response = format!(
-        "HTTP/1.1 {} X\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-        r.status,
-        r.content_type,
-        r.body.len(),
-        r.body
-    );
-    let _ = conn.write_all(response.as_bytes());
-}
+// The harness HTTP server and a raw client, so rules see real response bytes.
 
 /// A response as received over the socket.
 struct Fetched {
@@ -236,15 +145,15 @@ impl Fetched {
     }
 }
 
-fn fetch(server: &Server, path: &str) -> Fetched {
+fn fetch(server: &HttpServer, path: &str) -> Fetched {
     let start = Instant::now();
-    let mut conn = TcpStream::connect(server.addr).expect("connect to the test server");
+    let mut conn = TcpStream::connect(server.addr()).expect("connect to the test server");
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     write!(
         conn,
         "GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
-        server.addr
+        server.addr()
     )
     .expect("send request");
     let mut raw = Vec::new();
@@ -274,34 +183,32 @@ fn fetch(server: &Server, path: &str) -> Fetched {
     }
 }
 
-fn test_server() -> Server {
-    Server::start(vec![
-        route(
-            "/",
-            200,
-            "text/html",
-            "<html><h1>Example Domain</h1></html>",
-        ),
-        route("/missing", 200, "text/html", "<html>nothing here</html>"),
-        route("/error", 503, "text/html", "Example Domain is down"),
-        route(
-            "/health",
-            200,
-            "application/json",
-            r#"{"status":"ok","db":"up"}"#,
-        ),
-        route(
-            "/health-bad",
-            200,
-            "application/json",
-            r#"{"db":{"status":"ok"},"status":"degraded"}"#,
-        ),
-        route("/plain", 200, "text/plain", "Example Domain"),
-        Route {
-            delay: Duration::from_millis(450),
-            ..route("/slow", 200, "text/html", "Example Domain")
-        },
-    ])
+/// The responses the example rules are tried on, by path.
+fn test_server() -> HttpServer {
+    HttpServer::start(|request, _| {
+        let (status, content_type, body) = match request.path.as_str() {
+            "/" => (200, "text/html", "<html><h1>Example Domain</h1></html>"),
+            "/missing" => (200, "text/html", "<html>nothing here</html>"),
+            "/error" => (503, "text/html", "Example Domain is down"),
+            "/health" => (200, "application/json", r#"{"status":"ok","db":"up"}"#),
+            "/health-bad" => (
+                200,
+                "application/json",
+                r#"{"db":{"status":"ok"},"status":"degraded"}"#,
+            ),
+            "/plain" => (200, "text/plain", "Example Domain"),
+            "/slow" => {
+                std::thread::sleep(Duration::from_millis(450));
+                (200, "text/html", "Example Domain")
+            }
+            _ => (404, "text/plain", "not found"),
+        };
+        Reply::Response {
+            status,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: body.into(),
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -657,10 +564,7 @@ fn rule_test_command_on_real_and_offline_responses() {
     let looping = fixtures.join("loop.wat");
     let looping = looping.to_str().expect("utf-8 path");
     let server = test_server();
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let closed = closed_port();
     let body = TempDir::new("cli");
     body.write("body.html", b"<p>Example Domain</p>");
     let body_file = body.0.join("body.html");
@@ -692,7 +596,7 @@ fn rule_test_command_on_real_and_offline_responses() {
         ],
     );
     check_cli(
-        &words(&[keyword, "--url", &format!("http://{closed}/")]),
+        &words(&[keyword, "--url", &format!("http://127.0.0.1:{closed}/")]),
         2,
         &["request failed", "verdict  unknown"],
     );
