@@ -257,7 +257,7 @@ fn rule_test(_args: &[String]) -> Result<u8, Failure> {
 
 fn init_db(args: &Args) -> Result<u8, Failure> {
     let cfg = load(args)?;
-    pending::sink_init_db(&cfg).map_err(|e| Failure {
+    sitewatch::sink::init_db(&cfg).map_err(|e| Failure {
         code: exit::UNKNOWN,
         message: format!("init-db: {e}"),
     })?;
@@ -295,7 +295,7 @@ fn daemon_main(args: &Args) -> Result<u8, Failure> {
             std::thread::Builder::new()
                 .name("sink".into())
                 .spawn(move || {
-                    if let Err(e) = pending::sink_run(&cfg, &shutdown) {
+                    if let Err(e) = sitewatch::sink::run(&cfg, &shutdown) {
                         log::error!("sink: {e}");
                         shutdown.trigger();
                         return false;
@@ -344,10 +344,11 @@ fn agent_loop(
     };
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
     let prober = Arc::new(Prober::new(&cfg.agent, rules.clone()));
-    let publisher = pending::publisher_start(&kafka, &cfg.agent).map_err(|e| Failure {
-        code: exit::UNKNOWN,
-        message: format!("publisher: {e}"),
-    })?;
+    let publisher =
+        sitewatch::publish::Publisher::start(&kafka, &cfg.agent).map_err(|e| Failure {
+            code: exit::UNKNOWN,
+            message: format!("publisher: {e}"),
+        })?;
     let output: Box<dyn Output> = Box::new(publisher);
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
@@ -446,18 +447,6 @@ fn agent_loop(
 
 /// Placeholders until the Kafka, sink and rules modules land (replaced at merge).
 mod pending {
-    use sitewatch::config::{AgentConfig, Config, KafkaConfig};
-    use sitewatch::output::Collector;
-    use sitewatch::service::Shutdown;
-    pub fn sink_init_db(_: &Config) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    pub fn sink_run(_: &Config, _: &Shutdown) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    pub fn publisher_start(_: &KafkaConfig, _: &AgentConfig) -> Result<Collector, String> {
-        Err("not built yet".into())
-    }
     #[allow(dead_code)]
     pub fn rule_test_main(_: &[String], _: &mut dyn std::io::Write) -> i32 {
         3

@@ -4,8 +4,10 @@
 
 mod support;
 
+mod agent;
 mod cli;
 mod kafka;
 mod probe;
 mod rules;
+mod service;
 mod sink;
