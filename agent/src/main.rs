@@ -243,7 +243,7 @@ fn rule_command(rest: &[String]) -> Result<u8, Failure> {
 
 #[cfg(feature = "wasm")]
 fn rule_test(args: &[String]) -> Result<u8, Failure> {
-    let code = pending::rule_test_main(args, &mut std::io::stdout());
+    let code = sitewatch::rules::cli::rule_test_main(args, &mut std::io::stdout());
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -483,13 +483,5 @@ fn agent_loop(
             message: e,
         }),
         None => Ok(()),
-    }
-}
-
-/// Placeholders until the Kafka, sink and rules modules land (replaced at merge).
-mod pending {
-    #[allow(dead_code)]
-    pub fn rule_test_main(_: &[String], _: &mut dyn std::io::Write) -> i32 {
-        3
     }
 }
