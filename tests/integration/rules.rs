@@ -38,7 +38,7 @@ fn fixtures() -> PathBuf {
 }
 
 /// Builds the example rules once per test run and returns `rules/dist`.
-fn examples() -> &'static Path {
+pub fn examples() -> &'static Path {
     static DIST: OnceLock<PathBuf> = OnceLock::new();
     DIST.get_or_init(|| {
         let start = Instant::now();
