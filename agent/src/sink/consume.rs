@@ -20,7 +20,7 @@ use super::writer::Writer;
 use super::{SinkError, db, schema};
 use crate::config::{Config, KafkaConfig, PostgresConfig};
 use crate::kafka::{self, KafkaError};
-use crate::service::Shutdown;
+use crate::service::{Health, Heartbeat, Shutdown};
 
 /// How often unowned partitions are retried: the bound on takeover after a sink dies.
 pub const TAKEOVER_INTERVAL: Duration = Duration::from_secs(2);
@@ -108,6 +108,16 @@ impl Sink {
     /// and starts the coordinator. A database or broker that is down is not an error here: the
     /// sink retries until it answers.
     pub fn start(cfg: &Config, shutdown: &Shutdown) -> Result<Sink, SinkError> {
+        Sink::start_with_health(cfg, shutdown, &Health::new())
+    }
+
+    /// As [`Sink::start`], registering the coordinator and every partition worker with
+    /// `health`, so the systemd watchdog sees a stuck sink thread.
+    pub fn start_with_health(
+        cfg: &Config,
+        shutdown: &Shutdown,
+        health: &Health,
+    ) -> Result<Sink, SinkError> {
         let pg = cfg.postgres.clone().ok_or(SinkError::NotConfigured {
             section: "postgres",
         })?;
@@ -130,6 +140,9 @@ impl Sink {
             shutdown: shutdown.clone(),
             status: status.clone(),
             workers: BTreeMap::new(),
+            hb: health.register("sink"),
+            health: health.clone(),
+            worker_beats: BTreeMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sink".into())
@@ -151,6 +164,11 @@ impl Sink {
             .clone()
     }
 
+    /// True once the sink has stopped (shutdown, or an error retrying cannot fix).
+    pub fn is_finished(&self) -> bool {
+        self.coordinator.is_finished()
+    }
+
     /// Waits until the sink stops (after the shutdown it was started with is triggered).
     pub fn join(self) -> Result<(), SinkError> {
         self.coordinator.join().unwrap_or_else(|_| {
@@ -164,6 +182,15 @@ impl Sink {
 /// `sitewatch sink`: consumes until `shutdown` is triggered.
 pub fn run(cfg: &Config, shutdown: &Shutdown) -> Result<(), SinkError> {
     Sink::start(cfg, shutdown)?.join()
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 /// Exponential backoff between retries, reset after a success.
@@ -196,6 +223,10 @@ struct Coordinator {
     shutdown: Shutdown,
     status: SharedStatus,
     workers: BTreeMap<i32, WorkerHandle>,
+    health: Health,
+    hb: Heartbeat,
+    /// One heartbeat per partition ever owned, reused when a partition comes back.
+    worker_beats: BTreeMap<i32, Heartbeat>,
 }
 
 impl Coordinator {
@@ -208,6 +239,7 @@ impl Coordinator {
         let mut maintained_at: Option<Instant> = None;
         let mut backoff = Backoff::new();
         while !self.shutdown.is_triggered() {
+            self.hb.beat();
             self.reap(&mut owner);
             let session = match owner.as_mut() {
                 Some(o) => o,
@@ -273,6 +305,7 @@ impl Coordinator {
             self.shutdown.sleep(TAKEOVER_INTERVAL);
         }
         self.stop_all();
+        self.hb.idle();
         Ok(())
     }
 
@@ -353,7 +386,15 @@ impl Coordinator {
 
     fn spawn(&mut self, partition: i32) {
         let stop = Shutdown::new();
+        let health = &self.health;
+        let hb = self
+            .worker_beats
+            .entry(partition)
+            .or_insert_with(|| health.register(&format!("sink-p{partition}")))
+            .clone();
+        hb.beat();
         let worker = Worker {
+            hb,
             partition,
             pg: self.pg.clone(),
             kafka: self.kafka.clone(),
@@ -416,6 +457,7 @@ impl Coordinator {
 }
 
 struct Worker {
+    hb: Heartbeat,
     partition: i32,
     pg: PostgresConfig,
     kafka: KafkaConfig,
@@ -435,7 +477,12 @@ impl Worker {
         let mut backoff = Backoff::new();
         // About `batch_size` records of ~1 KiB per fetch (a fetch is one transaction).
         let max_bytes = fetch_max_bytes(self.pg.batch_size);
+        // Idle (never "stuck") once this worker ends, whatever the way out.
+        let hb = self.hb.clone();
+        let _idle_on_exit = OnDrop(move || hb.idle());
         while !self.stop.is_triggered() {
+            // Every pass is bounded (fetch wait, statement and socket timeouts, backoff ≤ 10 s).
+            self.hb.beat();
             let w = match writer.as_mut() {
                 Some(w) => w,
                 None => match self.open_writer() {
