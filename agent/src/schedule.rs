@@ -1,2 +1,585 @@
 //! The scheduler: a time-ordered queue of targets, a fixed pool of worker threads, bounded
 //! channels between them, no drift, no overlap of one target with itself.
+//!
+//! ```text
+//!  scheduler (caller's thread) ──jobs (bounded)──► worker-0..N ──results (bounded)──► output
+//!        ▲                                            │
+//!        └──────────── done (target index) ───────────┘
+//! ```
+//! The scheduler owns the queue and the "in flight" set. A worker runs one check at a time and
+//! reports the target back as done, so a target is never checked twice at once; a slow target
+//! holds one worker and nothing else. The output thread owns the [`Output`] and is the only
+//! reader of the results channel.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{Config, Jitter, Target};
+use crate::output::Output;
+use crate::probe::Prober;
+use crate::result::CheckResult;
+use crate::service::{Health, Heartbeat, Shutdown};
+
+/// One round or forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every target exactly once, as soon as a worker is free (`--once`).
+    Once,
+    /// Each target every `interval`, until shutdown.
+    Forever,
+}
+
+/// What a finished run saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub checks: u64,
+    pub up: u64,
+    pub down: u64,
+    /// Rounds skipped because the previous check of the same target was still running.
+    pub skipped_overlaps: u64,
+    /// An output error that lost records (e.g. stdout closed), if any.
+    pub output_error: Option<String>,
+}
+
+/// A change of configuration delivered to a running scheduler (SIGHUP).
+pub struct Reload {
+    pub config: Arc<Config>,
+    pub prober: Arc<Prober>,
+}
+
+struct Job {
+    index: usize,
+    target: Arc<Target>,
+    prober: Arc<Prober>,
+}
+
+/// The pieces a run needs. `reloads` may be `None` when the config never changes (`--once`).
+pub struct Run {
+    pub mode: Mode,
+    pub targets: Vec<Target>,
+    pub prober: Arc<Prober>,
+    pub concurrency: usize,
+    /// Spread of each target's first round (Forever mode only).
+    pub jitter: Jitter,
+    pub drain_timeout: Duration,
+    pub shutdown: Shutdown,
+    pub health: Health,
+    pub reloads: Option<Receiver<Reload>>,
+    /// Called with the output's status line every few seconds (sd_notify STATUS=).
+    pub on_status: Option<Box<dyn Fn(&Summary, &str) + Send>>,
+}
+
+/// Runs the scheduler on the calling thread until the mode's end (or shutdown), then drains the
+/// workers and closes the output within `drain_timeout`.
+pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
+    let concurrency = run.concurrency.max(1);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(concurrency);
+    // Room for a round's burst without making workers wait on a briefly busy output.
+    let (result_tx, result_rx) = mpsc::sync_channel::<CheckResult>(concurrency * 4 + 64);
+    let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let summary = Arc::new(Mutex::new(Summary::default()));
+    let status_line = Arc::new(Mutex::new(String::new()));
+
+    let output_heartbeat = run.health.register("output");
+    let output_thread = {
+        let summary = summary.clone();
+        let status_line = status_line.clone();
+        let drain = run.drain_timeout;
+        spawn("output", move || {
+            output_loop(
+                output,
+                result_rx,
+                summary,
+                status_line,
+                output_heartbeat,
+                drain,
+            )
+        })
+    };
+
+    let mut workers = Vec::with_capacity(concurrency);
+    for i in 0..concurrency {
+        let job_rx = job_rx.clone();
+        let result_tx = result_tx.clone();
+        let done_tx = done_tx.clone();
+        let hb = run.health.register(&format!("worker-{i}"));
+        workers.push(spawn(&format!("worker-{i}"), move || {
+            worker_loop(job_rx, result_tx, done_tx, hb)
+        }));
+    }
+    drop(result_tx);
+    drop(done_tx);
+
+    let scheduler_hb = run.health.register("scheduler");
+    let mut queue = Queue::new(&run.targets, run.mode, run.jitter);
+    let mut targets: Vec<Arc<Target>> = run.targets.drain(..).map(Arc::new).collect();
+    let mut prober = run.prober.clone();
+    let mut in_flight: Vec<bool> = vec![false; targets.len()];
+    let mut outstanding = 0usize;
+    let mut last_status = Instant::now();
+
+    loop {
+        scheduler_hb.beat();
+        // Collect finished checks.
+        while let Ok((index, up)) = done_rx.try_recv() {
+            if let Some(f) = in_flight.get_mut(index) {
+                *f = false;
+            }
+            outstanding -= 1;
+            let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
+            s.checks += 1;
+            if up { s.up += 1 } else { s.down += 1 }
+        }
+        if run.shutdown.is_triggered() {
+            break;
+        }
+        if run.mode == Mode::Once && queue.is_empty() && outstanding == 0 {
+            break;
+        }
+        if let Some(rx) = &run.reloads
+            && let Ok(reload) = rx.try_recv()
+        {
+            let new_targets: Vec<Arc<Target>> = reload
+                .config
+                .targets
+                .iter()
+                .cloned()
+                .map(Arc::new)
+                .collect();
+            let flights = queue.replace(&targets, &new_targets, &in_flight, run.jitter);
+            in_flight = flights;
+            targets = new_targets;
+            prober = reload.prober;
+            log::info!("configuration reloaded: {} targets", targets.len());
+        }
+        if let Some(cb) = &run.on_status
+            && last_status.elapsed() >= Duration::from_secs(5)
+        {
+            last_status = Instant::now();
+            let s = summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let line = status_line.lock().map(|l| l.clone()).unwrap_or_default();
+            cb(&s, &line);
+        }
+
+        let now = Instant::now();
+        match queue.pop_due(now) {
+            Some(index) => {
+                let Some(target) = targets.get(index).cloned() else {
+                    continue;
+                };
+                if in_flight[index] {
+                    // The previous check is still running: skip this slot rather than queue up.
+                    log::warn!(
+                        "target {}: previous check still running, skipping this round",
+                        target.id
+                    );
+                    summary
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .skipped_overlaps += 1;
+                    queue.reschedule(index, target.interval, now);
+                    continue;
+                }
+                let mut job = Job {
+                    index,
+                    target: target.clone(),
+                    prober: prober.clone(),
+                };
+                // Wait for a free worker, but keep listening for shutdown and finished checks.
+                loop {
+                    match job_tx.try_send(job) {
+                        Ok(()) => break,
+                        Err(TrySendError::Full(j)) => {
+                            job = j;
+                            if run.shutdown.is_triggered() {
+                                break;
+                            }
+                            scheduler_hb.beat();
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(TrySendError::Disconnected(_)) => break,
+                    }
+                }
+                if run.shutdown.is_triggered() {
+                    break;
+                }
+                in_flight[index] = true;
+                outstanding += 1;
+                if run.mode == Mode::Forever {
+                    queue.reschedule(index, target.interval, now);
+                }
+            }
+            None => {
+                let wait = queue
+                    .next_due()
+                    .map(|due| due.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_millis(100))
+                    .min(Duration::from_millis(100));
+                // Sleep on the done channel so a finished check wakes us at once.
+                match done_rx.recv_timeout(wait) {
+                    Ok((index, up)) => {
+                        if let Some(f) = in_flight.get_mut(index) {
+                            *f = false;
+                        }
+                        outstanding -= 1;
+                        let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
+                        s.checks += 1;
+                        if up { s.up += 1 } else { s.down += 1 }
+                    }
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+                }
+            }
+        }
+    }
+
+    // Drain: no new jobs; in-flight checks finish (each is bounded by its own timeout); then the
+    // output closes. All within drain_timeout, after which we give up on stragglers.
+    drop(job_tx);
+    let deadline = Instant::now() + run.drain_timeout;
+    for w in workers {
+        join_until(w, deadline);
+    }
+    while let Ok((_, up)) = done_rx.try_recv() {
+        let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
+        s.checks += 1;
+        if up { s.up += 1 } else { s.down += 1 }
+    }
+    join_until(output_thread, deadline + Duration::from_secs(1));
+    let s = summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    s
+}
+
+fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .unwrap_or_else(|e| panic!("cannot start thread {name}: {e}"))
+}
+
+/// Joins `h` if it finishes before `deadline`; otherwise leaves it running (the process is
+/// about to exit) and logs which thread was late.
+fn join_until(h: JoinHandle<()>, deadline: Instant) {
+    while !h.is_finished() {
+        if Instant::now() >= deadline {
+            log::warn!(
+                "thread {} did not finish within the drain timeout",
+                h.thread().name().unwrap_or("?")
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if h.join().is_err() {
+        log::error!("a thread panicked during shutdown");
+    }
+}
+
+fn worker_loop(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    results: SyncSender<CheckResult>,
+    done: mpsc::Sender<(usize, bool)>,
+    hb: Heartbeat,
+) {
+    loop {
+        hb.idle();
+        let job = {
+            let rx = match jobs.lock() {
+                Ok(rx) => rx,
+                Err(_) => return,
+            };
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        // A check may take up to its timeout (times its tries); the watchdog allows for that.
+        let budget = job.target.timeout * (job.target.retries + 1) + Duration::from_secs(5);
+        hb.busy(budget);
+        let record = job.prober.check(&job.target);
+        let up = record.up;
+        if results.send(record).is_err() {
+            return;
+        }
+        if done.send((job.index, up)).is_err() {
+            return;
+        }
+    }
+}
+
+fn output_loop(
+    mut output: Box<dyn Output>,
+    results: Receiver<CheckResult>,
+    summary: Arc<Mutex<Summary>>,
+    status_line: Arc<Mutex<String>>,
+    hb: Heartbeat,
+    drain: Duration,
+) {
+    let mut failed = false;
+    let record_error = |e: crate::output::OutputError, failed: &mut bool| {
+        if !*failed {
+            log::error!("output: {e}");
+            summary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .output_error = Some(e.to_string());
+        }
+        *failed = true;
+    };
+    let mut last_idle = Instant::now();
+    loop {
+        hb.beat();
+        match results.recv_timeout(Duration::from_millis(100)) {
+            Ok(record) => {
+                if !failed && let Err(e) = output.write(record) {
+                    record_error(e, &mut failed);
+                }
+                // Under a steady stream recv never times out; still give the output its ticks.
+                if last_idle.elapsed() >= Duration::from_millis(100) {
+                    last_idle = Instant::now();
+                    if !failed && let Err(e) = output.idle() {
+                        record_error(e, &mut failed);
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                last_idle = Instant::now();
+                if !failed && let Err(e) = output.idle() {
+                    record_error(e, &mut failed);
+                }
+                if let Ok(mut l) = status_line.lock() {
+                    *l = output.status();
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if let Err(e) = output.close(Instant::now() + drain) {
+        record_error(e, &mut failed);
+    }
+}
+
+/// Due times per target: a min-heap of (due, generation, index). Entries whose generation is
+/// stale (the target was rescheduled or removed by a reload) are skipped when popped.
+struct Queue {
+    heap: BinaryHeap<Reverse<(Instant, u64, usize)>>,
+    /// Current generation and due time per target index.
+    slots: Vec<Option<(u64, Instant)>>,
+    next_gen: u64,
+}
+
+impl Queue {
+    fn new(targets: &[Target], mode: Mode, jitter: Jitter) -> Queue {
+        let now = Instant::now();
+        let mut q = Queue {
+            heap: BinaryHeap::new(),
+            slots: vec![None; targets.len()],
+            next_gen: 0,
+        };
+        for (i, t) in targets.iter().enumerate() {
+            let offset = match mode {
+                Mode::Once => Duration::ZERO,
+                Mode::Forever => random_below(jitter.max_for(t.interval)),
+            };
+            q.set(i, now + offset);
+        }
+        q
+    }
+
+    fn set(&mut self, index: usize, due: Instant) {
+        self.next_gen += 1;
+        let generation = self.next_gen;
+        if index >= self.slots.len() {
+            self.slots.resize(index + 1, None);
+        }
+        self.slots[index] = Some((generation, due));
+        self.heap.push(Reverse((due, generation, index)));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    fn next_due(&mut self) -> Option<Instant> {
+        while let Some(Reverse((due, generation, index))) = self.heap.peek().copied() {
+            if self.slots.get(index).copied().flatten().map(|s| s.0) == Some(generation) {
+                return Some(due);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// The index of a target due at `now`, removed from the queue (reschedule to keep it).
+    fn pop_due(&mut self, now: Instant) -> Option<usize> {
+        let due = self.next_due()?;
+        if due > now {
+            return None;
+        }
+        let Reverse((_, _, index)) = self.heap.pop()?;
+        Some(index)
+    }
+
+    /// Next due = previous due + interval (no drift). If we fell more than a whole interval
+    /// behind (machine suspended, overload), skip the missed slots instead of bursting.
+    fn reschedule(&mut self, index: usize, interval: Duration, now: Instant) {
+        let prev = self
+            .slots
+            .get(index)
+            .copied()
+            .flatten()
+            .map(|s| s.1)
+            .unwrap_or(now);
+        let mut next = prev + interval;
+        if next + interval <= now {
+            let behind = now.duration_since(next).as_nanos() / interval.as_nanos().max(1);
+            next += interval * (behind as u32);
+        }
+        self.set(index, next);
+    }
+
+    /// Rebuilds the queue for a new target list: a target whose id survives keeps its due time
+    /// and in-flight state; new targets start within their jitter; removed ones disappear.
+    fn replace(
+        &mut self,
+        old: &[Arc<Target>],
+        new: &[Arc<Target>],
+        in_flight: &[bool],
+        jitter: Jitter,
+    ) -> Vec<bool> {
+        let old_index: HashMap<&str, usize> = old
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let old_slots = std::mem::take(&mut self.slots);
+        self.heap.clear();
+        self.slots = vec![None; new.len()];
+        let now = Instant::now();
+        let mut flights = vec![false; new.len()];
+        for (i, t) in new.iter().enumerate() {
+            let kept = old_index.get(t.id.as_str()).copied();
+            let due = kept
+                .and_then(|j| old_slots.get(j).copied().flatten().map(|s| s.1))
+                .unwrap_or_else(|| now + random_below(jitter.max_for(t.interval)));
+            if let Some(j) = kept {
+                flights[i] = in_flight.get(j).copied().unwrap_or(false);
+            }
+            self.set(i, due);
+        }
+        flights
+    }
+}
+
+/// A uniformly spread duration in `[0, max)`; jitter needs spread, not secrecy.
+fn random_below(max: Duration) -> Duration {
+    if max.is_zero() {
+        return Duration::ZERO;
+    }
+    let id = crate::util::new_check_id();
+    let bits = u64::from_str_radix(&id.replace('-', "")[16..32], 16).unwrap_or(0);
+    Duration::from_nanos(bits % (max.as_nanos() as u64).max(1))
+}
+
+/// Shortcut used by `--once` and tests: one round of `config`'s targets into `output`.
+pub fn run_once(config: &Config, prober: Arc<Prober>, output: Box<dyn Output>) -> Summary {
+    run(
+        Run {
+            mode: Mode::Once,
+            targets: config.targets.clone(),
+            prober,
+            concurrency: config.agent.concurrency.min(config.targets.len().max(1)),
+            jitter: Jitter::Fixed(Duration::ZERO),
+            drain_timeout: config.agent.drain_timeout,
+            shutdown: Shutdown::new(),
+            health: Health::new(),
+            reloads: None,
+            on_status: None,
+        },
+        output,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: Jitter = Jitter::Fixed(Duration::ZERO);
+
+    fn targets(intervals_ms: &[u64]) -> Vec<Target> {
+        let mut text = String::new();
+        for (i, ms) in intervals_ms.iter().enumerate() {
+            text.push_str(&format!(
+                "[[target]]\nid = \"t{i}\"\nurl = \"http://127.0.0.1:9/\"\ninterval = \"{ms}ms\"\n"
+            ));
+        }
+        Config::parse(&text, std::path::Path::new("t.toml"), &|_| None)
+            .unwrap()
+            .targets
+    }
+
+    #[test]
+    fn queue_orders_by_due_time_without_drift() {
+        let ts = targets(&[300, 100]);
+        let mut q = Queue::new(&ts, Mode::Once, NONE);
+        let start = Instant::now();
+        let a = q.pop_due(start + Duration::from_millis(1)).unwrap();
+        let b = q.pop_due(start + Duration::from_millis(1)).unwrap();
+        assert_eq!(
+            {
+                let mut v = vec![a, b];
+                v.sort();
+                v
+            },
+            vec![0, 1]
+        );
+        assert!(q.pop_due(start).is_none());
+        // Reschedule both "late" by 20 ms: next due is prev + interval, not now + interval.
+        let late = start + Duration::from_millis(20);
+        q.slots[0] = Some((q.slots[0].unwrap().0, start));
+        q.slots[1] = Some((q.slots[1].unwrap().0, start));
+        q.reschedule(0, ts[0].interval, late);
+        q.reschedule(1, ts[1].interval, late);
+        assert_eq!(q.next_due(), Some(start + Duration::from_millis(100)));
+        assert_eq!(q.pop_due(start + Duration::from_millis(100)), Some(1));
+        assert_eq!(q.pop_due(start + Duration::from_millis(299)), None);
+        assert_eq!(q.pop_due(start + Duration::from_millis(300)), Some(0));
+    }
+
+    #[test]
+    fn queue_skips_whole_missed_intervals() {
+        let ts = targets(&[100]);
+        let mut q = Queue::new(&ts, Mode::Once, NONE);
+        let start = q.next_due().unwrap();
+        q.pop_due(start).unwrap();
+        q.slots[0] = Some((q.slots[0].unwrap().0, start));
+        // 1.05 s late: the next slot is the first one not yet passed by a whole interval.
+        q.reschedule(0, ts[0].interval, start + Duration::from_millis(1050));
+        let next = q.next_due().unwrap().duration_since(start).as_millis();
+        assert!((1000..=1100).contains(&next), "{next}");
+    }
+
+    #[test]
+    fn replace_keeps_surviving_targets() {
+        let old: Vec<Arc<Target>> = targets(&[100, 200]).into_iter().map(Arc::new).collect();
+        let mut q = Queue::new(
+            &old.iter().map(|t| (**t).clone()).collect::<Vec<_>>(),
+            Mode::Once,
+            NONE,
+        );
+        let due_t1 = q.slots[1].unwrap().1;
+        // New list: t1 survives (now at index 0), t0 is gone, t9 is new.
+        let mut new_ts = targets(&[200, 100]);
+        new_ts[0].id = "t1".into();
+        new_ts[1].id = "t9".into();
+        let new: Vec<Arc<Target>> = new_ts.into_iter().map(Arc::new).collect();
+        let flights = q.replace(&old, &new, &[false, true], NONE);
+        assert_eq!(flights, vec![true, false]);
+        assert_eq!(q.slots[0].unwrap().1, due_t1);
+        assert_eq!(q.slots.len(), 2);
+    }
+}

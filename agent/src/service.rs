@@ -1,8 +1,13 @@
 //! Process-level concerns: signals (SIGINT/SIGTERM/SIGHUP), sd_notify (READY, WATCHDOG, STATUS,
-//! STOPPING) and the [`Shutdown`] flag shared by every thread.
+//! STOPPING), thread health for the watchdog, logging setup, and the [`Shutdown`] flag shared
+//! by every thread.
+//!
+//! Architecture Invariant: `WATCHDOG=1` is sent only while every registered thread shows
+//! progress (a heartbeat within its budget), so a stuck scheduler, worker, publisher or sink
+//! makes systemd restart us instead of leaving a silent agent behind.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Set once when the process should stop; every long-running loop polls it. Cheap to clone.
@@ -41,5 +46,231 @@ impl Shutdown {
             }
             std::thread::sleep((end - now).min(Duration::from_millis(50)));
         }
+    }
+}
+
+/// Milliseconds on a monotonic clock local to this process.
+fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as i64
+}
+
+/// Registry of thread heartbeats. Clones share the registry.
+#[derive(Clone, Default)]
+pub struct Health {
+    beats: Arc<Mutex<Vec<Heartbeat>>>,
+}
+
+/// One thread's liveness. A thread either beats regularly, or declares itself idle (blocked
+/// waiting for work: always healthy), or busy with a budget (healthy until the budget runs out).
+#[derive(Clone)]
+pub struct Heartbeat {
+    name: Arc<str>,
+    /// Deadline in `mono_ms`; `i64::MAX` while idle.
+    deadline: Arc<AtomicI64>,
+    budget_ms: i64,
+}
+
+impl Heartbeat {
+    /// Progress now; healthy for the default budget (30 s) from now.
+    pub fn beat(&self) {
+        self.deadline
+            .store(mono_ms() + self.budget_ms, Ordering::Relaxed);
+    }
+
+    /// Blocked waiting for work: healthy however long it waits.
+    pub fn idle(&self) {
+        self.deadline.store(i64::MAX, Ordering::Relaxed);
+    }
+
+    /// Starting something that may take up to `budget`.
+    pub fn busy(&self, budget: Duration) {
+        self.deadline
+            .store(mono_ms() + budget.as_millis() as i64, Ordering::Relaxed);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    /// Registers a thread; it starts healthy.
+    pub fn register(&self, name: &str) -> Heartbeat {
+        let hb = Heartbeat {
+            name: Arc::from(name),
+            deadline: Arc::new(AtomicI64::new(i64::MAX)),
+            budget_ms: 30_000,
+        };
+        hb.beat();
+        if let Ok(mut v) = self.beats.lock() {
+            v.push(hb.clone());
+        }
+        hb
+    }
+
+    /// Names of threads past their deadline; empty when all are healthy.
+    pub fn stuck(&self) -> Vec<String> {
+        let now = mono_ms();
+        self.beats
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|h| h.deadline.load(Ordering::Relaxed) < now)
+                    .map(|h| h.name.to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Thin wrapper over `sd_notify`: every call is a no-op without `NOTIFY_SOCKET`.
+pub mod notify {
+    use sd_notify::NotifyState;
+
+    fn send(states: &[NotifyState<'_>]) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        if let Err(e) = sd_notify::notify(false, states) {
+            log::debug!("sd_notify: {e}");
+        }
+    }
+
+    pub fn ready() {
+        send(&[NotifyState::Ready]);
+    }
+
+    pub fn stopping() {
+        send(&[NotifyState::Stopping]);
+    }
+
+    pub fn reloading() {
+        send(&[NotifyState::Reloading]);
+    }
+
+    pub fn status(line: &str) {
+        send(&[NotifyState::Status(line)]);
+    }
+
+    pub fn watchdog() {
+        send(&[NotifyState::Watchdog]);
+    }
+
+    /// Half the systemd watchdog interval, when the unit has `WatchdogSec=`.
+    pub fn watchdog_period() -> Option<std::time::Duration> {
+        let mut usec = 0u64;
+        if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+            Some(std::time::Duration::from_micros(usec / 2))
+        } else {
+            None
+        }
+    }
+}
+
+/// Starts the watchdog thread when systemd asked for one: it pings `WATCHDOG=1` every half
+/// period while `health` reports no stuck thread, and logs (once per episode) which thread is
+/// stuck otherwise, letting systemd's timer run out.
+pub fn start_watchdog(health: Health, shutdown: Shutdown) {
+    let Some(period) = notify::watchdog_period() else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            let mut warned = false;
+            while !shutdown.sleep(period) {
+                let stuck = health.stuck();
+                if stuck.is_empty() {
+                    notify::watchdog();
+                    warned = false;
+                } else if !warned {
+                    log::error!(
+                        "watchdog: no progress from {}; not pinging systemd",
+                        stuck.join(", ")
+                    );
+                    warned = true;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the watchdog thread: {e}");
+    }
+}
+
+/// Signals the process reacts to.
+pub struct Signals {
+    pub shutdown: Shutdown,
+    /// Set by SIGHUP; the reload loop clears it.
+    pub reload: Arc<AtomicBool>,
+}
+
+/// Installs SIGINT/SIGTERM (→ shutdown; a second one exits at once) and SIGHUP (→ reload flag).
+pub fn install_signals() -> std::io::Result<Signals> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let shutdown = Shutdown::new();
+    let reload = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // A second signal while draining exits immediately with 130/143-style urgency.
+        signal_hook::flag::register_conditional_shutdown(sig, 1, shutdown.flag())?;
+        signal_hook::flag::register(sig, shutdown.flag())?;
+    }
+    signal_hook::flag::register(SIGHUP, reload.clone())?;
+    Ok(Signals { shutdown, reload })
+}
+
+/// Sets up `env_logger` on stderr. Under systemd (`JOURNAL_STREAM` set) lines carry a syslog
+/// priority prefix (`<3>`) instead of a timestamp, which journald turns into the entry's level.
+pub fn init_logging(default_level: &str) {
+    use std::io::Write;
+    let env = env_logger::Env::default().default_filter_or(default_level);
+    let mut b = env_logger::Builder::from_env(env);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        b.format(|f, record| {
+            let prio = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(f, "<{prio}>{}: {}", record.target(), record.args())
+        });
+    }
+    let _ = b.try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_reports_only_threads_past_their_budget() {
+        let h = Health::new();
+        let a = h.register("a");
+        let b = h.register("b");
+        a.busy(Duration::from_millis(0));
+        b.idle();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(h.stuck(), vec!["a".to_string()]);
+        a.beat();
+        assert!(h.stuck().is_empty());
+    }
+
+    #[test]
+    fn shutdown_sleep_wakes_early() {
+        let s = Shutdown::new();
+        let s2 = s.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            s2.trigger();
+        });
+        let start = Instant::now();
+        assert!(s.sleep(Duration::from_secs(10)));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        t.join().unwrap();
     }
 }
