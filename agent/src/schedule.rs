@@ -45,6 +45,9 @@ pub struct Summary {
     pub output_error: Option<String>,
 }
 
+/// Receives the run's counters and the output's status line (sd_notify `STATUS=`).
+pub type StatusCallback = Box<dyn Fn(&Summary, &str) + Send>;
+
 /// A change of configuration delivered to a running scheduler (SIGHUP).
 pub struct Reload {
     pub config: Arc<Config>,
@@ -70,7 +73,7 @@ pub struct Run {
     pub health: Health,
     pub reloads: Option<Receiver<Reload>>,
     /// Called with the output's status line every few seconds (sd_notify STATUS=).
-    pub on_status: Option<Box<dyn Fn(&Summary, &str) + Send>>,
+    pub on_status: Option<StatusCallback>,
 }
 
 /// Runs the scheduler on the calling thread until the mode's end (or shutdown), then drains the
@@ -250,8 +253,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
         if up { s.up += 1 } else { s.down += 1 }
     }
     join_until(output_thread, deadline + Duration::from_secs(1));
-    let s = summary.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    s
+    summary.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()> {

@@ -1,1 +1,179 @@
-//! (filled by its issue)
+//! The real `sitewatch` binary, run as a user would: config errors, check-config, `--once`
+//! output and exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sitewatch::result::{CheckResult, FailureReason};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sitewatch"));
+    // Keep the developer's environment from changing what the tests see.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SITEWATCH_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// A fresh temp dir per test, removed at drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "sitewatch-test-{tag}-{}-{}",
+            std::process::id(),
+            sitewatch::util::new_check_id()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    bin().args(args).current_dir(dir).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A port on 127.0.0.1 with nothing listening (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn records(o: &Output) -> Vec<CheckResult> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| CheckResult::from_json(l.as_bytes()).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `check_config_error(config text, expected message part)`: exit 3 and a precise message.
+fn check_config_error(text: &str, expected: &str) {
+    let dir = TempDir::new("cfgerr");
+    let cfg = dir.write("agent.toml", text);
+    for args in [
+        vec!["--once", "--config", cfg.to_str().unwrap()],
+        vec!["check-config", "--config", cfg.to_str().unwrap()],
+    ] {
+        let o = run(&args, &dir.0);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(expected), "{args:?}\n got: {err}\nwant: {expected}");
+        assert!(o.stdout.is_empty(), "nothing on stdout for a bad config");
+    }
+}
+
+#[test]
+fn bad_configs_refuse_to_start_with_a_precise_message() {
+    let t = "[[target]]\nid = \"shop\"\nurl = \"http://127.0.0.1:1/\"\n";
+    check_config_error(&format!("{t}intervall = \"30s\"\n"), "agent.toml: line 4, column 1: unknown field `intervall`");
+    check_config_error(&format!("{t}interval = \"5x\"\n"), "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"");
+    check_config_error(&format!("{t}regex = \"(a\"\n"), "target \"shop\": regex \"(a\": invalid regex");
+    check_config_error("[agent\n", "agent.toml: line 1");
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let dir = TempDir::new("nocfg");
+    let o = run(&["--once", "--config", "nope.toml"], &dir.0);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("nope.toml: cannot read"), "{}", stderr(&o));
+}
+
+#[test]
+fn usage_errors_exit_3() {
+    let dir = TempDir::new("usage");
+    for (args, expected) in [
+        (vec![], "no command given"),
+        (vec!["--bogus"], "unknown argument \"--bogus\""),
+        (vec!["--once", "--format", "xml"], "--format \"xml\": expected json or table"),
+        (vec!["agent", "sink"], "two commands given"),
+    ] {
+        let o = run(&args, &dir.0);
+        assert_eq!(o.status.code(), Some(3), "{args:?}");
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+    }
+    let o = run(&["--version"], &dir.0);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("sitewatch "));
+}
+
+#[test]
+fn check_config_prints_effective_config_with_secrets_masked() {
+    let dir = TempDir::new("checkcfg");
+    let cfg = dir.write(
+        "agent.toml",
+        "[agent]\nid = \"edge-1\"\n[postgres]\nurl = \"postgres://u:pg-secret-1@127.0.0.1/db\"\n\
+         [kafka]\nbrokers = [\"127.0.0.1:9092\"]\n[kafka.sasl]\nusername = \"u\"\n\
+         [[target]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { Authorization = \"Bearer tok-secret-2\" }\n",
+    );
+    let o = bin()
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .env("SITEWATCH_KAFKA_SASL_PASSWORD", "sasl-secret-3")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+    for secret in ["pg-secret-1", "tok-secret-2", "sasl-secret-3"] {
+        assert!(!all.contains(secret), "{secret} leaked:\n{all}");
+    }
+    assert!(all.contains("id = \"edge-1\""), "{all}");
+    assert!(all.contains("url = \"postgres://u@127.0.0.1/db\""), "{all}");
+    assert!(all.contains("interval = \"30s\""), "defaults are shown: {all}");
+}
+
+#[test]
+fn once_all_down_exits_2_with_a_full_failure_record() {
+    let dir = TempDir::new("once-down");
+    let port = closed_port();
+    let cfg = dir.write(
+        "agent.toml",
+        &format!("[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"),
+    );
+    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "json"], &dir.0);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let recs = records(&o);
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert_eq!(r.target, "closed");
+    assert_eq!(r.agent, "t");
+    assert!(!r.up);
+    assert_eq!(r.failure, Some(FailureReason::Connect), "{r:?}");
+    assert!(r.error.as_deref().is_some_and(|e| !e.is_empty()));
+    assert_eq!(r.status, None);
+    assert_eq!(r.tags, vec!["x".to_string()]);
+    assert!(r.timings.total > 0.0);
+}
+
+#[test]
+fn once_table_format_is_readable() {
+    let dir = TempDir::new("once-table");
+    let port = closed_port();
+    let cfg = dir.write("agent.toml", &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"));
+    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "table"], &dir.0);
+    assert_eq!(o.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("TARGET"));
+    assert!(lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"), "{text}");
+}

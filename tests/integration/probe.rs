@@ -1,1 +1,706 @@
-//! (filled by its issue)
+//! The probe engine against real servers on 127.0.0.1 / ::1 (support/http.rs): every way a
+//! check can end, each asserting the record's fields. Targets are built the way users build
+//! them: a TOML config through `Config::parse`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sitewatch::config::Config;
+use sitewatch::probe::Prober;
+use sitewatch::result::{CheckResult, FailureReason};
+use sitewatch::rules::RuleSet;
+
+use crate::support::http::{Cert, HttpServer, OpensslServer, Reply, closed_port, fixture};
+
+/// Parses an agent.toml with one target and runs one check of it.
+fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
+    let config = config_with(agent_extra, target_extra);
+    let prober = Prober::new(&config.agent, RuleSet::default());
+    prober.check(&config.targets[0])
+}
+
+/// An agent.toml with test defaults and one target `t`, parsed as users' files are.
+fn config_with(agent_extra: &str, target_extra: &str) -> Config {
+    let text = format!(
+        r#"
+[agent]
+id = "test-agent"
+timeout = "10s"
+user_agent = "sitewatch-test/1"
+retry_delay = "100ms"
+{agent_extra}
+
+[[target]]
+id = "t"
+tags = ["probe-test"]
+{target_extra}
+"#
+    );
+    Config::parse(&text, Path::new("/nonexistent/agent.toml"), &|_| None)
+        .unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+}
+
+fn probe(target_extra: &str) -> CheckResult {
+    probe_with("", target_extra)
+}
+
+fn ca_file() -> String {
+    fixture("tls/ca.pem").display().to_string()
+}
+
+/// The failure fields: reason and a piece of the error text.
+#[track_caller]
+fn assert_down(r: &CheckResult, reason: FailureReason, text: &str) {
+    assert!(!r.up, "{r:#?}");
+    assert_eq!(r.failure, Some(reason), "{r:#?}");
+    let error = r.error.as_deref().unwrap_or("");
+    assert!(error.contains(text), "error {error:?} lacks {text:?}");
+}
+
+#[track_caller]
+fn assert_up(r: &CheckResult) {
+    assert!(r.up, "{r:#?}");
+    assert_eq!(r.failure, None);
+    assert_eq!(r.error, None);
+}
+
+/// Phases that happened are present, the rest absent, and together they fit in `total`.
+#[track_caller]
+fn assert_phases(r: &CheckResult, dns: bool, connect: bool, tls: bool, response: bool) {
+    let t = &r.timings;
+    assert_eq!(t.dns.is_some(), dns, "dns {t:?}");
+    assert_eq!(t.connect.is_some(), connect, "connect {t:?}");
+    assert_eq!(t.tls.is_some(), tls, "tls {t:?}");
+    assert_eq!(t.ttfb.is_some(), response, "ttfb {t:?}");
+    let parts = [t.dns, t.connect, t.tls, t.ttfb, t.transfer];
+    for p in parts.iter().flatten() {
+        assert!(*p >= 0.0, "{t:?}");
+    }
+    let sum: f64 = parts.iter().flatten().sum();
+    assert!(
+        t.total >= sum,
+        "total {} < sum of phases {sum}: {t:?}",
+        t.total
+    );
+    assert!(t.total > 0.0);
+}
+
+#[test]
+fn ok_200_with_matching_body_fills_the_record() {
+    let server = HttpServer::start(|_, _| Reply::status(200, "hello world"));
+    let url = server.url("/health");
+    let r = probe(&format!("url = {url:?}\nregex = \"hello\""));
+    assert_up(&r);
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.http_version.as_deref(), Some("HTTP/1.1"));
+    assert_eq!(r.final_url.as_deref(), Some(url.as_str()));
+    assert_eq!(r.url, url);
+    assert_eq!(r.target, "t");
+    assert_eq!(r.agent, "test-agent");
+    assert_eq!(r.method, "GET");
+    assert_eq!(r.attempt, 1);
+    assert_eq!(r.redirects, 0);
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.body_bytes, 11);
+    assert!(!r.body_truncated);
+    assert_eq!(r.regex.as_deref(), Some("hello"));
+    assert_eq!(r.regex_matched, Some(true));
+    assert_eq!(r.tags, vec!["probe-test".to_string()]);
+    assert_eq!(
+        (r.tls_version.as_ref(), r.cert_issuer.as_ref()),
+        (None, None)
+    );
+    // An IP literal needs no lookup: dns is absent, not 0.
+    assert_phases(&r, false, true, false, true);
+    assert!(r.timings.transfer.is_some());
+    assert_eq!(r.rule, None);
+    // The request went out as configured, without Accept-Encoding.
+    let req = &server.requests()[0];
+    assert_eq!((req.method.as_str(), req.path.as_str()), ("GET", "/health"));
+    assert_eq!(req.header("user-agent"), Some("sitewatch-test/1"));
+    assert_eq!(req.header("accept-encoding"), None);
+}
+
+#[test]
+fn ok_200_with_non_matching_body_is_body_mismatch() {
+    let server = HttpServer::start(|_, _| Reply::status(200, "maintenance"));
+    let r = probe(&format!("url = {:?}\nregex = \"hello\"", server.url("/")));
+    assert_down(
+        &r,
+        FailureReason::BodyMismatch,
+        "does not match regex \"hello\"",
+    );
+    assert_eq!(r.status, Some(200));
+    assert_eq!(r.regex_matched, Some(false));
+    assert_eq!(r.body_bytes, 11);
+}
+
+#[test]
+fn error_statuses_are_results_not_errors() {
+    for status in [404u16, 500] {
+        let server = HttpServer::start(move |_, _| Reply::status(status, "nope"));
+        let r = probe(&format!("url = {:?}", server.url("/x")));
+        assert_down(&r, FailureReason::HttpStatus, &format!("status {status}"));
+        assert_eq!(r.status, Some(status));
+        assert_eq!(r.body_bytes, 4);
+        assert_phases(&r, false, true, false, true);
+    }
+    // expect_status decides: a 404 that is expected is up.
+    let server = HttpServer::start(|_, _| Reply::status(404, "gone"));
+    let r = probe(&format!(
+        "url = {:?}\nexpect_status = [404]",
+        server.url("/")
+    ));
+    assert_up(&r);
+    assert_eq!(r.status, Some(404));
+}
+
+#[test]
+fn redirect_chain_of_three_hops_is_followed_and_counted() {
+    let server = HttpServer::start(|req, _| match req.path.as_str() {
+        "/a" => Reply::redirect(301, "/b"),
+        "/b" => Reply::redirect(302, "c"), // relative to /b
+        "/c" => Reply::redirect(307, "/final?x=1"),
+        "/final?x=1" => Reply::status(200, "arrived"),
+        _ => Reply::status(404, ""),
+    });
+    let r = probe(&format!(
+        "url = {:?}\nregex = \"arrived\"",
+        server.url("/a")
+    ));
+    assert_up(&r);
+    assert_eq!(r.redirects, 3);
+    assert_eq!(r.status, Some(200));
+    assert_eq!(
+        r.final_url.as_deref(),
+        Some(server.url("/final?x=1").as_str())
+    );
+    assert_eq!(r.url, server.url("/a"));
+    let paths: Vec<String> = server.requests().into_iter().map(|q| q.path).collect();
+    assert_eq!(paths, ["/a", "/b", "/c", "/final?x=1"]);
+    // Four connections, four responses: phases summed over the hops.
+    assert_phases(&r, false, true, false, true);
+
+    // Not following: the 301 is the result (and 3xx is in the default expect_status).
+    let r = probe(&format!(
+        "url = {:?}\nfollow_redirects = false",
+        server.url("/a")
+    ));
+    assert_up(&r);
+    assert_eq!((r.status, r.redirects), (Some(301), 0));
+
+    // More hops than allowed.
+    let r = probe(&format!("url = {:?}\nmax_redirects = 2", server.url("/a")));
+    assert_down(&r, FailureReason::TooManyRedirects, "more than 2 redirects");
+    assert_eq!(r.redirects, 2);
+    assert_eq!(r.status, Some(307));
+}
+
+#[test]
+fn redirect_loop_is_detected() {
+    let server = HttpServer::start(|req, _| match req.path.as_str() {
+        "/a" => Reply::redirect(302, "/b"),
+        _ => Reply::redirect(302, "/a"),
+    });
+    let r = probe(&format!("url = {:?}", server.url("/a")));
+    assert_down(&r, FailureReason::TooManyRedirects, "redirect loop");
+    let error = r.error.unwrap();
+    assert!(
+        error.contains("/a -> ") && error.contains("/b -> "),
+        "{error}"
+    );
+    assert_eq!(r.redirects, 1);
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[test]
+fn redirect_to_another_host_drops_credentials_and_303_turns_post_into_get() {
+    let other = HttpServer::start(|_, _| Reply::status(200, "other"));
+    let target = other.url("/landing");
+    let server = HttpServer::start(move |_, _| Reply::redirect(303, &target));
+    let r = probe(&format!(
+        "url = {:?}\nmethod = \"POST\"\nbody = \"form=1\"\n[target.headers]\nAuthorization = \"Bearer s3cret\"\nX-Trace = \"keep\"",
+        server.url("/login")
+    ));
+    assert_up(&r);
+    assert_eq!(r.redirects, 1);
+    let first = &server.requests()[0];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.header("authorization"), Some("Bearer s3cret"));
+    let second = &other.requests()[0];
+    assert_eq!(second.method, "GET");
+    assert!(second.body.is_empty());
+    assert_eq!(second.header("authorization"), None);
+    assert_eq!(second.header("x-trace"), Some("keep"));
+}
+
+#[test]
+fn server_that_never_answers_times_out_within_the_timeout() {
+    let server = HttpServer::start(|_, _| Reply::Hang);
+    let started = Instant::now();
+    let r = probe(&format!("url = {:?}\ntimeout = \"1s\"", server.url("/")));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "waiting for the response");
+    assert!(
+        took < Duration::from_secs(6),
+        "took {took:?} for a 1s timeout"
+    );
+    assert!(took >= Duration::from_millis(900), "took {took:?}");
+    assert_eq!(r.status, None);
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
+    assert_phases(&r, false, true, false, false);
+}
+
+#[test]
+fn closed_port_is_a_connect_failure() {
+    let port = closed_port();
+    let r = probe(&format!("url = \"http://127.0.0.1:{port}/\""));
+    assert_down(&r, FailureReason::Connect, &format!("127.0.0.1:{port}"));
+    assert_eq!(r.status, None);
+    assert_eq!(r.remote_ip, None);
+    assert_phases(&r, false, true, false, false);
+}
+
+#[test]
+fn unresolvable_name_is_a_dns_failure() {
+    let r = probe("url = \"http://no-such-host.invalid/\"");
+    assert_down(&r, FailureReason::Dns, "no-such-host.invalid");
+    assert_eq!(r.status, None);
+    assert_phases(&r, true, false, false, false);
+}
+
+#[test]
+fn body_larger_than_the_cap_is_read_up_to_the_cap() {
+    let mut body = vec![b'a'; 5000];
+    body.extend_from_slice(b"NEEDLE");
+    let server = HttpServer::start(move |_, _| Reply::status(200, body.clone()));
+    let url = server.url("/big");
+    let r = probe_with(
+        "body_cap = \"1KiB\"",
+        &format!("url = {url:?}\nregex = \"^a+$\""),
+    );
+    assert_up(&r);
+    assert_eq!(r.body_bytes, 1024);
+    assert!(r.body_truncated);
+    assert_eq!(r.regex_matched, Some(true));
+
+    let r = probe_with(
+        "body_cap = \"1KiB\"",
+        &format!("url = {url:?}\nregex = \"NEEDLE\""),
+    );
+    assert_down(&r, FailureReason::BodyMismatch, "cut at the cap");
+    assert!(r.body_truncated);
+    assert_eq!(r.regex_matched, Some(false));
+}
+
+#[test]
+fn invalid_utf8_body_matches_a_byte_regex() {
+    let server = HttpServer::start(|_, _| Reply::status(200, b"\xff\xfeok\x80 done".to_vec()));
+    let r = probe(&format!(
+        "url = {:?}\nregex = '(?-u)\\xFF\\xFEok\\x80'",
+        server.url("/")
+    ));
+    assert_up(&r);
+    assert_eq!(r.regex_matched, Some(true));
+    assert_eq!(r.body_bytes, 10);
+    // A Unicode regex on the same bytes simply does not match; nothing panics.
+    let r = probe(&format!("url = {:?}\nregex = \"^ok\"", server.url("/")));
+    assert_down(&r, FailureReason::BodyMismatch, "does not match");
+}
+
+#[test]
+fn regex_absent() {
+    let check = |body: &'static str, up: bool| {
+        let server = HttpServer::start(move |_, _| Reply::status(200, body));
+        let r = probe(&format!(
+            "url = {:?}\nregex_absent = \"(?i)error\"",
+            server.url("/")
+        ));
+        assert_eq!(r.up, up, "{body}: {r:#?}");
+        if !up {
+            assert_down(&r, FailureReason::BodyMismatch, "matches regex_absent");
+        }
+        // regex/regex_matched describe `regex` only.
+        assert_eq!((r.regex, r.regex_matched), (None, None));
+    };
+    check("all fine", true);
+    check("Internal ERROR: db down", false);
+}
+
+#[test]
+fn tls_with_the_test_ca_records_certificate_facts() {
+    let server = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "secure"));
+    let url = format!("https://localhost:{}/", server.port());
+    let r = probe(&format!(
+        "url = {url:?}\nregex = \"secure\"\n[target.tls]\nca_file = {:?}",
+        ca_file()
+    ));
+    assert_up(&r);
+    assert_eq!(r.status, Some(200));
+    // native-tls's acceptor (OpenSSL's "intermediate" profile) stops at TLS 1.2.
+    assert_eq!(r.tls_version.as_deref(), Some("TLSv1.2"));
+    assert_eq!(
+        r.cert_issuer.as_deref(),
+        Some("O=sitewatch tests, CN=sitewatch test CA")
+    );
+    let not_after = r.cert_not_after.as_deref().unwrap();
+    assert!(
+        not_after.starts_with("21") && not_after.ends_with('Z'),
+        "{not_after}"
+    );
+    assert!(r.cert_days_left.unwrap() > 36_000.0, "{r:#?}");
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
+    // A name: dns happened; https: tls happened.
+    assert_phases(&r, true, true, true, true);
+}
+
+#[test]
+fn tls_version_and_http_1_0_from_openssl_s_server() {
+    let server = OpensslServer::start();
+    let r = probe(&format!(
+        "url = \"https://localhost:{}/\"\n[target.tls]\nca_file = {:?}",
+        server.port,
+        ca_file()
+    ));
+    assert_up(&r);
+    assert_eq!(r.tls_version.as_deref(), Some("TLSv1.3"));
+    assert_eq!(r.http_version.as_deref(), Some("HTTP/1.0"));
+    assert_eq!(
+        r.cert_issuer.as_deref(),
+        Some("O=sitewatch tests, CN=sitewatch test CA")
+    );
+    assert!(r.body_bytes > 0);
+    assert_phases(&r, true, true, true, true);
+}
+
+#[test]
+fn tls_verification_failures() {
+    let check = |cert: Cert, url_host: &str, text: &str| {
+        let server = HttpServer::start_tls(cert, |_, _| Reply::status(200, "x"));
+        let r = probe(&format!(
+            "url = \"https://{url_host}:{}/\"\n[target.tls]\nca_file = {:?}",
+            server.port(),
+            ca_file()
+        ));
+        assert_down(&r, FailureReason::Tls, "TLS handshake with");
+        let error = r.error.clone().unwrap().to_lowercase();
+        assert!(error.contains(text), "{cert:?}: {error:?} lacks {text:?}");
+        assert_eq!(r.status, None);
+        assert_eq!(r.cert_issuer, None);
+        assert_phases(&r, url_host == "localhost", true, true, false);
+    };
+    check(Cert::WrongHost, "localhost", "hostname mismatch");
+    check(Cert::WrongHost, "127.0.0.1", "ip address mismatch");
+    check(Cert::Expired, "localhost", "expired");
+    check(Cert::SelfSigned, "localhost", "self-signed");
+}
+
+#[test]
+fn tls_insecure_skip_verify_is_up_and_still_records_the_certificate() {
+    let check = |cert: Cert, issuer: &str, expired: bool| {
+        let server = HttpServer::start_tls(cert, |_, _| Reply::status(200, "x"));
+        let r = probe(&format!(
+            "url = \"https://127.0.0.1:{}/\"\n[target.tls]\ninsecure_skip_verify = true",
+            server.port()
+        ));
+        assert_up(&r);
+        assert_eq!(r.cert_issuer.as_deref(), Some(issuer));
+        assert_eq!(r.cert_days_left.unwrap() < 0.0, expired, "{r:#?}");
+        assert!(r.tls_version.is_some());
+    };
+    check(Cert::SelfSigned, "CN=localhost", false);
+    check(
+        Cert::Expired,
+        "O=sitewatch tests, CN=sitewatch test CA",
+        true,
+    );
+}
+
+#[test]
+fn trickling_body_ends_at_the_timeout() {
+    let server = HttpServer::start(|_, _| Reply::Trickle {
+        head: b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n".to_vec(),
+        body: vec![b'x'; 100],
+        every: Duration::from_secs(1),
+    });
+    let started = Instant::now();
+    let r = probe(&format!("url = {:?}\ntimeout = \"3s\"", server.url("/")));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "reading the body");
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert!(took >= Duration::from_millis(2900), "took {took:?}");
+    assert_eq!(r.status, Some(200));
+    assert!(r.body_bytes > 0 && r.body_bytes < 100, "{}", r.body_bytes);
+    assert!(!r.body_truncated);
+    assert_eq!(r.regex_matched, None);
+    assert_phases(&r, false, true, false, true);
+
+    // The same with the response head trickled: it never completes.
+    let server = HttpServer::start(|_, _| Reply::Trickle {
+        head: Vec::new(),
+        body: b"HTTP/1.1 200 OK\r\nX-Slow: 1234567890\r\n\r\n".to_vec(),
+        every: Duration::from_millis(500),
+    });
+    let started = Instant::now();
+    let r = probe(&format!("url = {:?}\ntimeout = \"2s\"", server.url("/")));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "reading the response header");
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+    assert_eq!(r.status, None);
+}
+
+#[test]
+fn tls_handshake_with_a_silent_server_times_out() {
+    // A plain server that never answers: the ClientHello gets no ServerHello.
+    let server = HttpServer::start(|_, _| Reply::Hang);
+    let started = Instant::now();
+    let r = probe(&format!(
+        "url = \"https://127.0.0.1:{}/\"\ntimeout = \"1s\"",
+        server.port()
+    ));
+    let took = started.elapsed();
+    assert_down(&r, FailureReason::Timeout, "TLS handshake with 127.0.0.1");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert_phases(&r, false, true, true, false);
+    assert_eq!(r.tls_version, None);
+}
+
+#[test]
+fn one_megabyte_response_header_is_a_protocol_failure() {
+    let server = HttpServer::start(|_, _| {
+        let mut raw = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+        raw.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+        raw.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nok");
+        Reply::Raw(raw)
+    });
+    let r = probe(&format!("url = {:?}", server.url("/")));
+    assert_down(
+        &r,
+        FailureReason::Protocol,
+        "response header larger than 65536 bytes",
+    );
+    assert_eq!(r.status, None);
+    assert_eq!(r.body_bytes, 0);
+}
+
+#[test]
+fn gzip_bomb_is_read_as_its_raw_capped_bytes() {
+    let bomb = std::fs::read(fixture("tls/gzip-bomb.gz")).unwrap();
+    let size = bomb.len() as u64;
+    let server = HttpServer::start(move |_, _| Reply::Response {
+        status: 200,
+        headers: vec![("Content-Encoding".into(), "gzip".into())],
+        body: bomb.clone(),
+    });
+    // 10 MiB of zeros inflated would be 10 MiB; we read the ~10 KiB as sent.
+    let r = probe(&format!("url = {:?}", server.url("/")));
+    assert_up(&r);
+    assert_eq!(r.body_bytes, size);
+    assert!(size < 64 * 1024);
+    assert!(!r.body_truncated);
+    let r = probe_with(
+        "body_cap = \"4KiB\"",
+        &format!("url = {:?}", server.url("/")),
+    );
+    assert_up(&r);
+    assert_eq!((r.body_bytes, r.body_truncated), (4096, true));
+}
+
+#[test]
+fn ipv6_loopback() {
+    let server = HttpServer::start_v6(|_, _| Reply::status(200, "six"));
+    let url = server.url("/");
+    assert!(url.starts_with("http://[::1]:"), "{url}");
+    let r = probe(&format!("url = {url:?}\nip = \"v6\""));
+    assert_up(&r);
+    assert_eq!(r.remote_ip.as_deref(), Some("::1"));
+    // An IPv6 literal cannot satisfy ip = "v4".
+    let r = probe(&format!("url = {url:?}\nip = \"v4\""));
+    assert_down(&r, FailureReason::Dns, "has no IPv4 address");
+    assert_eq!(r.status, None);
+}
+
+#[test]
+fn ip_family_filters_resolved_addresses_of_localhost() {
+    use std::net::ToSocketAddrs;
+    // What `localhost` resolves to depends on /etc/hosts; the test asserts whichever holds.
+    let addrs: Vec<_> = ("localhost", 80).to_socket_addrs().unwrap().collect();
+    let has_v4 = addrs.iter().any(|a| a.is_ipv4());
+    let has_v6 = addrs.iter().any(|a| a.is_ipv6());
+    let v4 = HttpServer::start(|_, _| Reply::status(200, "four"));
+    for (family, present, want_ip) in [("v4", has_v4, "127.0.0.1"), ("v6", has_v6, "::1")] {
+        let server = if family == "v4" {
+            None
+        } else {
+            Some(HttpServer::start_v6(|_, _| Reply::status(200, "six")))
+        };
+        let port = server.as_ref().map(|s| s.port()).unwrap_or(v4.port());
+        let r = probe(&format!(
+            "url = \"http://localhost:{port}/\"\nip = \"{family}\""
+        ));
+        if present {
+            assert_up(&r);
+            assert_eq!(r.remote_ip.as_deref(), Some(want_ip));
+        } else {
+            let label = if family == "v4" { "IPv4" } else { "IPv6" };
+            assert_down(
+                &r,
+                FailureReason::Dns,
+                &format!("localhost has no {label} address"),
+            );
+        }
+        assert!(r.timings.dns.is_some());
+    }
+}
+
+#[test]
+fn retries_until_up_and_count_attempts() {
+    let server = HttpServer::start(|_, i| {
+        if i == 0 {
+            Reply::status(500, "flaky")
+        } else {
+            Reply::status(200, "ok")
+        }
+    });
+    let r = probe(&format!("url = {:?}\nretries = 2", server.url("/")));
+    assert_up(&r);
+    assert_eq!((r.attempt, r.status), (2, Some(200)));
+    assert_eq!(
+        server.requests().len(),
+        2,
+        "an up attempt stops the retries"
+    );
+    assert!(r.timings.total >= 100.0, "includes the retry delay");
+
+    let server = HttpServer::start(|_, _| Reply::status(500, "down"));
+    let r = probe(&format!("url = {:?}\nretries = 2", server.url("/")));
+    assert_down(&r, FailureReason::HttpStatus, "status 500");
+    assert_eq!(r.attempt, 3);
+    assert_eq!(server.requests().len(), 3);
+}
+
+#[test]
+fn post_with_body_and_headers_reaches_the_server() {
+    let server = HttpServer::start(|req, _| {
+        if req.method == "POST" && req.body == br#"{"q":1}"# {
+            Reply::status(201, "created")
+        } else {
+            Reply::status(400, "bad")
+        }
+    });
+    let r = probe(&format!(
+        "url = {:?}\nmethod = \"post\"\nbody = '{{\"q\":1}}'\n[target.headers]\nContent-Type = \"application/json\"\nX-Token = \"abc\"",
+        server.url("/api")
+    ));
+    assert_up(&r);
+    assert_eq!((r.method.as_str(), r.status), ("POST", Some(201)));
+    let req = &server.requests()[0];
+    assert_eq!(req.header("content-type"), Some("application/json"));
+    assert_eq!(req.header("x-token"), Some("abc"));
+    assert_eq!(req.header("content-length"), Some("7"));
+}
+
+#[test]
+fn a_rule_that_cannot_run_is_a_rule_failure_but_never_hides_a_transport_failure() {
+    // RuleSet::default() has no modules loaded: every evaluation is a rule error.
+    let server = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let r = probe(&format!(
+        "url = {:?}\nrule = \"status_ok.wasm\"",
+        server.url("/")
+    ));
+    assert_eq!(r.failure, Some(FailureReason::Rule), "{r:#?}");
+    assert_eq!(r.rule.as_deref(), Some("status_ok.wasm"));
+    assert_eq!(r.rule_verdict.as_deref(), Some("error"));
+    assert!(r.rule_ms.is_some());
+
+    let port = closed_port();
+    let r = probe(&format!(
+        "url = \"http://127.0.0.1:{port}/\"\nrule = \"status_ok.wasm\""
+    ));
+    assert_down(&r, FailureReason::Connect, "connect to");
+    assert_eq!(r.rule_verdict.as_deref(), Some("error"));
+}
+
+#[test]
+fn keep_alive_target_reuses_its_connection_between_checks() {
+    let server = HttpServer::start_keep_alive(|_, _| Reply::status(200, "ok"));
+    let check_twice = |keep_alive: bool| {
+        let config = config_with(
+            "",
+            &format!("url = {:?}\nkeep_alive = {keep_alive}", server.url("/")),
+        );
+        let prober = Prober::new(&config.agent, RuleSet::default());
+        let target = &config.targets[0];
+        (prober.check(target), prober.check(target))
+    };
+    let (first, second) = check_twice(true);
+    assert_up(&first);
+    assert_up(&second);
+    assert_eq!(
+        server.connections(),
+        1,
+        "the second check reused the connection"
+    );
+    assert_phases(&first, false, true, false, true);
+    // A reused connection has no connect phase, but still its remote address.
+    assert_phases(&second, false, false, false, true);
+    assert_eq!(second.remote_ip.as_deref(), Some("127.0.0.1"));
+
+    // The default: a fresh connection per check, connect measured each time.
+    let (first, second) = check_twice(false);
+    assert_phases(&first, false, true, false, true);
+    assert_phases(&second, false, true, false, true);
+    assert_eq!(server.connections(), 3);
+    assert_eq!(server.requests().len(), 4);
+}
+
+#[test]
+fn a_ca_file_that_is_not_pem_is_a_tls_failure_naming_the_file() {
+    let path = std::env::temp_dir().join(format!("sitewatch-bad-ca-{}.pem", std::process::id()));
+    std::fs::write(&path, "not a certificate").unwrap();
+    let server = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "x"));
+    let r = probe(&format!(
+        "url = \"https://localhost:{}/\"\n[target.tls]\nca_file = {:?}",
+        server.port(),
+        path.display().to_string()
+    ));
+    let _ = std::fs::remove_file(&path);
+    assert_down(&r, FailureReason::Tls, "tls ca_file");
+    assert!(r.error.unwrap().contains("sitewatch-bad-ca-"));
+    // Plain HTTP targets never need the TLS connector, so they are not affected.
+    let plain = HttpServer::start(|_, _| Reply::status(200, "x"));
+    assert_up(&probe(&format!("url = {:?}", plain.url("/"))));
+}
+
+#[test]
+fn broken_bodies_are_body_read_failures() {
+    let check = |raw: &'static [u8], bytes: u64, text: &str| {
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.to_vec()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_down(&r, FailureReason::BodyRead, text);
+        assert_eq!(r.status, Some(200));
+        assert_eq!(r.body_bytes, bytes);
+        assert_eq!(r.regex_matched, None);
+        assert_phases(&r, false, true, false, true);
+    };
+    // The server closes after 10 of 100 promised bytes.
+    check(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        10,
+        "after 10 bytes",
+    );
+    // A chunk size that is not hex (ureq rejects the buffer before handing out "hello").
+    check(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        0,
+        "chunk length",
+    );
+}
+
+#[test]
+fn garbage_instead_of_http_is_a_protocol_failure() {
+    let server = HttpServer::start(|_, _| Reply::Raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec()));
+    let r = probe(&format!("url = {:?}", server.url("/")));
+    assert_down(&r, FailureReason::Protocol, "invalid HTTP response");
+    assert_eq!(r.status, None);
+}

@@ -77,6 +77,7 @@ impl std::error::Error for RuleError {}
 #[derive(Clone, Default)]
 pub struct RuleSet {
     #[cfg(feature = "wasm")]
+    #[allow(dead_code)] // filled by the WASM engine
     inner: Option<std::sync::Arc<wasm::Engine>>,
 }
 

@@ -1,0 +1,900 @@
+//! One check of one target: an HTTP request with ureq, every phase bounded and timed, the TLS
+//! certificate read, the body capped and judged (status, regex, rule) into a [`CheckResult`].
+//!
+//! A failure is data: every way a check can fail ends as a full record with a
+//! [`crate::result::FailureReason`], never as an error returned to the caller.
+//!
+//! What is measured and how (the semantics the README documents):
+//! - Phases come from our own resolver, connector and transport ([`transport`]), not from
+//!   guesses: `dns` (getaddrinfo; absent for an IP literal), `connect` (TCP), `tls` (handshake),
+//!   `ttfb` (last request byte written → first response byte read), `transfer` (first response
+//!   byte → last body byte read). With redirects each phase is the sum over all hops (redirect
+//!   bodies are not read, so their transfer is not counted); `total` is the whole check
+//!   including redirects, retries and the rule. A phase that did not happen is absent.
+//! - One deadline, `timeout`, bounds each attempt end to end (DNS, connect, handshake, request,
+//!   response head, body), enforced on every socket read and write.
+//! - Redirects are followed here, not by ureq, so each hop is measured, counted and checked for
+//!   loops; `Authorization` and `Cookie` are not sent to another host.
+//! - The body is read as raw bytes up to `body_cap` (one more byte tells truncation). No
+//!   `Accept-Encoding` is sent and nothing is decompressed, so a gzip bomb is read as its few
+//!   compressed bytes.
+
+mod transport;
+pub mod x509;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ureq::Agent;
+use ureq::http::{self, Response};
+
+use crate::config::{AgentConfig, Target};
+use crate::result::{CheckResult, FailureReason};
+use crate::rules::{RuleInput, RuleSet, Verdict};
+use crate::util::ms;
+
+use transport::{
+    ConnFacts, HopLog, ProbeConnector, ProbeResolver, SharedLog, TlsConnectors, with_log,
+};
+
+pub use transport::server_hello_version;
+
+/// The response head may not be larger than this: a 1 MB header is a `protocol` failure, not
+/// a memory spike.
+pub const MAX_RESPONSE_HEADER: usize = 64 * 1024;
+
+/// Idle connections kept per keep-alive target.
+const KEEP_ALIVE_IDLE: usize = 2;
+
+/// Makes checks. Shared by the worker threads (`&self`, `Sync`).
+pub struct Prober {
+    agent_id: String,
+    user_agent: String,
+    body_cap: usize,
+    retry_delay: Duration,
+    rules: RuleSet,
+    /// TLS connectors, built once per (CA file, insecure) and only when a check needs TLS.
+    tls: Arc<TlsConnectors>,
+    /// ureq agents of `keep_alive` targets, so their connections outlive one check.
+    kept: Mutex<HashMap<String, Arc<Client>>>,
+}
+
+/// A ureq agent wired to our measuring resolver and connector, and the log they write.
+struct Client {
+    agent: Agent,
+    log: SharedLog,
+}
+
+/// Where a hop failed: the reason and a human text.
+type Failure = (FailureReason, String);
+
+/// What one attempt saw of the final response.
+#[derive(Default)]
+struct Seen {
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// Phase durations summed over the hops of an attempt.
+#[derive(Default)]
+struct Phases {
+    dns: Option<Duration>,
+    connect: Option<Duration>,
+    tls: Option<Duration>,
+    ttfb: Option<Duration>,
+    transfer: Option<Duration>,
+}
+
+fn add(sum: &mut Option<Duration>, part: Option<Duration>) {
+    if let Some(p) = part {
+        *sum = Some(sum.unwrap_or_default() + p);
+    }
+}
+
+impl Phases {
+    /// Adds one hop; `end` is when its body was read (or the hop gave up), if it got that far.
+    fn add_hop(&mut self, log: &HopLog, end: Option<Instant>) {
+        add(&mut self.dns, log.dns);
+        add(&mut self.connect, log.connect);
+        add(&mut self.tls, log.tls);
+        if let (Some(sent), Some(first)) = (log.request_sent, log.first_byte) {
+            add(&mut self.ttfb, Some(first.saturating_duration_since(sent)));
+            if let Some(end) = end {
+                add(
+                    &mut self.transfer,
+                    Some(end.saturating_duration_since(first)),
+                );
+            }
+        }
+    }
+}
+
+impl Prober {
+    pub fn new(agent: &AgentConfig, rules: RuleSet) -> Prober {
+        Prober {
+            agent_id: agent.id.clone(),
+            user_agent: agent.user_agent.clone(),
+            body_cap: agent.body_cap,
+            retry_delay: agent.retry_delay,
+            rules,
+            tls: Arc::default(),
+            kept: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks `target` once (with its retries), never panicking on anything the server sends.
+    ///
+    /// Each attempt is bounded by the target's timeout; attempts are separated by the agent's
+    /// `retry_delay`; an attempt that is up ends the check. The last attempt's record is
+    /// returned, with `attempt` = tries made, `started_at` = start of the first try and
+    /// `timings.total` covering all of them.
+    pub fn check(&self, target: &Target) -> CheckResult {
+        let started = Instant::now();
+        let mut first_started_at = None;
+        let mut attempt = 1;
+        loop {
+            let mut record = self.attempt(target);
+            record.attempt = attempt;
+            match &first_started_at {
+                None => first_started_at = Some(record.started_at.clone()),
+                Some(at) => record.started_at = at.clone(),
+            }
+            if record.up || attempt > target.retries {
+                record.timings.total = ms(started.elapsed());
+                return record;
+            }
+            log::info!(
+                "target {}: attempt {attempt} down ({}), retrying in {:?}",
+                target.id,
+                record.error.as_deref().unwrap_or("no error text"),
+                self.retry_delay
+            );
+            std::thread::sleep(self.retry_delay);
+            attempt += 1;
+        }
+    }
+
+    fn client(&self, target: &Target) -> Arc<Client> {
+        if !target.keep_alive {
+            return Arc::new(self.new_client(target));
+        }
+        // The key holds everything the agent is built from, so a reloaded target with other
+        // settings gets a new agent.
+        let key = format!(
+            "{}\n{:?}\n{:?}\n{}\n{}",
+            target.id, target.ip, target.tls_ca_file, target.tls_insecure, target.url
+        );
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.entry(key)
+            .or_insert_with(|| Arc::new(self.new_client(target)))
+            .clone()
+    }
+
+    fn new_client(&self, target: &Target) -> Client {
+        let idle = if target.keep_alive {
+            KEEP_ALIVE_IDLE
+        } else {
+            0
+        };
+        let config = Agent::config_builder()
+            // Every status is a result, not an error.
+            .http_status_as_error(false)
+            // Redirects are followed (and measured) by `attempt`.
+            .max_redirects(0)
+            .user_agent(self.user_agent.as_str())
+            // No Accept-Encoding: bodies arrive (and are capped) as sent; nothing to inflate.
+            .accept_encoding("")
+            .max_response_header_size(MAX_RESPONSE_HEADER)
+            // 0 = a fresh connection per check, so connect and TLS are measured every time.
+            .max_idle_connections(idle)
+            .max_idle_connections_per_host(idle)
+            .timeout_global(Some(target.timeout))
+            .build();
+        let log: SharedLog = Arc::default();
+        let connector = ProbeConnector {
+            tls: self.tls.clone(),
+            tls_key: (target.tls_ca_file.clone(), target.tls_insecure),
+            log: log.clone(),
+        };
+        let resolver = ProbeResolver {
+            family: target.ip,
+            log: log.clone(),
+        };
+        Client {
+            agent: Agent::with_parts(config, connector, resolver),
+            log,
+        }
+    }
+
+    /// One try: the request, its redirects, the body, the verdict.
+    fn attempt(&self, target: &Target) -> CheckResult {
+        let started = Instant::now();
+        let deadline = started + target.timeout;
+        // A `user:password@` in the URL never reaches the record or an error text.
+        let mut r = CheckResult::new(
+            &target.id,
+            &redact(&target.url),
+            &self.agent_id,
+            &target.method,
+        );
+        r.tags = target.tags.clone();
+        r.regex = target.regex.as_ref().map(|re| re.as_str().to_string());
+        let client = self.client(target);
+
+        let mut url = target.url.clone();
+        let mut method = target.method.clone();
+        let mut body = target.body.clone();
+        let mut headers = target.headers.clone();
+        let mut visited = vec![url.clone()];
+        let mut phases = Phases::default();
+        let mut seen = Seen::default();
+        let mut last_conn: Option<Arc<ConnFacts>> = None;
+        let mut last_tls: Option<Arc<ConnFacts>> = None;
+
+        let failure: Option<Failure> = loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break Some((
+                    FailureReason::Timeout,
+                    format!(
+                        "timed out after {} (while following redirects)",
+                        secs(target.timeout)
+                    ),
+                ));
+            }
+            with_log(&client.log, |l| *l = HopLog::default());
+            let sent = send(
+                &client.agent,
+                &method,
+                &url,
+                &headers,
+                body.as_deref(),
+                remaining,
+            );
+            let log = with_log(&client.log, |l| l.clone());
+            if let Some(conn) = &log.conn {
+                last_conn = Some(conn.clone());
+                if conn.tls_version.is_some() || conn.cert.is_some() {
+                    last_tls = Some(conn.clone());
+                }
+            }
+            r.final_url = Some(redact(&url));
+            let mut response = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    phases.add_hop(&log, Some(Instant::now()));
+                    break Some(classify(e, &log, target.timeout));
+                }
+            };
+            let status = response.status().as_u16();
+            seen.status = Some(status);
+            r.status = Some(status);
+            r.http_version = Some(version_text(response.version()));
+            seen.headers = response
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            if let (true, true, Some(location)) =
+                (target.follow_redirects, is_redirect(status), location)
+            {
+                // The redirect's own body is not read: the connection is dropped with it.
+                phases.add_hop(&log, None);
+                let next =
+                    match next_hop(target, &url, &location, status, &mut visited, r.redirects) {
+                        Ok(next) => next,
+                        Err(failure) => break Some(failure),
+                    };
+                r.redirects += 1;
+                // Like browsers: 303, and 301/302 after a POST, continue as GET without body.
+                if status == 303 || ((status == 301 || status == 302) && method == "POST") {
+                    if method != "HEAD" {
+                        method = "GET".into();
+                    }
+                    body = None;
+                }
+                if authority(&next) != authority(&url) {
+                    headers.retain(|(k, _)| {
+                        !k.eq_ignore_ascii_case("authorization")
+                            && !k.eq_ignore_ascii_case("cookie")
+                    });
+                }
+                url = next;
+                continue;
+            }
+
+            let read = read_capped(response.body_mut().as_reader(), self.body_cap);
+            let end = Instant::now();
+            phases.add_hop(&with_log(&client.log, |l| l.clone()), Some(end));
+            seen.body = read.bytes;
+            r.body_bytes = seen.body.len() as u64;
+            r.body_truncated = read.truncated;
+            break read.error.map(|e| {
+                let log = with_log(&client.log, |l| l.clone());
+                classify_body(e, &log, target.timeout, r.body_bytes)
+            });
+        };
+
+        if let Some(conn) = &last_conn {
+            r.remote_ip = Some(conn.remote.ip().to_string());
+        }
+        if let Some(conn) = &last_tls {
+            r.tls_version = conn.tls_version.map(str::to_string);
+            if let Some(cert) = &conn.cert {
+                r.cert_issuer = Some(cert.issuer.clone());
+                r.cert_not_after = Some(crate::util::format_rfc3339_ms(cert.not_after_ms));
+                let left_ms = cert.not_after_ms - crate::util::unix_ms_now();
+                r.cert_days_left = Some(left_ms as f64 / 86_400_000.0);
+            }
+        }
+        r.timings.dns = phases.dns.map(ms);
+        r.timings.connect = phases.connect.map(ms);
+        r.timings.tls = phases.tls.map(ms);
+        r.timings.ttfb = phases.ttfb.map(ms);
+        r.timings.transfer = phases.transfer.map(ms);
+
+        self.judge(target, &mut r, &seen, failure, started);
+        r.timings.total = ms(started.elapsed());
+        log::debug!(
+            "target {} {}: up={} status={:?} failure={:?} total={:.1}ms",
+            target.id,
+            r.url,
+            r.up,
+            r.status,
+            r.failure,
+            r.timings.total
+        );
+        r
+    }
+
+    /// Decides `up` and `failure` from what the attempt saw, the rule, the status and regexes.
+    fn judge(
+        &self,
+        target: &Target,
+        r: &mut CheckResult,
+        seen: &Seen,
+        failure: Option<Failure>,
+        started: Instant,
+    ) {
+        let mut rule_verdict = None;
+        if let Some(name) = &target.rule {
+            let url = r.final_url.clone().unwrap_or_else(|| r.url.clone());
+            let input = RuleInput {
+                status: seen.status.unwrap_or(0),
+                elapsed_ms: started.elapsed().as_millis().min(u32::MAX as u128) as u32,
+                body_truncated: r.body_truncated,
+                tls: url.starts_with("https://"),
+                url: &url,
+                headers: &seen.headers,
+                body: &seen.body,
+                error: failure.as_ref().map(|f| f.1.as_str()),
+            };
+            r.rule = Some(name.clone());
+            match self.rules.evaluate(name, &input) {
+                Ok(out) => {
+                    r.rule_hash = Some(out.hash);
+                    r.rule_verdict = Some(out.verdict.as_str().to_string());
+                    r.rule_reason = out.reason.clone();
+                    r.rule_extra = out.extra;
+                    r.rule_ms = Some(out.elapsed_ms);
+                    rule_verdict = Some(Ok((out.verdict, out.reason)));
+                }
+                Err(e) => {
+                    r.rule_hash = e.hash.clone();
+                    r.rule_verdict = Some("error".into());
+                    r.rule_reason = Some(e.message.clone());
+                    r.rule_ms = Some(e.elapsed_ms);
+                    rule_verdict = Some(Err(e.to_string()));
+                }
+            }
+        }
+
+        // Transport failures stay down whatever the rule said: it cannot make them up.
+        if let Some((reason, text)) = failure {
+            r.fail(reason, text);
+            return;
+        }
+        match rule_verdict {
+            Some(Ok((Verdict::Up, _))) => {
+                r.up = true;
+                return;
+            }
+            Some(Ok((Verdict::Down, reason))) => {
+                let name = target.rule.as_deref().unwrap_or("");
+                let text = match reason {
+                    Some(reason) => format!("rule {name}: down: {reason}"),
+                    None => format!("rule {name}: down"),
+                };
+                r.fail(FailureReason::Rule, text);
+                return;
+            }
+            Some(Err(text)) => {
+                r.fail(FailureReason::Rule, text);
+                return;
+            }
+            Some(Ok((Verdict::Unknown, _))) | None => {}
+        }
+
+        let status = seen.status.unwrap_or(0);
+        if let Some(re) = &target.regex {
+            r.regex_matched = Some(re.is_match(&seen.body));
+        }
+        let truncated_note = if r.body_truncated {
+            format!(
+                " (in the first {} bytes: the body was cut at the cap)",
+                r.body_bytes
+            )
+        } else {
+            String::new()
+        };
+        if !target.expect_status.contains(status) {
+            r.fail(
+                FailureReason::HttpStatus,
+                format!(
+                    "status {status}, expected {} (from {})",
+                    target.expect_status,
+                    r.final_url.as_deref().unwrap_or(&r.url)
+                ),
+            );
+        } else if r.regex_matched == Some(false) {
+            let pattern = target.regex.as_ref().map(|re| re.as_str()).unwrap_or("");
+            r.fail(
+                FailureReason::BodyMismatch,
+                format!("body does not match regex {pattern:?}{truncated_note}"),
+            );
+        } else if let Some(absent) = target
+            .regex_absent
+            .as_ref()
+            .filter(|re| re.is_match(&seen.body))
+        {
+            r.fail(
+                FailureReason::BodyMismatch,
+                format!(
+                    "body matches regex_absent {:?}{truncated_note}",
+                    absent.as_str()
+                ),
+            );
+        } else {
+            r.up = true;
+        }
+    }
+}
+
+/// Where a redirect leads, or why it is not followed: an unusable `Location`, a loop (a URL
+/// already visited in this attempt), or one redirect more than `max_redirects`.
+fn next_hop(
+    target: &Target,
+    url: &str,
+    location: &str,
+    status: u16,
+    visited: &mut Vec<String>,
+    redirects: u32,
+) -> Result<String, Failure> {
+    let Some(next) = join_url(url, location) else {
+        return Err((
+            FailureReason::Protocol,
+            format!(
+                "status {status} from {} has an unusable Location {:?}",
+                redact(url),
+                redact(location)
+            ),
+        ));
+    };
+    if visited.contains(&next) {
+        visited.push(next);
+        let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
+        return Err((
+            FailureReason::TooManyRedirects,
+            format!("redirect loop: {}", chain.join(" -> ")),
+        ));
+    }
+    if redirects >= target.max_redirects {
+        return Err((
+            FailureReason::TooManyRedirects,
+            format!(
+                "more than {} redirects (the last one: {} -> {})",
+                target.max_redirects,
+                redact(url),
+                redact(&next)
+            ),
+        ));
+    }
+    visited.push(next.clone());
+    Ok(next)
+}
+
+/// Sends one request; `body` `None` sends none (ureq refuses a body on some methods unless
+/// asked, and an empty body would still add `Content-Length: 0`).
+fn send(
+    agent: &Agent,
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<Response<ureq::Body>, ureq::Error> {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    match body {
+        Some(bytes) => {
+            let request = builder.body(bytes.as_bytes().to_vec())?;
+            let request = agent
+                .configure_request(request)
+                .timeout_global(Some(timeout))
+                .build();
+            agent.run(request)
+        }
+        None => {
+            let request = builder.body(())?;
+            let request = agent
+                .configure_request(request)
+                .timeout_global(Some(timeout))
+                .build();
+            agent.run(request)
+        }
+    }
+}
+
+/// The body as read: at most the cap, whether more was there, and why reading stopped early.
+struct CappedBody {
+    bytes: Vec<u8>,
+    truncated: bool,
+    error: Option<std::io::Error>,
+}
+
+/// Reads up to `cap` bytes, then one more to learn whether the body was longer.
+fn read_capped(mut reader: impl Read, cap: usize) -> CappedBody {
+    let mut bytes = Vec::with_capacity(cap.min(64 * 1024) + 1);
+    let mut chunk = [0u8; 16 * 1024];
+    let limit = cap + 1;
+    let mut error = None;
+    while bytes.len() < limit {
+        let want = (limit - bytes.len()).min(chunk.len());
+        match reader.read(&mut chunk[..want]) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let truncated = bytes.len() > cap;
+    bytes.truncate(cap);
+    CappedBody {
+        bytes,
+        truncated,
+        error: if truncated { None } else { error },
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// What the hop was doing when it stopped, for timeout texts.
+fn phase_of(log: &HopLog) -> &'static str {
+    if log.conn.is_none() && log.request_sent.is_none() {
+        "connecting"
+    } else if log.request_sent.is_none() {
+        "sending the request"
+    } else if log.first_byte.is_none() {
+        "waiting for the response"
+    } else {
+        "reading the response header"
+    }
+}
+
+/// Maps a ureq error of one hop to a failure reason and text. Our resolver and connector
+/// classify their own failures first (ureq sees only a generic error for them).
+fn classify(err: ureq::Error, log: &HopLog, timeout: Duration) -> Failure {
+    if let Some(f) = &log.failure {
+        return f.clone();
+    }
+    let timed_out = log.timed_out
+        || matches!(&err, ureq::Error::Timeout(_))
+        || matches!(&err, ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut);
+    if timed_out {
+        return (
+            FailureReason::Timeout,
+            format!("timed out after {} {}", secs(timeout), phase_of(log)),
+        );
+    }
+    match err {
+        ureq::Error::LargeResponseHeader(_, limit) => (
+            FailureReason::Protocol,
+            format!("response header larger than {limit} bytes"),
+        ),
+        ureq::Error::Protocol(e) => (
+            FailureReason::Protocol,
+            format!("invalid HTTP response: {e}"),
+        ),
+        ureq::Error::HostNotFound => (FailureReason::Dns, "host not found".into()),
+        ureq::Error::Io(e) if log.request_sent.is_some() => (
+            FailureReason::Protocol,
+            format!("connection failed before a complete response header: {e}"),
+        ),
+        ureq::Error::Io(e) => (FailureReason::Connect, format!("connection failed: {e}")),
+        ureq::Error::BadUri(text) => (FailureReason::Protocol, format!("invalid URL: {text}")),
+        ureq::Error::Http(e) => (FailureReason::Protocol, format!("invalid request: {e}")),
+        other => (FailureReason::Internal, other.to_string()),
+    }
+}
+
+/// A body read that stopped early: past the deadline it is `timeout`, else `body_read`.
+fn classify_body(err: std::io::Error, log: &HopLog, timeout: Duration, read: u64) -> Failure {
+    let err = ureq::Error::from(err);
+    let timed_out = log.timed_out
+        || matches!(&err, ureq::Error::Timeout(_))
+        || matches!(&err, ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut);
+    if timed_out {
+        (
+            FailureReason::Timeout,
+            format!(
+                "timed out after {} reading the body ({read} bytes read)",
+                secs(timeout)
+            ),
+        )
+    } else {
+        (
+            FailureReason::BodyRead,
+            format!("body read failed after {read} bytes: {err}"),
+        )
+    }
+}
+
+fn version_text(v: http::Version) -> String {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
+    }
+    .to_string()
+}
+
+fn is_redirect(status: u16) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
+/// The URL without any `user:password@` part.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// `scheme://authority` of an absolute URL (lower-cased), to tell whether a redirect leaves
+/// the host.
+fn authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let auth = rest.split(['/', '?', '#']).next()?;
+    Some(format!("{scheme}://{auth}").to_ascii_lowercase())
+}
+
+/// Resolves a `Location` against the URL that sent it (RFC 3986 §5.2, the common cases), and
+/// drops any fragment. `None` when the result would not be an http(s) URL.
+fn join_url(base: &str, location: &str) -> Option<String> {
+    let location = location.trim();
+    let location = location.split('#').next().unwrap_or("");
+    let lower = location.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return Some(location.to_string());
+    }
+    if lower.contains("://") || lower.starts_with("javascript:") {
+        return None;
+    }
+    let (scheme, rest) = base.split_once("://")?;
+    let auth_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(auth_len);
+    let path = tail.split(['?', '#']).next().unwrap_or("");
+    if let Some(net) = location.strip_prefix("//") {
+        return Some(format!("{scheme}://{net}"));
+    }
+    if location.is_empty() {
+        let tail = tail.split('#').next().unwrap_or("");
+        return Some(format!("{scheme}://{auth}{tail}"));
+    }
+    if location.starts_with('?') {
+        let path = if path.is_empty() { "/" } else { path };
+        return Some(format!("{scheme}://{auth}{path}{location}"));
+    }
+    let (loc_path, query) = match location.find('?') {
+        Some(i) => location.split_at(i),
+        None => (location, ""),
+    };
+    let merged = if loc_path.starts_with('/') {
+        loc_path.to_string()
+    } else {
+        let dir = match path.rfind('/') {
+            Some(i) => &path[..=i],
+            None => "/",
+        };
+        format!("{dir}{loc_path}")
+    };
+    Some(format!(
+        "{scheme}://{auth}{}{query}",
+        remove_dot_segments(&merged)
+    ))
+}
+
+/// `/a/b/../c/./d` → `/a/c/d`.
+fn remove_dot_segments(path: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    format!("/{}", out.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_locations() {
+        let check = |base: &str, location: &str, want: Option<&str>| {
+            assert_eq!(
+                join_url(base, location).as_deref(),
+                want,
+                "{base} + {location}"
+            );
+        };
+        let base = "http://h:8080/a/b/c?q=1";
+        check(base, "https://other/x", Some("https://other/x"));
+        check(base, "HTTP://Other/x", Some("HTTP://Other/x"));
+        check(base, "//other:1/x", Some("http://other:1/x"));
+        check(base, "/x/y?z", Some("http://h:8080/x/y?z"));
+        check(base, "d", Some("http://h:8080/a/b/d"));
+        check(base, "../d", Some("http://h:8080/a/d"));
+        check(base, "./", Some("http://h:8080/a/b/"));
+        check(base, "../../../../d", Some("http://h:8080/d"));
+        check(base, "?p=2", Some("http://h:8080/a/b/c?p=2"));
+        check(base, "/x#frag", Some("http://h:8080/x"));
+        check("http://h", "x", Some("http://h/x"));
+        check("http://h", "?a", Some("http://h/?a"));
+        check(base, "ftp://h/x", None);
+        check(base, "javascript:alert(1)", None);
+    }
+
+    #[test]
+    fn prober_is_shared_by_worker_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Prober>();
+    }
+
+    #[test]
+    fn redacts_credentials_in_urls() {
+        let check = |url: &str, want: &str| assert_eq!(redact(url), want);
+        check("https://u:p@h:1/x?y@z", "https://h:1/x?y@z");
+        check("http://h/a@b", "http://h/a@b");
+        check("http://u@h", "http://h");
+        check("/relative", "/relative");
+    }
+
+    #[test]
+    fn authority_compares_scheme_host_and_port() {
+        assert_eq!(authority("http://H:1/x?y"), Some("http://h:1".into()));
+        assert_ne!(authority("http://h/x"), authority("https://h/x"));
+        assert_eq!(authority("http://h?x"), Some("http://h".into()));
+    }
+
+    #[test]
+    fn reads_at_most_the_cap() {
+        let check = |body: &[u8], cap: usize, want_len: usize, truncated: bool| {
+            let read = read_capped(body, cap);
+            assert_eq!(read.bytes.len(), want_len, "cap {cap}");
+            assert_eq!(read.truncated, truncated, "cap {cap}");
+            assert!(read.error.is_none());
+        };
+        let body = vec![7u8; 100_000];
+        check(&body, 10, 10, true);
+        check(&body, 99_999, 99_999, true);
+        check(&body, 100_000, 100_000, false);
+        check(&body, 1 << 20, 100_000, false);
+        check(b"", 10, 0, false);
+    }
+
+    #[test]
+    fn phases_sum_over_hops_and_stay_absent_when_not_measured() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let hop = |dns: Option<u64>, tls: Option<u64>, sent: u64, first: u64| HopLog {
+            dns: dns.map(Duration::from_millis),
+            connect: Some(Duration::from_millis(2)),
+            tls: tls.map(Duration::from_millis),
+            request_sent: Some(at(sent)),
+            first_byte: Some(at(first)),
+            ..HopLog::default()
+        };
+        let mut p = Phases::default();
+        p.add_hop(&hop(None, None, 10, 15), None); // a redirect: body not read
+        assert_eq!(p.dns, None);
+        assert_eq!(p.tls, None);
+        assert_eq!(p.ttfb, Some(Duration::from_millis(5)));
+        assert_eq!(p.transfer, None);
+        p.add_hop(&hop(Some(3), Some(4), 30, 40), Some(at(47)));
+        assert_eq!(p.dns, Some(Duration::from_millis(3)));
+        assert_eq!(p.connect, Some(Duration::from_millis(4)));
+        assert_eq!(p.tls, Some(Duration::from_millis(4)));
+        assert_eq!(p.ttfb, Some(Duration::from_millis(15)));
+        assert_eq!(p.transfer, Some(Duration::from_millis(7)));
+        // A hop that never got a response adds no ttfb/transfer.
+        p.add_hop(&HopLog::default(), Some(at(60)));
+        assert_eq!(p.ttfb, Some(Duration::from_millis(15)));
+    }
+
+    #[test]
+    fn classifies_errors() {
+        let check = |err: ureq::Error, log: HopLog, reason: FailureReason, text: &str| {
+            let (got, got_text) = classify(err, &log, Duration::from_secs(2));
+            assert_eq!(got, reason);
+            assert!(got_text.contains(text), "{got_text:?} lacks {text:?}");
+        };
+        let sent = HopLog {
+            request_sent: Some(Instant::now()),
+            ..HopLog::default()
+        };
+        check(
+            ureq::Error::LargeResponseHeader(70_000, 65_536),
+            sent.clone(),
+            FailureReason::Protocol,
+            "response header larger than 65536 bytes",
+        );
+        check(
+            ureq::Error::Timeout(ureq::Timeout::Global),
+            sent.clone(),
+            FailureReason::Timeout,
+            "timed out after 2.0s waiting for the response",
+        );
+        check(
+            ureq::Error::Io(std::io::Error::other("reset")),
+            sent,
+            FailureReason::Protocol,
+            "before a complete response header",
+        );
+        let own = HopLog {
+            failure: Some((FailureReason::Tls, "handshake".into())),
+            ..HopLog::default()
+        };
+        check(ureq::Error::Tls("x"), own, FailureReason::Tls, "handshake");
+    }
+}
