@@ -344,10 +344,11 @@ fn agent_loop(
     };
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
     let prober = Arc::new(Prober::new(&cfg.agent, rules.clone()));
-    let publisher = pending::publisher_start(&kafka, &cfg.agent).map_err(|e| Failure {
-        code: exit::UNKNOWN,
-        message: format!("publisher: {e}"),
-    })?;
+    let publisher =
+        sitewatch::publish::Publisher::start(&kafka, &cfg.agent).map_err(|e| Failure {
+            code: exit::UNKNOWN,
+            message: format!("publisher: {e}"),
+        })?;
     let output: Box<dyn Output> = Box::new(publisher);
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
@@ -446,16 +447,12 @@ fn agent_loop(
 
 /// Placeholders until the Kafka, sink and rules modules land (replaced at merge).
 mod pending {
-    use sitewatch::config::{AgentConfig, Config, KafkaConfig};
-    use sitewatch::output::Collector;
+    use sitewatch::config::Config;
     use sitewatch::service::Shutdown;
     pub fn sink_init_db(_: &Config) -> Result<(), String> {
         Err("not built yet".into())
     }
     pub fn sink_run(_: &Config, _: &Shutdown) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    pub fn publisher_start(_: &KafkaConfig, _: &AgentConfig) -> Result<Collector, String> {
         Err("not built yet".into())
     }
     #[allow(dead_code)]

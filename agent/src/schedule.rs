@@ -171,7 +171,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
 
         let now = Instant::now();
         match queue.pop_due(now) {
-            Some(index) => {
+            Some((index, due)) => {
                 let Some(target) = targets.get(index).cloned() else {
                     continue;
                 };
@@ -185,7 +185,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .skipped_overlaps += 1;
-                    queue.reschedule(index, target.interval, now);
+                    queue.reschedule(index, due, target.interval, now);
                     continue;
                 }
                 let mut job = Job {
@@ -214,7 +214,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                 in_flight[index] = true;
                 outstanding += 1;
                 if run.mode == Mode::Forever {
-                    queue.reschedule(index, target.interval, now);
+                    queue.reschedule(index, due, target.interval, now);
                 }
             }
             None => {
@@ -416,27 +416,22 @@ impl Queue {
         None
     }
 
-    /// The index of a target due at `now`, removed from the queue (reschedule to keep it).
-    fn pop_due(&mut self, now: Instant) -> Option<usize> {
+    /// A target due at `now` and the time it was due, removed from the queue (reschedule to
+    /// keep it).
+    fn pop_due(&mut self, now: Instant) -> Option<(usize, Instant)> {
         let due = self.next_due()?;
         if due > now {
             return None;
         }
         let Reverse((_, _, index)) = self.heap.pop()?;
-        Some(index)
+        self.slots[index] = None;
+        Some((index, due))
     }
 
     /// Next due = previous due + interval (no drift). If we fell more than a whole interval
     /// behind (machine suspended, overload), skip the missed slots instead of bursting.
-    fn reschedule(&mut self, index: usize, interval: Duration, now: Instant) {
-        let prev = self
-            .slots
-            .get(index)
-            .copied()
-            .flatten()
-            .map(|s| s.1)
-            .unwrap_or(now);
-        let mut next = prev + interval;
+    fn reschedule(&mut self, index: usize, prev_due: Instant, interval: Duration, now: Instant) {
+        let mut next = prev_due + interval;
         if next + interval <= now {
             let behind = now.duration_since(next).as_nanos() / interval.as_nanos().max(1);
             next += interval * (behind as u32);
@@ -528,28 +523,31 @@ mod tests {
     fn queue_orders_by_due_time_without_drift() {
         let ts = targets(&[300, 100]);
         let mut q = Queue::new(&ts, Mode::Once, NONE);
-        let start = Instant::now();
-        let a = q.pop_due(start + Duration::from_millis(1)).unwrap();
-        let b = q.pop_due(start + Duration::from_millis(1)).unwrap();
-        assert_eq!(
-            {
-                let mut v = vec![a, b];
-                v.sort();
-                v
-            },
-            vec![0, 1]
-        );
-        assert!(q.pop_due(start).is_none());
-        // Reschedule both "late" by 20 ms: next due is prev + interval, not now + interval.
+        let start = q.next_due().unwrap();
+        let (a, due_a) = q.pop_due(start + Duration::from_millis(1)).unwrap();
+        let (b, due_b) = q.pop_due(start + Duration::from_millis(1)).unwrap();
+        let mut both = vec![a, b];
+        both.sort();
+        assert_eq!(both, vec![0, 1]);
+        assert!(q.is_empty(), "popped targets leave the queue");
+        assert!(q.pop_due(start + Duration::from_secs(9)).is_none());
+        // Reschedule both "late" by 20 ms: next due is prev due + interval, not now + interval.
         let late = start + Duration::from_millis(20);
-        q.slots[0] = Some((q.slots[0].unwrap().0, start));
-        q.slots[1] = Some((q.slots[1].unwrap().0, start));
-        q.reschedule(0, ts[0].interval, late);
-        q.reschedule(1, ts[1].interval, late);
-        assert_eq!(q.next_due(), Some(start + Duration::from_millis(100)));
-        assert_eq!(q.pop_due(start + Duration::from_millis(100)), Some(1));
+        q.reschedule(a, due_a, ts[a].interval, late);
+        q.reschedule(b, due_b, ts[b].interval, late);
+        assert_eq!(
+            q.next_due(),
+            Some(due_a.min(due_b) + Duration::from_millis(100))
+        );
+        assert_eq!(
+            q.pop_due(start + Duration::from_millis(100)).map(|p| p.0),
+            Some(1)
+        );
         assert_eq!(q.pop_due(start + Duration::from_millis(299)), None);
-        assert_eq!(q.pop_due(start + Duration::from_millis(300)), Some(0));
+        assert_eq!(
+            q.pop_due(start + Duration::from_millis(300)).map(|p| p.0),
+            Some(0)
+        );
     }
 
     #[test]
@@ -557,10 +555,9 @@ mod tests {
         let ts = targets(&[100]);
         let mut q = Queue::new(&ts, Mode::Once, NONE);
         let start = q.next_due().unwrap();
-        q.pop_due(start).unwrap();
-        q.slots[0] = Some((q.slots[0].unwrap().0, start));
+        let (i, due) = q.pop_due(start).unwrap();
         // 1.05 s late: the next slot is the first one not yet passed by a whole interval.
-        q.reschedule(0, ts[0].interval, start + Duration::from_millis(1050));
+        q.reschedule(i, due, ts[0].interval, start + Duration::from_millis(1050));
         let next = q.next_due().unwrap().duration_since(start).as_millis();
         assert!((1000..=1100).contains(&next), "{next}");
     }

@@ -2,9 +2,12 @@
 //! output and exit codes.
 
 use std::path::{Path, PathBuf};
+
 use std::process::{Command, Output};
 
 use sitewatch::result::{CheckResult, FailureReason};
+
+use crate::support::TempDir;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sitewatch"));
@@ -16,33 +19,6 @@ fn bin() -> Command {
     }
     c.env("RUST_LOG", "warn");
     c
-}
-
-/// A fresh temp dir per test, removed at drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "sitewatch-test-{tag}-{}-{}",
-            std::process::id(),
-            sitewatch::util::new_check_id()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn run(args: &[&str], dir: &Path) -> Output {
@@ -69,15 +45,18 @@ fn records(o: &Output) -> Vec<CheckResult> {
 /// `check_config_error(config text, expected message part)`: exit 3 and a precise message.
 fn check_config_error(text: &str, expected: &str) {
     let dir = TempDir::new("cfgerr");
-    let cfg = dir.write("agent.toml", text);
+    let cfg = write(&dir, "agent.toml", text);
     for args in [
         vec!["--once", "--config", cfg.to_str().unwrap()],
         vec!["check-config", "--config", cfg.to_str().unwrap()],
     ] {
-        let o = run(&args, &dir.0);
+        let o = run(&args, dir.path());
         assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
         let err = stderr(&o);
-        assert!(err.contains(expected), "{args:?}\n got: {err}\nwant: {expected}");
+        assert!(
+            err.contains(expected),
+            "{args:?}\n got: {err}\nwant: {expected}"
+        );
         assert!(o.stdout.is_empty(), "nothing on stdout for a bad config");
     }
 }
@@ -85,18 +64,31 @@ fn check_config_error(text: &str, expected: &str) {
 #[test]
 fn bad_configs_refuse_to_start_with_a_precise_message() {
     let t = "[[target]]\nid = \"shop\"\nurl = \"http://127.0.0.1:1/\"\n";
-    check_config_error(&format!("{t}intervall = \"30s\"\n"), "agent.toml: line 4, column 1: unknown field `intervall`");
-    check_config_error(&format!("{t}interval = \"5x\"\n"), "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"");
-    check_config_error(&format!("{t}regex = \"(a\"\n"), "target \"shop\": regex \"(a\": invalid regex");
+    check_config_error(
+        &format!("{t}intervall = \"30s\"\n"),
+        "agent.toml: line 4, column 1: unknown field `intervall`",
+    );
+    check_config_error(
+        &format!("{t}interval = \"5x\"\n"),
+        "agent.toml: target \"shop\": interval \"5x\": expected a duration like \"30s\"",
+    );
+    check_config_error(
+        &format!("{t}regex = \"(a\"\n"),
+        "target \"shop\": regex \"(a\": invalid regex",
+    );
     check_config_error("[agent\n", "agent.toml: line 1");
 }
 
 #[test]
 fn missing_config_file_is_named() {
     let dir = TempDir::new("nocfg");
-    let o = run(&["--once", "--config", "nope.toml"], &dir.0);
+    let o = run(&["--once", "--config", "nope.toml"], dir.path());
     assert_eq!(o.status.code(), Some(3));
-    assert!(stderr(&o).contains("nope.toml: cannot read"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nope.toml: cannot read"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -105,14 +97,17 @@ fn usage_errors_exit_3() {
     for (args, expected) in [
         (vec![], "no command given"),
         (vec!["--bogus"], "unknown argument \"--bogus\""),
-        (vec!["--once", "--format", "xml"], "--format \"xml\": expected json or table"),
+        (
+            vec!["--once", "--format", "xml"],
+            "--format \"xml\": expected json or table",
+        ),
         (vec!["agent", "sink"], "two commands given"),
     ] {
-        let o = run(&args, &dir.0);
+        let o = run(&args, dir.path());
         assert_eq!(o.status.code(), Some(3), "{args:?}");
         assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
     }
-    let o = run(&["--version"], &dir.0);
+    let o = run(&["--version"], dir.path());
     assert_eq!(o.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("sitewatch "));
 }
@@ -120,7 +115,8 @@ fn usage_errors_exit_3() {
 #[test]
 fn check_config_prints_effective_config_with_secrets_masked() {
     let dir = TempDir::new("checkcfg");
-    let cfg = dir.write(
+    let cfg = write(
+        &dir,
         "agent.toml",
         "[agent]\nid = \"edge-1\"\n[postgres]\nurl = \"postgres://u:pg-secret-1@127.0.0.1/db\"\n\
          [kafka]\nbrokers = [\"127.0.0.1:9092\"]\n[kafka.sasl]\nusername = \"u\"\n\
@@ -138,18 +134,33 @@ fn check_config_prints_effective_config_with_secrets_masked() {
     }
     assert!(all.contains("id = \"edge-1\""), "{all}");
     assert!(all.contains("url = \"postgres://u@127.0.0.1/db\""), "{all}");
-    assert!(all.contains("interval = \"30s\""), "defaults are shown: {all}");
+    assert!(
+        all.contains("interval = \"30s\""),
+        "defaults are shown: {all}"
+    );
 }
 
 #[test]
 fn once_all_down_exits_2_with_a_full_failure_record() {
     let dir = TempDir::new("once-down");
     let port = closed_port();
-    let cfg = dir.write(
+    let cfg = write(
+        &dir,
         "agent.toml",
-        &format!("[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"),
+        &format!(
+            "[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"
+        ),
     );
-    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "json"], &dir.0);
+    let o = run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let recs = records(&o);
     assert_eq!(recs.len(), 1);
@@ -168,12 +179,34 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
 fn once_table_format_is_readable() {
     let dir = TempDir::new("once-table");
     let port = closed_port();
-    let cfg = dir.write("agent.toml", &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"));
-    let o = run(&["--once", "--config", cfg.to_str().unwrap(), "--format", "table"], &dir.0);
+    let cfg = write(
+        &dir,
+        "agent.toml",
+        &format!("[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\n"),
+    );
+    let o = run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "table",
+        ],
+        dir.path(),
+    );
     assert_eq!(o.status.code(), Some(2));
     let text = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].starts_with("TARGET"));
-    assert!(lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"), "{text}");
+    assert!(
+        lines[1].starts_with("closed") && lines[1].contains("NO") && lines[1].contains("connect"),
+        "{text}"
+    );
+}
+
+pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
 }

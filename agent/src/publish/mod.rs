@@ -1,2 +1,625 @@
-//! The publisher: takes check records from the output channel, batches them to Kafka
-//! (acks=all), and spools them to disk when the broker is unreachable, replaying in order later.
+//! The publisher: takes check records from the output stage, batches them to Kafka
+//! (acks=all), and spools them to disk when the broker is unreachable, replaying them in order
+//! before new records once it is back.
+//!
+//! Threads: [`Publisher::write`] runs on the output thread and only ever does a bounded-queue
+//! `try_send` or, when that queue is full, a local disk append to the [`spool`]
+//! (Architecture Invariant: the probe never blocks on Kafka). One sender thread
+//! (`kafka-publisher`) owns the Kafka [`Client`]: it connects (creating the topic when
+//! `create_topic`), replays the spool, batches queued records by size (`batch_max`) and time
+//! (`linger`), and on a failed send puts the batch in the spool and reconnects with backoff.
+//!
+//! Delivery is at-least-once: a record leaves the spool only after Kafka acknowledged it with
+//! acks=all, and a batch whose outcome is unknown (timeout) is sent again, so the topic can
+//! hold duplicates; the sink dedupes by `check_id`. Order: records of one run reach Kafka in
+//! the order they were written, except that records spilled by `write` while the queue was
+//! full may overtake the (at most queue-size) records still queued. Every record is counted:
+//! `accepted == acked + in spool + queued/in flight + dropped` (see [`PublisherStats`]).
+
+pub mod spool;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::{AgentConfig, KafkaConfig};
+use crate::kafka::{Client, KafkaError, ProduceRecord};
+use crate::output::{Output, OutputError};
+use crate::result::CheckResult;
+use spool::{Spool, SpoolError};
+
+/// Records queued between `write` and the sender thread before `write` spills to disk.
+pub const QUEUE_CAPACITY: usize = 10_000;
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Kafka error codes meaning "this record can never be accepted as it is".
+const MESSAGE_TOO_LARGE: i16 = 10;
+const RECORD_LIST_TOO_LARGE: i16 = 18;
+const INVALID_TIMESTAMP: i16 = 32;
+const INVALID_RECORD: i16 = 87;
+
+/// The publisher could not start.
+#[derive(Debug)]
+pub enum PublishError {
+    Spool(SpoolError),
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Spool(e) => e.fmt(f),
+            PublishError::Thread(e) => write!(f, "cannot start the publisher thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for PublishError {}
+
+impl From<SpoolError> for PublishError {
+    fn from(e: SpoolError) -> Self {
+        PublishError::Spool(e)
+    }
+}
+
+/// Counters since start. `accepted` = `acked` + `spooled` + (queued or in flight) + `dropped`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    /// Records given to `write`.
+    pub accepted: u64,
+    /// Records Kafka acknowledged (including replays from the spool of an earlier run, so this
+    /// can exceed `accepted`).
+    pub acked: u64,
+    /// Records in the spool now.
+    pub spooled: u64,
+    /// Records lost: deleted from a full spool, or refused by Kafka as invalid.
+    pub dropped: u64,
+    /// Whether the sender has a working connection.
+    pub connected: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    accepted: AtomicU64,
+    acked: AtomicU64,
+    spooled: AtomicU64,
+    dropped: AtomicU64,
+    connected: AtomicBool,
+    /// Set while `write` spills because the queue is full (to log once per episode).
+    spilling: AtomicBool,
+    /// A copy of the records only in the sender's memory (the batch being gathered or sent)
+    /// while it is in a network call: what `close` saves when the sender is stuck.
+    inflight: Mutex<Vec<ProduceRecord>>,
+}
+
+enum Cmd {
+    Record(ProduceRecord),
+    Close(Instant, SyncSender<()>),
+}
+
+/// The Kafka output. See the module docs.
+pub struct Publisher {
+    tx: Option<SyncSender<Cmd>>,
+    /// Shared with the sender, which locks it only to receive (never across a network call),
+    /// so `close` can empty the queue into the spool if the sender is stuck in a request.
+    rx: Arc<Mutex<Receiver<Cmd>>>,
+    thread: Option<JoinHandle<()>>,
+    spool: Arc<Mutex<Spool>>,
+    shared: Arc<Shared>,
+}
+
+fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
+    // A panic while holding the lock leaves a consistent spool (every method updates its
+    // bookkeeping after the disk), so a poisoned lock is still usable.
+    spool.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Publisher {
+    /// Opens the spool (`agent.state_dir/spool`, at most `agent.spool_max_bytes`) and starts
+    /// the sender thread. Does not touch the network: an unreachable broker is not an error
+    /// here, records just go to the spool until it is back.
+    pub fn start(kafka: &KafkaConfig, agent: &AgentConfig) -> Result<Publisher, PublishError> {
+        Publisher::start_with_spool(kafka, agent.state_dir.join("spool"), agent.spool_max_bytes)
+    }
+
+    /// As [`Publisher::start`] with an explicit spool directory and size.
+    pub fn start_with_spool(
+        kafka: &KafkaConfig,
+        spool_dir: PathBuf,
+        spool_max_bytes: u64,
+    ) -> Result<Publisher, PublishError> {
+        let spool = Spool::open(&spool_dir, spool_max_bytes)?;
+        let shared = Arc::new(Shared::default());
+        shared.spooled.store(spool.len(), Ordering::Relaxed);
+        let spool = Arc::new(Mutex::new(spool));
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
+        let rx = Arc::new(Mutex::new(rx));
+        let sender = Sender {
+            cfg: kafka.clone(),
+            client: None,
+            rx: rx.clone(),
+            spool: spool.clone(),
+            shared: shared.clone(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_since: None,
+            next_connect: Instant::now(),
+            backoff: BACKOFF_MIN,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kafka-publisher".into())
+            .spawn(move || sender.run())
+            .map_err(PublishError::Thread)?;
+        Ok(Publisher {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            spool,
+            shared,
+        })
+    }
+
+    pub fn stats(&self) -> PublisherStats {
+        let s = &self.shared;
+        PublisherStats {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            acked: s.acked.load(Ordering::Relaxed),
+            spooled: s.spooled.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+            connected: s.connected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes one ready-made record (key, value, timestamp): what `write` does after encoding.
+    pub fn send(&mut self, rec: ProduceRecord) -> Result<(), OutputError> {
+        self.shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let rec = match &self.tx {
+            Some(tx) => match tx.try_send(Cmd::Record(rec)) {
+                Ok(()) => {
+                    self.shared.spilling.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(TrySendError::Full(Cmd::Record(r)))
+                | Err(TrySendError::Disconnected(Cmd::Record(r))) => r,
+                Err(_) => return Ok(()),
+            },
+            None => rec,
+        };
+        if !self.shared.spilling.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                target: "sitewatch::publish",
+                "publisher queue full ({QUEUE_CAPACITY} records): spilling to the spool"
+            );
+        }
+        spool_append(&self.spool, &self.shared, &[rec])
+            .map_err(|e| OutputError(format!("publisher: {e}")))
+    }
+}
+
+impl Publisher {
+    /// The sender did not finish closing in time (stuck in a request): move what only lives
+    /// in memory (the queue, the batch in flight) to the spool from this thread.
+    fn rescue(&self) {
+        let mut saved: Vec<ProduceRecord> = self
+            .shared
+            .inflight
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        if let Ok(rx) = self.rx.lock() {
+            while let Ok(cmd) = rx.try_recv() {
+                if let Cmd::Record(r) = cmd {
+                    saved.push(r);
+                }
+            }
+        }
+        log::warn!(
+            target: "sitewatch::publish",
+            "publisher still busy with Kafka at the shutdown deadline: {} records saved to the spool (may be delivered twice)",
+            saved.len()
+        );
+        let _ = spool_append(&self.spool, &self.shared, &saved);
+    }
+}
+
+/// Appends records to the spool and updates the counters.
+fn spool_append(
+    spool: &Mutex<Spool>,
+    shared: &Shared,
+    recs: &[ProduceRecord],
+) -> Result<(), SpoolError> {
+    let mut s = lock(spool);
+    let mut result = Ok(());
+    for r in recs {
+        match s.append(r) {
+            Ok(o) => {
+                shared.dropped.fetch_add(o.dropped, Ordering::Relaxed);
+            }
+            Err(e) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                log::error!(target: "sitewatch::publish", "record lost: {e}");
+                result = Err(e);
+            }
+        }
+    }
+    let flushed = s.flush();
+    shared.spooled.store(s.len(), Ordering::Relaxed);
+    result.and(flushed)
+}
+
+impl Output for Publisher {
+    fn write(&mut self, record: CheckResult) -> Result<(), OutputError> {
+        let timestamp_ms = crate::util::parse_rfc3339_ms(&record.started_at)
+            .unwrap_or_else(crate::util::unix_ms_now);
+        self.send(ProduceRecord {
+            key: record.target.clone().into_bytes(),
+            value: record.to_json().into_bytes(),
+            timestamp_ms,
+        })
+    }
+
+    /// Persists everything not yet acknowledged to the spool, then tries to deliver the spool
+    /// until `deadline`. What is left stays in the spool for the next start. Returns by about
+    /// `deadline` + 1 s even when the sender is stuck in a request: then this thread saves the
+    /// queue and the batch in flight to the spool itself (they may be sent twice).
+    fn close(&mut self, deadline: Instant) -> Result<(), OutputError> {
+        if let Some(tx) = self.tx.take() {
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+            let mut cmd = Cmd::Close(deadline, done_tx);
+            let delivered = loop {
+                match tx.try_send(cmd) {
+                    Ok(()) => break true,
+                    Err(TrySendError::Full(c)) if Instant::now() < deadline => {
+                        cmd = c;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => break false,
+                }
+            };
+            let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+            if delivered && done_rx.recv_timeout(wait).is_ok() {
+                if let Some(t) = self.thread.take() {
+                    let _ = t.join();
+                }
+            } else {
+                self.rescue();
+            }
+        }
+        let mut s = lock(&self.spool);
+        let synced = s.sync();
+        let left = s.len();
+        drop(s);
+        let st = self.stats();
+        log::info!(
+            target: "sitewatch::publish",
+            "publisher closed: {} records acknowledged, {left} left in the spool, {} dropped",
+            st.acked,
+            st.dropped
+        );
+        synced.map_err(|e| OutputError(format!("publisher: {e}")))
+    }
+
+    fn status(&self) -> String {
+        let st = self.stats();
+        let mut s = format!("spool {} records", st.spooled);
+        if !st.connected {
+            s.push_str(", Kafka unreachable");
+        }
+        if st.dropped > 0 {
+            s.push_str(&format!(", {} dropped", st.dropped));
+        }
+        s
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            let _ = self.close(Instant::now() + Duration::from_secs(1));
+        }
+    }
+}
+
+/// The sender thread's state.
+struct Sender {
+    cfg: KafkaConfig,
+    client: Option<Client>,
+    rx: Arc<Mutex<Receiver<Cmd>>>,
+    spool: Arc<Mutex<Spool>>,
+    shared: Arc<Shared>,
+    batch: Vec<ProduceRecord>,
+    batch_bytes: usize,
+    batch_since: Option<Instant>,
+    next_connect: Instant,
+    backoff: Duration,
+}
+
+/// How a send went.
+enum Sent {
+    /// Kafka has them (some may have been dropped as invalid; counted).
+    Done,
+    /// Kafka did not take them; keep them.
+    Failed,
+}
+
+impl Sender {
+    fn run(mut self) {
+        loop {
+            // The batch being gathered lives only in memory: publish a copy for `rescue`
+            // while this thread is in a network call.
+            if self.client.is_none() && Instant::now() >= self.next_connect {
+                self.set_inflight(&self.batch);
+                self.connect();
+                self.set_inflight(&[]);
+            }
+            if self.client.is_some() && self.spool_len() > 0 {
+                self.set_inflight(&self.batch);
+                self.replay_one();
+                self.set_inflight(&[]);
+            }
+            let timeout = self.wait_time();
+            // Receive under the queue lock, act (close) after releasing it.
+            let mut closing: Option<(Instant, Option<SyncSender<()>>)> = None;
+            {
+                let rx = self.rx.clone();
+                let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                match rx.recv_timeout(timeout) {
+                    Ok(Cmd::Record(r)) => {
+                        self.push(r);
+                        // Take whatever else is queued, up to a batch.
+                        while self.batch_bytes < self.cfg.batch_max_bytes {
+                            match rx.try_recv() {
+                                Ok(Cmd::Record(r)) => self.push(r),
+                                Ok(Cmd::Close(deadline, done)) => {
+                                    closing = Some((deadline, Some(done)));
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Ok(Cmd::Close(deadline, done)) => closing = Some((deadline, Some(done))),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closing = Some((Instant::now() + Duration::from_secs(1), None));
+                    }
+                }
+            }
+            if let Some((deadline, done)) = closing {
+                self.close(deadline);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            let lingered = self
+                .batch_since
+                .is_some_and(|t| t.elapsed() >= self.cfg.linger);
+            if self.batch_bytes >= self.cfg.batch_max_bytes || lingered {
+                self.flush_batch();
+            }
+        }
+    }
+
+    fn spool_len(&self) -> u64 {
+        self.shared.spooled.load(Ordering::Relaxed)
+    }
+
+    /// How long to wait for the next record.
+    fn wait_time(&self) -> Duration {
+        if self.client.is_some() && self.spool_len() > 0 {
+            return Duration::ZERO; // replay as fast as Kafka takes it
+        }
+        let mut t = Duration::from_millis(200);
+        if let Some(since) = self.batch_since {
+            t = t.min(self.cfg.linger.saturating_sub(since.elapsed()));
+        }
+        if self.client.is_none() {
+            t = t.min(self.next_connect.saturating_duration_since(Instant::now()));
+        }
+        t
+    }
+
+    fn push(&mut self, r: ProduceRecord) {
+        self.batch_bytes += r.key.len() + r.value.len() + 32;
+        self.batch.push(r);
+        self.batch_since.get_or_insert_with(Instant::now);
+    }
+
+    fn connect(&mut self) {
+        let result = Client::connect(&self.cfg).and_then(|mut c| {
+            if self.cfg.create_topic {
+                c.ensure_topic(
+                    &self.cfg.topic,
+                    self.cfg.partitions,
+                    self.cfg.replication_factor,
+                )?;
+            } else {
+                c.partitions(&self.cfg.topic)?;
+            }
+            Ok(c)
+        });
+        match result {
+            Ok(c) => {
+                log::info!(
+                    target: "sitewatch::publish",
+                    "connected to Kafka ({}), topic {}; {} spooled records to replay",
+                    self.cfg.brokers.join(","),
+                    self.cfg.topic,
+                    self.spool_len()
+                );
+                self.client = Some(c);
+                self.backoff = BACKOFF_MIN;
+                self.shared.connected.store(true, Ordering::Relaxed);
+            }
+            Err(e) => self.disconnected(&e),
+        }
+    }
+
+    /// Drops the client and schedules a reconnect with growing backoff.
+    fn disconnected(&mut self, e: &KafkaError) {
+        let was = self.client.take().is_some();
+        self.shared.connected.store(false, Ordering::Relaxed);
+        // Misconfiguration (TLS, auth, too old) will not fix itself soon: retry slowly.
+        let backoff = if e.is_retriable() {
+            self.backoff
+        } else {
+            BACKOFF_MAX
+        };
+        if was || self.backoff == BACKOFF_MIN {
+            log::warn!(
+                target: "sitewatch::publish",
+                "Kafka unavailable ({e}); spooling, retry in {backoff:?}"
+            );
+        } else {
+            log::debug!(target: "sitewatch::publish", "Kafka still unavailable ({e}); retry in {backoff:?}");
+        }
+        self.next_connect = Instant::now() + backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Sends `recs`; a batch Kafka refuses as invalid is split to find and drop the bad
+    /// records, so one oversized record cannot block the rest forever.
+    fn send(&mut self, recs: &[ProduceRecord]) -> Sent {
+        let Some(client) = self.client.as_mut() else {
+            return Sent::Failed;
+        };
+        match client.produce(&self.cfg.topic, recs) {
+            Ok(()) => {
+                self.shared
+                    .acked
+                    .fetch_add(recs.len() as u64, Ordering::Relaxed);
+                Sent::Done
+            }
+            Err(KafkaError::Broker { code, .. })
+                if matches!(
+                    code,
+                    MESSAGE_TOO_LARGE | RECORD_LIST_TOO_LARGE | INVALID_TIMESTAMP | INVALID_RECORD
+                ) =>
+            {
+                if recs.len() == 1 {
+                    log::error!(
+                        target: "sitewatch::publish",
+                        "Kafka refused a record of target {:?} ({} bytes): {}; dropped",
+                        String::from_utf8_lossy(&recs[0].key),
+                        recs[0].value.len(),
+                        crate::kafka::error_name(code)
+                    );
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    return Sent::Done;
+                }
+                let (a, b) = recs.split_at(recs.len() / 2);
+                match self.send(a) {
+                    Sent::Done => self.send(b),
+                    Sent::Failed => Sent::Failed,
+                }
+            }
+            Err(e) => {
+                self.disconnected(&e);
+                Sent::Failed
+            }
+        }
+    }
+
+    /// Sends the current batch, or spools it when Kafka is down or the spool must go first.
+    fn flush_batch(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        self.batch_since = None;
+        if batch.is_empty() {
+            return;
+        }
+        if self.client.is_some() && self.spool_len() == 0 {
+            self.set_inflight(&batch);
+            let sent = self.send(&batch);
+            if matches!(sent, Sent::Failed) {
+                self.spill(&batch);
+            }
+            self.set_inflight(&[]);
+            return;
+        }
+        self.spill(&batch);
+    }
+
+    fn set_inflight(&self, recs: &[ProduceRecord]) {
+        let mut f = self
+            .shared
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.clear();
+        f.extend_from_slice(recs);
+    }
+
+    fn spill(&mut self, recs: &[ProduceRecord]) {
+        // Errors are logged and counted inside; the thread carries on.
+        let _ = spool_append(&self.spool, &self.shared, recs);
+    }
+
+    /// Sends one batch from the head of the spool; acknowledges it on success.
+    fn replay_one(&mut self) -> bool {
+        let peeked = lock(&self.spool).peek(usize::MAX, self.cfg.batch_max_bytes);
+        let (recs, pos) = match peeked {
+            Ok(x) => x,
+            Err(e) => {
+                log::error!(target: "sitewatch::publish", "{e}");
+                self.next_connect = Instant::now() + BACKOFF_MAX;
+                return false;
+            }
+        };
+        if recs.is_empty() {
+            let s = lock(&self.spool);
+            self.shared.spooled.store(s.len(), Ordering::Relaxed);
+            return false;
+        }
+        match self.send(&recs) {
+            Sent::Done => {
+                let mut s = lock(&self.spool);
+                if let Err(e) = s.ack(pos) {
+                    log::error!(target: "sitewatch::publish", "{e}");
+                }
+                self.shared.spooled.store(s.len(), Ordering::Relaxed);
+                if s.is_empty() {
+                    log::info!(target: "sitewatch::publish", "spool replayed");
+                }
+                true
+            }
+            Sent::Failed => false,
+        }
+    }
+
+    /// Shutdown: everything to the spool first (so giving up loses nothing), then deliver the
+    /// spool until the deadline.
+    fn close(&mut self, deadline: Instant) {
+        let rx = self.rx.clone();
+        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+        while let Ok(cmd) = rx.try_recv() {
+            if let Cmd::Record(r) = cmd {
+                self.push(r);
+            }
+        }
+        drop(rx);
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        self.batch_since = None;
+        if !batch.is_empty() {
+            self.spill(&batch);
+        }
+        if let Err(e) = lock(&self.spool).sync() {
+            log::error!(target: "sitewatch::publish", "{e}");
+        }
+        if self.client.is_none() && self.spool_len() > 0 && Instant::now() < deadline {
+            self.connect();
+        }
+        while self.client.is_some() && self.spool_len() > 0 && Instant::now() < deadline {
+            if !self.replay_one() {
+                break;
+            }
+        }
+    }
+}

@@ -4,3 +4,6 @@
 pub mod broker;
 pub mod http;
 pub mod pg;
+pub mod proxy;
+
+pub use broker::TempDir;

@@ -1,0 +1,311 @@
+//! `sitewatch agent` end to end, as a process: real HTTP targets on 127.0.0.1, a real broker,
+//! records read back by librdkafka (a client we did not write). Also the scheduler's promises
+//! (interval, no overlap, a slow target delays no other) and SIGTERM draining.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sitewatch::config::Config;
+use sitewatch::output::Collector;
+use sitewatch::probe::Prober;
+use sitewatch::result::{CheckResult, FailureReason};
+use sitewatch::rules::RuleSet;
+use sitewatch::schedule::{self, Mode, Run};
+use sitewatch::service::{Health, Shutdown};
+
+use crate::support::TempDir;
+use crate::support::broker::{Broker, kpeer};
+use crate::support::http::{HttpServer, Reply, closed_port};
+use crate::support::proxy::Proxy;
+
+fn start_agent(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sitewatch agent")
+}
+
+/// SIGTERM, then wait (bounded) for a clean exit; returns stderr.
+fn stop_agent(mut child: Child, within: Duration) -> String {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + within;
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agent did not exit within {within:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(code, Some(0), "agent exit code; stderr:\n{err}");
+    err
+}
+
+/// "agent stopped after N checks" from the agent's log.
+fn checks_made(stderr: &str) -> usize {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("agent stopped after"))
+        .unwrap_or_else(|| panic!("no summary line in:\n{stderr}"));
+    let n = line
+        .split("after ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    n.parse().unwrap()
+}
+
+/// Every record in the topic, read by librdkafka. The count comes from the high watermarks.
+fn topic_records(broker_addr: &str, topic: &str) -> Vec<(String, CheckResult)> {
+    let cfg = crate::support::broker::kafka_config(vec![broker_addr.to_string()], topic);
+    let mut client = sitewatch::kafka::Client::connect(&cfg).unwrap();
+    let mut total = 0i64;
+    for p in client.partitions(topic).unwrap() {
+        total += client
+            .fetch(topic, p, 0, 1, Duration::from_millis(10))
+            .unwrap()
+            .high_watermark;
+    }
+    let out = kpeer(
+        &[
+            "consume",
+            broker_addr,
+            topic,
+            &total.to_string(),
+            "--timeout",
+            "60",
+        ],
+        b"",
+    );
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(5, '\t').collect();
+            let rec =
+                CheckResult::from_json(f[3].as_bytes()).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (f[2].to_string(), rec)
+        })
+        .collect()
+}
+
+fn agent_config(dir: &TempDir, brokers: &str, topic: &str, targets: &str) -> std::path::PathBuf {
+    let text = format!(
+        "[agent]\nid = \"e2e\"\ninterval = \"300ms\"\ntimeout = \"2s\"\nconcurrency = 4\n\
+         jitter = \"0%\"\ndrain_timeout = \"10s\"\nstate_dir = \"{state}\"\n\
+         [kafka]\nbrokers = [\"{brokers}\"]\ntopic = \"{topic}\"\npartitions = 3\nlinger = \"20ms\"\n\
+         {targets}",
+        state = dir.path().join("state").display()
+    );
+    let p = dir.path().join("agent.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn three_targets(up: &HttpServer, down: &HttpServer) -> String {
+    format!(
+        "[[target]]\nid = \"up\"\nurl = \"{}\"\nregex = \"hello\"\n\
+         [[target]]\nid = \"notfound\"\nurl = \"{}\"\n\
+         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{}/\"\n",
+        up.url("/"),
+        down.url("/missing"),
+        closed_port()
+    )
+}
+
+#[test]
+fn agent_publishes_every_check_read_back_by_librdkafka() {
+    let broker = Broker::start();
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
+    let down = HttpServer::start(|_, _| Reply::status(404, "nope"));
+    let dir = TempDir::new("agent-e2e");
+    let cfg = agent_config(
+        &dir,
+        &broker.addr(),
+        "checks.e2e",
+        &three_targets(&up, &down),
+    );
+
+    let agent = start_agent(&cfg);
+    std::thread::sleep(Duration::from_secs(3));
+    let stderr = stop_agent(agent, Duration::from_secs(15));
+    let made = checks_made(&stderr);
+    assert!(
+        made >= 9,
+        "3 targets every 300 ms for 3 s: {made} checks\n{stderr}"
+    );
+
+    let records = topic_records(&broker.addr(), "checks.e2e");
+    let ids: HashSet<&str> = records.iter().map(|(_, r)| r.check_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        made,
+        "every check is in the topic, once per check_id"
+    );
+    let mut by_target: HashMap<&str, Vec<&CheckResult>> = HashMap::new();
+    for (key, r) in &records {
+        assert_eq!(key, &r.target, "Kafka key = target id");
+        assert_eq!(r.agent, "e2e");
+        by_target.entry(r.target.as_str()).or_default().push(r);
+    }
+    for r in &by_target["up"] {
+        assert!(
+            r.up && r.status == Some(200) && r.regex_matched == Some(true),
+            "{r:?}"
+        );
+    }
+    for r in &by_target["notfound"] {
+        assert_eq!(
+            (r.up, r.failure, r.status),
+            (false, Some(FailureReason::HttpStatus), Some(404))
+        );
+    }
+    for r in &by_target["closed"] {
+        assert_eq!((r.up, r.failure), (false, Some(FailureReason::Connect)));
+    }
+    // About one check per interval per target: no drift, no bursts.
+    for (t, rs) in &by_target {
+        assert!(
+            (5..=15).contains(&rs.len()),
+            "{t}: {} checks in ~3 s at 300 ms",
+            rs.len()
+        );
+    }
+}
+
+#[test]
+fn broker_outage_loses_nothing() {
+    // The agent talks to the broker through a proxy we can cut, so the broker (memory storage)
+    // keeps what it acknowledged while the agent sees a dead broker.
+    let proxy_port = crate::support::broker::free_port();
+    let broker_port = crate::support::broker::free_port();
+    let broker = Broker::start_with(broker_port, format!("127.0.0.1:{proxy_port}"), &[]);
+    let mut proxy = Proxy::start_on(proxy_port, broker.port);
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let down = HttpServer::start(|_, _| Reply::status(404, "nope"));
+    let dir = TempDir::new("agent-outage");
+    let brokers = format!("127.0.0.1:{proxy_port}");
+    let cfg = agent_config(&dir, &brokers, "checks.outage", &three_targets(&up, &down));
+
+    let agent = start_agent(&cfg);
+    std::thread::sleep(Duration::from_secs(2));
+    proxy.cut();
+    // Checks go on while the broker is unreachable: they land in the spool.
+    std::thread::sleep(Duration::from_secs(6));
+    let spool = dir.path().join("state/spool");
+    let spooled: u64 = std::fs::read_dir(&spool)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert!(
+        spooled > 0,
+        "records are spooled while the broker is unreachable"
+    );
+    proxy.resume();
+    std::thread::sleep(Duration::from_secs(6));
+    let stderr = stop_agent(agent, Duration::from_secs(20));
+    let made = checks_made(&stderr);
+
+    let records = topic_records(&brokers, "checks.outage");
+    let ids: HashSet<&str> = records.iter().map(|(_, r)| r.check_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        made,
+        "checks made = distinct records in the topic (at-least-once)\n{stderr}"
+    );
+    assert!(made >= 3 * 10, "{made}");
+}
+
+fn config_text(text: &str) -> Config {
+    Config::parse(text, std::path::Path::new("t.toml"), &|_| None).unwrap()
+}
+
+#[test]
+fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
+    // `slow` answers after 1.5 s with a 500 ms interval: its rounds overlap and are skipped;
+    // `fast` keeps its 200 ms rhythm regardless.
+    let slow = HttpServer::start(|_, _| {
+        std::thread::sleep(Duration::from_millis(1500));
+        Reply::status(200, "slow")
+    });
+    let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
+    let cfg = config_text(&format!(
+        "[agent]\nconcurrency = 2\ntimeout = \"5s\"\n\
+         [[target]]\nid = \"slow\"\nurl = \"{}\"\ninterval = \"500ms\"\n\
+         [[target]]\nid = \"fast\"\nurl = \"{}\"\ninterval = \"200ms\"\n",
+        slow.url("/"),
+        fast.url("/")
+    ));
+    let collector = Collector::new();
+    let shutdown = Shutdown::new();
+    let stopper = {
+        let s = shutdown.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(4));
+            s.trigger();
+        })
+    };
+    let summary = schedule::run(
+        Run {
+            mode: Mode::Forever,
+            targets: cfg.targets.clone(),
+            prober: Arc::new(Prober::new(&cfg.agent, RuleSet::default())),
+            concurrency: 2,
+            jitter: sitewatch::config::Jitter::Fixed(Duration::ZERO),
+            drain_timeout: Duration::from_secs(5),
+            shutdown,
+            health: Health::new(),
+            reloads: None,
+            on_status: None,
+        },
+        Box::new(collector.clone()),
+    );
+    stopper.join().unwrap();
+    let recs = collector.records();
+    let fast_n = recs.iter().filter(|r| r.target == "fast").count();
+    let slow_n = recs.iter().filter(|r| r.target == "slow").count();
+    assert!(
+        (14..=22).contains(&fast_n),
+        "fast: {fast_n} checks in 4 s at 200 ms"
+    );
+    assert!(
+        (2..=3).contains(&slow_n),
+        "slow: {slow_n} checks of 1.5 s each in 4 s"
+    );
+    assert!(summary.skipped_overlaps >= 3, "{summary:?}");
+    // Never two slow checks at once: each starts after the previous one (1.5 s) ended.
+    let starts: Vec<i64> = recs
+        .iter()
+        .filter(|r| r.target == "slow")
+        .map(|r| sitewatch::util::parse_rfc3339_ms(&r.started_at).unwrap())
+        .collect();
+    for w in starts.windows(2) {
+        assert!(w[1] - w[0] >= 1450, "slow checks overlapped: {starts:?}");
+    }
+    assert_eq!(summary.checks as usize, recs.len());
+    assert!(
+        recs.iter().all(|r| r.up),
+        "every check completed, none cut by shutdown"
+    );
+}
