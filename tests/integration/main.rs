@@ -9,4 +9,5 @@ mod cli;
 mod kafka;
 mod probe;
 mod rules;
+mod service;
 mod sink;
