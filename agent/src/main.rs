@@ -243,7 +243,7 @@ fn rule_command(rest: &[String]) -> Result<u8, Failure> {
 
 #[cfg(feature = "wasm")]
 fn rule_test(args: &[String]) -> Result<u8, Failure> {
-    let code = pending::rule_test_main(args, &mut std::io::stdout());
+    let code = sitewatch::rules::cli::rule_test_main(args, &mut std::io::stdout());
     Ok(code.clamp(0, 255) as u8)
 }
 
@@ -257,7 +257,7 @@ fn rule_test(_args: &[String]) -> Result<u8, Failure> {
 
 fn init_db(args: &Args) -> Result<u8, Failure> {
     let cfg = load(args)?;
-    pending::sink_init_db(&cfg).map_err(|e| Failure {
+    sitewatch::sink::init_db(&cfg).map_err(|e| Failure {
         code: exit::UNKNOWN,
         message: format!("init-db: {e}"),
     })?;
@@ -278,7 +278,8 @@ fn daemon_main(args: &Args) -> Result<u8, Failure> {
     let want_agent = args.command != "sink";
     let want_sink = args.command != "agent";
 
-    let mut threads = Vec::new();
+    let mut sink = None;
+    let mut sink_monitor = None;
     if want_sink {
         if cfg.postgres.is_none() || cfg.kafka.is_none() {
             return Err(Failure {
@@ -289,39 +290,74 @@ fn daemon_main(args: &Args) -> Result<u8, Failure> {
                 ),
             });
         }
-        let cfg = cfg.clone();
-        let shutdown = shutdown.clone();
-        threads.push(
+        let started =
+            sitewatch::sink::Sink::start_with_health(&cfg, &shutdown, &health).map_err(|e| {
+                Failure {
+                    code: exit::UNKNOWN,
+                    message: format!("sink: {e}"),
+                }
+            })?;
+        let started = Arc::new(started);
+        // A sink that stops on its own (e.g. the schema is missing) stops the process, so
+        // systemd's Restart= and the exit code tell the operator.
+        let (s, stop) = (started.clone(), shutdown.clone());
+        sink_monitor = Some(
             std::thread::Builder::new()
-                .name("sink".into())
+                .name("sink-monitor".into())
                 .spawn(move || {
-                    if let Err(e) = pending::sink_run(&cfg, &shutdown) {
-                        log::error!("sink: {e}");
-                        shutdown.trigger();
-                        return false;
+                    while !stop.sleep(Duration::from_millis(200)) {
+                        if s.is_finished() {
+                            stop.trigger();
+                        }
                     }
-                    true
                 })
                 .map_err(|e| Failure {
                     code: exit::UNKNOWN,
-                    message: format!("cannot start the sink: {e}"),
+                    message: format!("cannot start a thread: {e}"),
                 })?,
         );
+        sink = Some(started);
     }
 
-    let mut agent_result = Ok(());
-    if want_agent {
-        agent_result = agent_loop(&path, cfg.clone(), &signals, &health);
+    let agent_result = if want_agent {
+        let sink_status: Option<Box<dyn Fn() -> String + Send>> = sink
+            .clone()
+            .map(|s| Box::new(move || s.status().line()) as Box<dyn Fn() -> String + Send>);
+        agent_loop(&path, cfg.clone(), &signals, &health, sink_status)
     } else {
         notify::ready();
         service::start_watchdog(health.clone(), shutdown.clone());
-        while !shutdown.sleep(Duration::from_millis(500)) {}
-    }
+        log::info!(
+            "sink started for topic {}",
+            cfg.kafka.as_ref().map(|k| k.topic.as_str()).unwrap_or("")
+        );
+        let mut last = std::time::Instant::now();
+        while !shutdown.sleep(Duration::from_millis(500)) {
+            if let Some(s) = &sink
+                && last.elapsed() >= Duration::from_secs(5)
+            {
+                last = std::time::Instant::now();
+                notify::status(&s.status().line());
+            }
+        }
+        Ok(())
+    };
     notify::stopping();
     shutdown.trigger();
     let mut ok = agent_result.is_ok();
-    for t in threads {
-        ok &= t.join().unwrap_or(false);
+    if let Some(m) = sink_monitor {
+        let _ = m.join();
+    }
+    if let Some(s) = sink {
+        match Arc::try_unwrap(s) {
+            Ok(s) => {
+                if let Err(e) = s.join() {
+                    log::error!("sink: {e}");
+                    ok = false;
+                }
+            }
+            Err(_) => log::warn!("sink status still shared at exit; not joined"),
+        }
     }
     agent_result?;
     Ok(if ok { exit::OK } else { exit::UNKNOWN })
@@ -332,6 +368,7 @@ fn agent_loop(
     cfg: Arc<Config>,
     signals: &service::Signals,
     health: &Health,
+    sink_status: Option<Box<dyn Fn() -> String + Send>>,
 ) -> Result<(), Failure> {
     let Some(kafka) = cfg.kafka.clone() else {
         return Err(Failure {
@@ -422,8 +459,12 @@ fn agent_loop(
             health: health.clone(),
             reloads: Some(reload_rx),
             on_status: Some(Box::new(move |s, out| {
+                let sink = sink_status
+                    .as_ref()
+                    .map(|f| format!("; {}", f()))
+                    .unwrap_or_default();
                 notify::status(&format!(
-                    "{targets} targets; {} checks, {} up, {} down; {out}",
+                    "{targets} targets; {} checks, {} up, {} down; {out}{sink}",
                     s.checks, s.up, s.down
                 ));
             })),
@@ -442,21 +483,5 @@ fn agent_loop(
             message: e,
         }),
         None => Ok(()),
-    }
-}
-
-/// Placeholders until the Kafka, sink and rules modules land (replaced at merge).
-mod pending {
-    use sitewatch::config::Config;
-    use sitewatch::service::Shutdown;
-    pub fn sink_init_db(_: &Config) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    pub fn sink_run(_: &Config, _: &Shutdown) -> Result<(), String> {
-        Err("not built yet".into())
-    }
-    #[allow(dead_code)]
-    pub fn rule_test_main(_: &[String], _: &mut dyn std::io::Write) -> i32 {
-        3
     }
 }

@@ -210,3 +210,60 @@ pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+#[test]
+fn once_with_a_dropped_in_rule_shows_its_verdict_and_reason() {
+    // As a user would: copy an example rule into the rules directory, point targets at it.
+    let dir = TempDir::new("once-rule");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::copy(
+        crate::rules::examples().join("json_health.wasm"),
+        rules.join("json_health.wasm"),
+    )
+    .unwrap();
+    let site = crate::support::http::HttpServer::start(|req, _| match req.path.as_str() {
+        "/ok" => crate::support::http::Reply::status(200, r#"{"status":"ok"}"#),
+        _ => crate::support::http::Reply::status(200, r#"{"status":"degraded"}"#),
+    });
+    let cfg = write(
+        &dir,
+        "agent.toml",
+        &format!(
+            "[rules]\ndir = \"rules\"\n\
+             [[target]]\nid = \"healthy\"\nurl = \"{}\"\nrule = \"json_health.wasm\"\n\
+             [[target]]\nid = \"degraded\"\nurl = \"{}\"\nrule = \"json_health.wasm\"\n",
+            site.url("/ok"),
+            site.url("/bad")
+        ),
+    );
+    let o = run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(1), "one up, one down: {}", stderr(&o));
+    let recs = records(&o);
+    let get = |id: &str| recs.iter().find(|r| r.target == id).unwrap();
+    let (ok, bad) = (get("healthy"), get("degraded"));
+    assert!(ok.up && ok.rule_verdict.as_deref() == Some("up"), "{ok:?}");
+    assert_eq!(ok.rule.as_deref(), Some("json_health.wasm"));
+    assert_eq!(ok.rule_hash.as_ref().map(String::len), Some(16));
+    assert!(ok.rule_ms.is_some());
+    assert!(
+        !bad.up && bad.failure == Some(FailureReason::Rule),
+        "{bad:?}"
+    );
+    assert_eq!(bad.rule_verdict.as_deref(), Some("down"));
+    assert!(
+        bad.rule_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("degraded")),
+        "{bad:?}"
+    );
+}

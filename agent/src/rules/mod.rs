@@ -1,9 +1,15 @@
 //! Rules that decide whether a response is "up": the per-target regexes (compiled by
 //! [`crate::config`]) and drop-in WASM rules ([`RuleSet`]).
 //!
-//! The WASM engine lives in `wasm.rs` behind the `wasm` cargo feature. Without the feature a
-//! [`RuleSet`] loads nothing and every evaluation is a rule error (config validation already
-//! refuses targets that name a rule in that build).
+//! The WASM engine lives in `wasm.rs` behind the `wasm` cargo feature; the ABI it speaks is
+//! written down in `rules/README.md`. `cli.rs` is `sitewatch rule test`. Without the feature a
+//! [`RuleSet`] loads nothing and every evaluation is a rule error saying so (config validation
+//! already refuses targets that name a rule in that build).
+//!
+//! Architecture invariants: a rule cannot run longer than `rules.deadline` (plus one epoch
+//! tick) nor use more than `rules.memory_limit`; a rule that fails to load or to run is a
+//! [`RuleError`] for the checks that use it and never stops the agent; a reload never leaves a
+//! target without the last good version of its rule.
 
 use std::path::Path;
 
@@ -79,31 +85,113 @@ pub struct RuleSet {
     #[cfg(feature = "wasm")]
     #[allow(dead_code)] // filled by the WASM engine
     inner: Option<std::sync::Arc<wasm::Engine>>,
+    /// Why the engine did not start (then every evaluation is a rule error saying so).
+    #[cfg(feature = "wasm")]
+    startup_error: Option<std::sync::Arc<str>>,
 }
+
+#[cfg(not(feature = "wasm"))]
+const NO_WASM: &str = "WASM rules are not available in this build (feature `wasm` is off)";
 
 impl RuleSet {
     /// Loads every rule named in `names` from `cfg.dir`. A rule that fails to load is logged and
     /// remembered as an error: targets using it record `failure = "rule"`; the agent goes on.
     pub fn load(cfg: &RulesConfig, names: &[&str]) -> RuleSet {
-        let _ = (cfg, names);
-        RuleSet::default()
+        #[cfg(feature = "wasm")]
+        {
+            match wasm::Engine::new(cfg) {
+                Ok(engine) => {
+                    engine.reload(names);
+                    RuleSet {
+                        inner: Some(engine),
+                        startup_error: None,
+                    }
+                }
+                Err(e) => {
+                    log::error!("rules: {e}; every target with a rule records failure \"rule\"");
+                    RuleSet {
+                        inner: None,
+                        startup_error: Some(e.into()),
+                    }
+                }
+            }
+        }
+        #[cfg(not(feature = "wasm"))]
+        {
+            if !names.is_empty() {
+                log::error!("rules in {}: {NO_WASM}", cfg.dir.display());
+            }
+            RuleSet::default()
+        }
     }
 
-    /// Re-reads the rules directory (SIGHUP). Changed files are recompiled; broken ones keep
-    /// the previous version.
+    /// Re-reads the named rules (SIGHUP) on the caller's thread. Files whose content hash
+    /// changed are recompiled and swapped in atomically; a broken new file is logged and the
+    /// previous version keeps serving; names no longer listed are dropped.
     pub fn reload(&self, names: &[&str]) {
+        #[cfg(feature = "wasm")]
+        if let Some(engine) = &self.inner {
+            engine.reload(names);
+        }
         let _ = names;
+    }
+
+    /// Polls the named rule files every `every` on a thread named `rule-watch` and reloads
+    /// what changed (by content hash: rules are a few KB, so reading them is cheaper than
+    /// trusting mtimes, which in-place copies may keep). A broken file is logged once. The
+    /// thread ends when `stop` is set (checked every `every`).
+    pub fn watch(
+        &self,
+        names: Vec<String>,
+        every: std::time::Duration,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let rules = self.clone();
+        std::thread::Builder::new()
+            .name("rule-watch".into())
+            .spawn(move || {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(every);
+                    rules.reload(&names);
+                }
+            })
     }
 
     /// Runs rule `name` on one response, within the deadline and memory limit.
     pub fn evaluate(&self, name: &str, input: &RuleInput<'_>) -> Result<RuleOutcome, RuleError> {
+        let start = std::time::Instant::now();
+        #[cfg(feature = "wasm")]
+        let result = match &self.inner {
+            Some(engine) => engine.evaluate(name, input),
+            None => Err((None, self.no_engine())),
+        };
+        #[cfg(not(feature = "wasm"))]
+        let result = Err((None, NO_WASM.to_string()));
         let _ = input;
-        Err(RuleError {
-            rule: name.to_string(),
-            hash: None,
-            message: "WASM rules are not available in this build (feature `wasm` is off)".into(),
-            elapsed_ms: 0.0,
-        })
+        result.map_err(|(hash, message)| rule_error(name, hash, message, start))
+    }
+
+    /// Whether rule `name` is ready to serve: its module hash, or the load error the targets
+    /// using it will record.
+    pub fn loaded(&self, name: &str) -> Result<String, RuleError> {
+        let start = std::time::Instant::now();
+        #[cfg(feature = "wasm")]
+        let result = match &self.inner {
+            Some(engine) => engine.loaded(name).map(|rule| rule.hash.clone()),
+            None => Err((None, self.no_engine())),
+        };
+        #[cfg(not(feature = "wasm"))]
+        let result = Err((None, NO_WASM.to_string()));
+        result.map_err(|(hash, message)| rule_error(name, hash, message, start))
+    }
+
+    #[cfg(feature = "wasm")]
+    fn no_engine(&self) -> String {
+        match &self.startup_error {
+            Some(e) => e.to_string(),
+            None => "no rules were loaded (RuleSet::load was not called)".into(),
+        }
     }
 
     /// The directory rules are read from, for messages.
@@ -112,5 +200,50 @@ impl RuleSet {
     }
 }
 
+pub mod cli;
+
+fn rule_error(
+    name: &str,
+    hash: Option<String>,
+    message: String,
+    start: std::time::Instant,
+) -> RuleError {
+    RuleError {
+        rule: name.to_string(),
+        hash,
+        message,
+        elapsed_ms: crate::util::ms(start.elapsed()),
+    }
+}
 #[cfg(feature = "wasm")]
 pub mod wasm;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_rules_every_evaluation_is_a_clear_rule_error() {
+        let rules = RuleSet::default();
+        let input = RuleInput {
+            status: 200,
+            elapsed_ms: 1,
+            body_truncated: false,
+            tls: false,
+            url: "http://127.0.0.1/",
+            headers: &[],
+            body: b"",
+            error: None,
+        };
+        let err = rules.evaluate("x.wasm", &input).unwrap_err();
+        assert_eq!(err.rule, "x.wasm");
+        assert_eq!(err.hash, None);
+        let expected = if cfg!(feature = "wasm") {
+            "no rules were loaded"
+        } else {
+            "feature `wasm` is off"
+        };
+        assert!(err.message.contains(expected), "{}", err.message);
+        assert_eq!(rules.loaded("x.wasm").unwrap_err().message, err.message);
+    }
+}

@@ -1,0 +1,667 @@
+//! The consume loop: a coordinator thread that owns partitions (advisory locks) and one worker
+//! thread per owned partition that fetches, decodes and writes.
+//!
+//! Threads: `sink` (the coordinator: lock session, partition list, maintenance) and
+//! `sink-p<N>` (one per owned partition, each with its own Kafka client and PostgreSQL
+//! connection). Shutdown: the coordinator stops the workers, each finishes the batch it is
+//! writing (commit or rollback), and the coordinator joins them; the lock session closes last.
+//!
+//! Architecture Invariant: the position a worker fetches from is always re-read from
+//! `sink_offsets` after any PostgreSQL error, so an in-doubt commit (connection lost during
+//! COMMIT) can neither skip nor repeat records.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::owner::Ownership;
+use super::writer::Writer;
+use super::{SinkError, db, schema};
+use crate::config::{Config, KafkaConfig, PostgresConfig};
+use crate::kafka::{self, KafkaError};
+use crate::service::{Health, Heartbeat, Shutdown};
+
+/// How often unowned partitions are retried: the bound on takeover after a sink dies.
+pub const TAKEOVER_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the partition list is re-read (a topic can grow).
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
+/// How often partitions are created ahead and expired ones dropped.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long a fetch waits for new records: also the bound on a worker's reaction to stop.
+const FETCH_WAIT: Duration = Duration::from_millis(500);
+
+/// The fetch size for a transaction of about `batch_size` records (~1 KiB each), within
+/// 64 KiB..16 MiB. A Kafka batch larger than this still comes whole (the broker always returns
+/// the first batch).
+pub fn fetch_max_bytes(batch_size: usize) -> i32 {
+    (batch_size.saturating_mul(1024)).clamp(64 * 1024, 16 * 1024 * 1024) as i32
+}
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Progress of one owned partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// The committed next offset (`None` before the first commit).
+    pub next_offset: Option<i64>,
+    /// The partition's high watermark at the last fetch.
+    pub high_watermark: i64,
+    pub rows: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+}
+
+/// What the sink is doing, for `STATUS=` and the tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkStatus {
+    pub topic: String,
+    /// Owned partitions.
+    pub partitions: BTreeMap<i32, PartitionStatus>,
+}
+
+impl SinkStatus {
+    /// Records in Kafka not yet committed to PostgreSQL, over the owned partitions.
+    pub fn lag(&self) -> i64 {
+        self.partitions
+            .values()
+            .map(|p| (p.high_watermark - p.next_offset.unwrap_or(0)).max(0))
+            .sum()
+    }
+
+    /// One line: `sink: sitewatch.checks partitions 0,1 lag 0; 2000 rows, 1 dead letter`.
+    pub fn line(&self) -> String {
+        let parts: Vec<String> = self.partitions.keys().map(|p| p.to_string()).collect();
+        let (rows, dead) = self
+            .partitions
+            .values()
+            .fold((0, 0), |(r, d), p| (r + p.rows, d + p.dead_letters));
+        format!(
+            "sink: {} partitions {} lag {}; {rows} rows, {dead} dead letters",
+            self.topic,
+            if parts.is_empty() {
+                "none".to_string()
+            } else {
+                parts.join(",")
+            },
+            self.lag()
+        )
+    }
+}
+
+type SharedStatus = Arc<Mutex<SinkStatus>>;
+
+fn update(status: &SharedStatus, f: impl FnOnce(&mut SinkStatus)) {
+    // A poisoned lock only means a worker panicked mid-update; the numbers are still usable.
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut s);
+}
+
+/// A running sink: the coordinator thread and its workers.
+pub struct Sink {
+    coordinator: JoinHandle<Result<(), SinkError>>,
+    status: SharedStatus,
+}
+
+impl Sink {
+    /// Checks what retrying cannot fix (missing config sections, TLS setup, missing schema)
+    /// and starts the coordinator. A database or broker that is down is not an error here: the
+    /// sink retries until it answers.
+    pub fn start(cfg: &Config, shutdown: &Shutdown) -> Result<Sink, SinkError> {
+        Sink::start_with_health(cfg, shutdown, &Health::new())
+    }
+
+    /// As [`Sink::start`], registering the coordinator and every partition worker with
+    /// `health`, so the systemd watchdog sees a stuck sink thread.
+    pub fn start_with_health(
+        cfg: &Config,
+        shutdown: &Shutdown,
+        health: &Health,
+    ) -> Result<Sink, SinkError> {
+        let pg = cfg.postgres.clone().ok_or(SinkError::NotConfigured {
+            section: "postgres",
+        })?;
+        let kafka = cfg
+            .kafka
+            .clone()
+            .ok_or(SinkError::NotConfigured { section: "kafka" })?;
+        match db::connect(&pg, "sitewatch sink") {
+            Ok(mut client) => schema::require(&mut client, &pg.url)?,
+            Err(e @ SinkError::Tls { .. }) => return Err(e),
+            Err(e) => log::warn!(target: "sitewatch::sink", "{e}; retrying"),
+        }
+        let status = Arc::new(Mutex::new(SinkStatus {
+            topic: kafka.topic.clone(),
+            ..SinkStatus::default()
+        }));
+        let coordinator = Coordinator {
+            pg,
+            kafka,
+            shutdown: shutdown.clone(),
+            status: status.clone(),
+            workers: BTreeMap::new(),
+            hb: health.register("sink"),
+            health: health.clone(),
+            worker_beats: BTreeMap::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("sink".into())
+            .spawn(move || coordinator.run())
+            .map_err(|e| SinkError::Internal {
+                message: format!("cannot start the sink thread: {e}"),
+            })?;
+        Ok(Sink {
+            coordinator: thread,
+            status,
+        })
+    }
+
+    /// A snapshot of the owned partitions and their progress.
+    pub fn status(&self) -> SinkStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True once the sink has stopped (shutdown, or an error retrying cannot fix).
+    pub fn is_finished(&self) -> bool {
+        self.coordinator.is_finished()
+    }
+
+    /// Waits until the sink stops (after the shutdown it was started with is triggered).
+    pub fn join(self) -> Result<(), SinkError> {
+        self.coordinator.join().unwrap_or_else(|_| {
+            Err(SinkError::Internal {
+                message: "the sink thread panicked".into(),
+            })
+        })
+    }
+}
+
+/// `sitewatch sink`: consumes until `shutdown` is triggered.
+pub fn run(cfg: &Config, shutdown: &Shutdown) -> Result<(), SinkError> {
+    Sink::start(cfg, shutdown)?.join()
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// Exponential backoff between retries, reset after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(BACKOFF_MIN)
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = BACKOFF_MIN;
+    }
+}
+
+struct WorkerHandle {
+    stop: Shutdown,
+    thread: JoinHandle<Result<(), SinkError>>,
+}
+
+struct Coordinator {
+    pg: PostgresConfig,
+    kafka: KafkaConfig,
+    shutdown: Shutdown,
+    status: SharedStatus,
+    workers: BTreeMap<i32, WorkerHandle>,
+    health: Health,
+    hb: Heartbeat,
+    /// One heartbeat per partition ever owned, reused when a partition comes back.
+    worker_beats: BTreeMap<i32, Heartbeat>,
+}
+
+impl Coordinator {
+    fn run(mut self) -> Result<(), SinkError> {
+        let topic = self.kafka.topic.clone();
+        let mut owner: Option<Ownership> = None;
+        let mut meta: Option<kafka::Client> = None;
+        let mut partitions: Vec<i32> = Vec::new();
+        let mut partitions_at: Option<Instant> = None;
+        let mut maintained_at: Option<Instant> = None;
+        let mut backoff = Backoff::new();
+        while !self.shutdown.is_triggered() {
+            self.hb.beat();
+            self.reap(&mut owner);
+            let session = match owner.as_mut() {
+                Some(o) => o,
+                None => match db::connect(&self.pg, "sitewatch sink locks") {
+                    Ok(mut c) => {
+                        // Started while the database was down: check now what start() could
+                        // not. A missing schema is not something retrying fixes.
+                        if let Err(e @ SinkError::SchemaMissing { .. }) =
+                            schema::require(&mut c, &self.pg.url)
+                        {
+                            self.stop_all();
+                            return Err(e);
+                        }
+                        owner.insert(Ownership::new(c, &topic))
+                    }
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::sink", "lock session: {e}");
+                        self.shutdown.sleep(backoff.next());
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = session.check_alive() {
+                // Every lock went with the session: another sink may own our partitions now.
+                log::warn!(target: "sitewatch::sink", "lock session lost ({e}); stopping workers");
+                self.stop_all();
+                owner = None;
+                self.shutdown.sleep(backoff.next());
+                continue;
+            }
+            if partitions_at.is_none_or(|t| t.elapsed() >= PARTITIONS_REFRESH) {
+                match self.partitions(&mut meta) {
+                    Ok(list) => {
+                        if list != partitions {
+                            log::info!(target: "sitewatch::sink", "topic {topic}: partitions {list:?}");
+                        }
+                        partitions = list;
+                        partitions_at = Some(Instant::now());
+                    }
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::sink", "topic {topic}: {e}; retrying");
+                        meta = None;
+                    }
+                }
+            }
+            match self.balance(session, &partitions) {
+                Ok(()) => {}
+                Err(e) => {
+                    log::warn!(target: "sitewatch::sink", "lock session: {e}");
+                    self.stop_all();
+                    owner = None;
+                    continue;
+                }
+            }
+            if maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
+                match self.maintain() {
+                    Ok(()) => maintained_at = Some(Instant::now()),
+                    // Retried on a later pass; partitions are also created on demand.
+                    Err(e) => log::warn!(target: "sitewatch::sink", "maintenance: {e}"),
+                }
+            }
+            backoff.reset();
+            self.shutdown.sleep(TAKEOVER_INTERVAL);
+        }
+        self.stop_all();
+        self.hb.idle();
+        Ok(())
+    }
+
+    /// Takes free partitions up to this sink's fair share, or gives one up when it holds more
+    /// than its share (another sink joined). One release per pass keeps the hand-over gradual.
+    fn balance(&mut self, session: &mut Ownership, partitions: &[i32]) -> Result<(), SinkError> {
+        if partitions.is_empty() {
+            // Not joined before the partition list is known: a sink that cannot reach Kafka
+            // must not count as a member and shrink the others' share.
+            return Ok(());
+        }
+        session.join_group()?;
+        let members = session.members()?.max(1) as usize;
+        let share = partitions.len().div_ceil(members);
+        if self.workers.len() > share {
+            if let Some((&p, _)) = self.workers.iter().next_back() {
+                self.stop_worker(p);
+                session.release(p)?;
+                log::info!(target: "sitewatch::sink", "{}/{p}: released to another sink ({members} sinks)", self.kafka.topic);
+            }
+            return Ok(());
+        }
+        for &p in partitions {
+            if self.workers.len() >= share {
+                break;
+            }
+            if !self.workers.contains_key(&p) && session.try_acquire(p)? {
+                self.spawn(p);
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_worker(&mut self, partition: i32) {
+        if let Some(w) = self.workers.remove(&partition) {
+            w.stop.trigger();
+            self.join_worker(partition, w);
+        }
+    }
+
+    /// Waits for a worker that was told to stop (or ended) and logs how it ended.
+    fn join_worker(&self, partition: i32, w: WorkerHandle) {
+        match w.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!(target: "sitewatch::sink", "partition {partition}: {e}"),
+            Err(_) => {
+                log::error!(target: "sitewatch::sink", "partition {partition}: worker panicked")
+            }
+        }
+        update(&self.status, |s| {
+            s.partitions.remove(&partition);
+        });
+    }
+
+    fn partitions(&self, meta: &mut Option<kafka::Client>) -> Result<Vec<i32>, KafkaError> {
+        let client = match meta {
+            Some(c) => c,
+            None => meta.insert(kafka::Client::connect(&self.kafka)?),
+        };
+        if self.kafka.create_topic {
+            client.ensure_topic(
+                &self.kafka.topic,
+                self.kafka.partitions,
+                self.kafka.replication_factor,
+            )?;
+        }
+        client.partitions(&self.kafka.topic)
+    }
+
+    fn maintain(&self) -> Result<(), SinkError> {
+        let mut client = db::connect(&self.pg, "sitewatch sink maintenance")?;
+        let done = schema::maintain(&mut client, self.pg.retention, crate::util::unix_ms_now())?;
+        for name in &done.dropped_partitions {
+            log::info!(target: "sitewatch::sink", "retention: dropped {name}");
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, partition: i32) {
+        let stop = Shutdown::new();
+        let health = &self.health;
+        let hb = self
+            .worker_beats
+            .entry(partition)
+            .or_insert_with(|| health.register(&format!("sink-p{partition}")))
+            .clone();
+        hb.beat();
+        let worker = Worker {
+            hb,
+            partition,
+            pg: self.pg.clone(),
+            kafka: self.kafka.clone(),
+            stop: stop.clone(),
+            status: self.status.clone(),
+        };
+        update(&self.status, |s| {
+            s.partitions.insert(partition, PartitionStatus::default());
+        });
+        match std::thread::Builder::new()
+            .name(format!("sink-p{partition}"))
+            .spawn(move || worker.run())
+        {
+            Ok(thread) => {
+                log::info!(target: "sitewatch::sink", "{}/{partition}: owned", self.kafka.topic);
+                self.workers
+                    .insert(partition, WorkerHandle { stop, thread });
+            }
+            Err(e) => {
+                log::error!(target: "sitewatch::sink", "cannot start a worker thread: {e}");
+                update(&self.status, |s| {
+                    s.partitions.remove(&partition);
+                });
+            }
+        }
+    }
+
+    /// Joins workers that ended on their own (fenced, or a panic) and gives their partitions
+    /// up, so they are retried (here or by another sink).
+    fn reap(&mut self, owner: &mut Option<Ownership>) {
+        let done: Vec<i32> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.thread.is_finished())
+            .map(|(&p, _)| p)
+            .collect();
+        for p in done {
+            let Some(w) = self.workers.remove(&p) else {
+                continue;
+            };
+            self.join_worker(p, w);
+            if let Some(o) = owner.as_mut()
+                && o.release(p).is_err()
+            {
+                *owner = None;
+                self.stop_all();
+                return;
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for w in self.workers.values() {
+            w.stop.trigger();
+        }
+        for (p, w) in std::mem::take(&mut self.workers) {
+            self.join_worker(p, w);
+        }
+    }
+}
+
+struct Worker {
+    hb: Heartbeat,
+    partition: i32,
+    pg: PostgresConfig,
+    kafka: KafkaConfig,
+    stop: Shutdown,
+    status: SharedStatus,
+}
+
+impl Worker {
+    fn run(self) -> Result<(), SinkError> {
+        let topic = self.kafka.topic.as_str();
+        let p = self.partition;
+        let mut writer: Option<Writer> = None;
+        let mut client: Option<kafka::Client> = None;
+        // `from`: the stored offset as last read or committed; `position`: where to fetch.
+        let mut from: Option<i64> = None;
+        let mut position: Option<i64> = None;
+        let mut backoff = Backoff::new();
+        // About `batch_size` records of ~1 KiB per fetch (a fetch is one transaction).
+        let max_bytes = fetch_max_bytes(self.pg.batch_size);
+        // Idle (never "stuck") once this worker ends, whatever the way out.
+        let hb = self.hb.clone();
+        let _idle_on_exit = OnDrop(move || hb.idle());
+        while !self.stop.is_triggered() {
+            // Every pass is bounded (fetch wait, statement and socket timeouts, backoff ≤ 10 s).
+            self.hb.beat();
+            let w = match writer.as_mut() {
+                Some(w) => w,
+                None => match self.open_writer() {
+                    Ok((w, stored)) => {
+                        from = stored;
+                        position = stored;
+                        update(&self.status, |s| {
+                            if let Some(st) = s.partitions.get_mut(&p) {
+                                st.next_offset = stored;
+                            }
+                        });
+                        writer.insert(w)
+                    }
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
+                        self.stop.sleep(backoff.next());
+                        continue;
+                    }
+                },
+            };
+            let k = match client.as_mut() {
+                Some(k) => k,
+                None => match kafka::Client::connect(&self.kafka) {
+                    Ok(k) => client.insert(k),
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
+                        self.stop.sleep(backoff.next());
+                        continue;
+                    }
+                },
+            };
+            let pos = match position {
+                Some(pos) => pos,
+                None => match k.earliest_offset(topic, p) {
+                    Ok(o) => *position.insert(o),
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
+                        client = None;
+                        self.stop.sleep(backoff.next());
+                        continue;
+                    }
+                },
+            };
+            let fetched = match k.fetch(topic, p, pos, max_bytes, FETCH_WAIT) {
+                Ok(f) => {
+                    log::trace!(
+                        target: "sitewatch::sink",
+                        "{topic}/{p}: fetch at {pos}: {} records {:?}..{:?}, next {}, high watermark {}",
+                        f.records.len(), f.records.first().map(|r| r.offset),
+                        f.records.last().map(|r| r.offset), f.next_offset, f.high_watermark
+                    );
+                    f
+                }
+                Err(KafkaError::OffsetOutOfRange { .. }) => {
+                    // Retention removed records we never read, or the topic was recreated.
+                    match k.earliest_offset(topic, p) {
+                        Ok(o) => {
+                            log::warn!(target: "sitewatch::sink", "{topic}/{p}: offset {pos} out of range; resuming at {o}");
+                            position = Some(o);
+                        }
+                        Err(e) => {
+                            log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
+                            client = None;
+                            self.stop.sleep(backoff.next());
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    log::warn!(target: "sitewatch::sink", "{topic}/{p}: fetch: {e}; retrying");
+                    client = None;
+                    self.stop.sleep(backoff.next());
+                    continue;
+                }
+            };
+            update(&self.status, |s| {
+                if let Some(st) = s.partitions.get_mut(&p) {
+                    st.high_watermark = fetched.high_watermark;
+                }
+            });
+            let mut records = fetched.records;
+            records.retain(|r| r.offset >= pos);
+            let Some(last) = records.last().map(|r| r.offset) else {
+                // Only control batches (or nothing): move past them without a write.
+                if fetched.next_offset > pos {
+                    position = Some(fetched.next_offset);
+                }
+                continue;
+            };
+            // One fetch, one transaction, committed at the end of the fetch's last complete
+            // batch. Never split a fetch: resuming in the middle of a Kafka record batch is
+            // legal, but tansu then answers from the *next* batch, silently skipping the rest
+            // of the one we were in (seen in the PostgreSQL-restart test). The fetch size
+            // (from `batch_size`) bounds the transaction instead.
+            let end = fetched.next_offset.max(last + 1);
+            match w.write(from, &records, end) {
+                Ok(outcome) => {
+                    log::debug!(
+                        target: "sitewatch::sink",
+                        "{topic}/{p}: committed {from:?}..{}: {} rows, {} duplicates, {} dead letters",
+                        outcome.next_offset, outcome.inserted, outcome.duplicates, outcome.dead_letters
+                    );
+                    from = Some(outcome.next_offset);
+                    position = Some(outcome.next_offset);
+                    backoff.reset();
+                    update(&self.status, |s| {
+                        if let Some(st) = s.partitions.get_mut(&p) {
+                            st.next_offset = Some(outcome.next_offset);
+                            st.rows += outcome.inserted;
+                            st.duplicates += outcome.duplicates;
+                            st.dead_letters += outcome.dead_letters;
+                        }
+                    });
+                }
+                Err(e @ SinkError::Fenced { .. }) => return Err(e),
+                Err(e) => {
+                    // The commit may or may not have happened: reconnect and re-read.
+                    log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; reconnecting");
+                    writer = None;
+                    self.stop.sleep(backoff.next());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn open_writer(&self) -> Result<(Writer, Option<i64>), SinkError> {
+        let client = db::connect(&self.pg, &format!("sitewatch sink p{}", self.partition))?;
+        let mut w = Writer::new(client, &self.kafka.topic, self.partition, self.pg.retention)?;
+        let stored = w.stored_offset()?;
+        Ok((w, stored))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_and_lag() {
+        let mut s = SinkStatus {
+            topic: "checks".into(),
+            ..SinkStatus::default()
+        };
+        assert_eq!(
+            s.line(),
+            "sink: checks partitions none lag 0; 0 rows, 0 dead letters"
+        );
+        let part = |next: Option<i64>, hw: i64, rows: u64, dead: u64| PartitionStatus {
+            next_offset: next,
+            high_watermark: hw,
+            rows,
+            duplicates: 0,
+            dead_letters: dead,
+        };
+        s.partitions.insert(0, part(Some(90), 100, 80, 1));
+        s.partitions.insert(2, part(None, 5, 0, 0));
+        s.partitions.insert(3, part(Some(7), 7, 7, 0));
+        assert_eq!(s.lag(), 15);
+        assert_eq!(
+            s.line(),
+            "sink: checks partitions 0,2,3 lag 15; 87 rows, 1 dead letters"
+        );
+    }
+
+    #[test]
+    fn fetch_size_follows_batch_size_within_bounds() {
+        let check = |batch: usize, bytes: i32| assert_eq!(fetch_max_bytes(batch), bytes, "{batch}");
+        check(1, 64 * 1024);
+        check(5000, 5000 * 1024);
+        check(100_000, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff::new();
+        let seen: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seen, vec![250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
+        b.reset();
+        assert_eq!(b.next(), BACKOFF_MIN);
+    }
+}

@@ -1,0 +1,210 @@
+-- sitewatch schema for PostgreSQL 12+ (tested on 15).
+--
+-- Applied by `sitewatch init-db` (inside one transaction, under an advisory lock, so two
+-- concurrent runs serialize). Every statement is idempotent: IF NOT EXISTS for tables,
+-- indexes and columns, CREATE OR REPLACE for functions and views. An upgrade adds statements
+-- at the end (ALTER TABLE ... ADD COLUMN IF NOT EXISTS ...) and bumps schema_version; running
+-- the whole file again on an existing database is always safe.
+--
+-- Nothing here is partition-specific at write time: the sink creates daily partitions of
+-- `checks` ahead of time with sitewatch_ensure_check_partition() and drops expired ones with
+-- sitewatch_drop_check_partitions().
+
+CREATE TABLE IF NOT EXISTS sitewatch_schema (
+    version    integer     PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Targets as last seen in the records (the sink upserts them with each batch).
+CREATE TABLE IF NOT EXISTS targets (
+    id         text        PRIMARY KEY,
+    url        text        NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    last_agent text        NOT NULL
+);
+
+-- One row per check record (sitewatch::result::CheckResult, schema v1), every field a typed
+-- column; timings.* become *_ms columns.
+--
+-- Dedupe: a unique constraint on a partitioned table must include the partition key, so the
+-- key is (check_id, started_at). started_at is part of the immutable record, so a redelivered
+-- record always has the same pair and `ON CONFLICT DO NOTHING` drops it; a separate dedupe
+-- table would cost a second index write per row and need its own retention.
+CREATE TABLE IF NOT EXISTS checks (
+    check_id        text             NOT NULL,
+    started_at      timestamptz      NOT NULL,
+    target          text             NOT NULL,
+    url             text             NOT NULL,
+    agent           text             NOT NULL,
+    agent_version   text             NOT NULL,
+    v               integer          NOT NULL,
+    up              boolean          NOT NULL,
+    failure         text,            -- null when up; dns, connect, tls, timeout, http_status, ...
+    error           text,
+    attempt         bigint           NOT NULL,
+    method          text             NOT NULL,
+    status          integer,
+    http_version    text,
+    final_url       text,
+    redirects       bigint           NOT NULL,
+    remote_ip       text,
+    body_bytes      bigint           NOT NULL,
+    body_truncated  boolean          NOT NULL,
+    total_ms        double precision NOT NULL,
+    dns_ms          double precision,
+    connect_ms      double precision,
+    tls_ms          double precision,
+    ttfb_ms         double precision,
+    transfer_ms     double precision,
+    tls_version     text,
+    cert_not_after  timestamptz,
+    cert_days_left  double precision,
+    cert_issuer     text,
+    regex           text,
+    regex_matched   boolean,
+    rule            text,
+    rule_hash       text,
+    rule_verdict    text,
+    rule_reason     text,
+    rule_extra      jsonb,
+    rule_ms         double precision,
+    tags            text[]           NOT NULL DEFAULT '{}',
+    -- Where the sink read the record: lets an operator trace a row back to the topic.
+    kafka_partition integer          NOT NULL,
+    kafka_offset    bigint           NOT NULL,
+    inserted_at     timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (check_id, started_at)
+) PARTITION BY RANGE (started_at);
+
+-- "Latest per target" and "a target over a time range" (both walk this index backwards).
+CREATE INDEX IF NOT EXISTS checks_target_time ON checks (target, started_at DESC);
+-- Down checks are rare: a small partial index answers "when was it last down" for the
+-- current_state view without scanning every up row.
+CREATE INDEX IF NOT EXISTS checks_target_down ON checks (target, started_at DESC) WHERE NOT up;
+
+-- Where each (topic, partition) resumes: written in the same transaction as the rows.
+CREATE TABLE IF NOT EXISTS sink_offsets (
+    topic       text        NOT NULL,
+    partition   integer     NOT NULL,
+    next_offset bigint      NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+);
+
+-- Messages that did not decode or validate, with the reason. value holds at most the first
+-- 64 KiB of the message (value_bytes says how long it was), so a hostile producer cannot
+-- bloat the database through this table.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    topic        text        NOT NULL,
+    partition    integer     NOT NULL,
+    "offset"     bigint      NOT NULL,
+    kafka_ts     timestamptz,
+    key          bytea,
+    value        bytea,
+    value_bytes  integer,
+    error        text        NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS dead_letters_received ON dead_letters (received_at);
+
+-- Creates the daily partition of `checks` holding `day` (UTC) unless it exists. Serialized by
+-- a transaction-level advisory lock so concurrent sinks do not race on the catalog.
+CREATE OR REPLACE FUNCTION sitewatch_ensure_check_partition(day date) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    name text := 'checks_p' || to_char(day, 'YYYYMMDD');
+BEGIN
+    IF to_regclass(quote_ident(name)) IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('sitewatch.check_partitions'));
+        EXECUTE format(
+            'CREATE TABLE IF NOT EXISTS %I PARTITION OF checks FOR VALUES FROM (%L) TO (%L)',
+            name,
+            (day::timestamp AT TIME ZONE 'UTC'),
+            ((day + 1)::timestamp AT TIME ZONE 'UTC'));
+    END IF;
+    RETURN name;
+END
+$$;
+
+-- Drops the daily partitions whose whole day ends at or before `older_than`; returns their
+-- names. Only tables named by sitewatch_ensure_check_partition are considered.
+CREATE OR REPLACE FUNCTION sitewatch_drop_check_partitions(older_than timestamptz)
+RETURNS SETOF text
+LANGUAGE plpgsql AS $$
+DECLARE
+    part record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('sitewatch.check_partitions'));
+    FOR part IN
+        SELECT c.relname
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'checks'::regclass AND c.relname ~ '^checks_p[0-9]{8}$'
+        ORDER BY c.relname
+    LOOP
+        IF ((to_date(substr(part.relname, 9), 'YYYYMMDD') + 1)::timestamp AT TIME ZONE 'UTC')
+                <= older_than THEN
+            EXECUTE format('DROP TABLE %I', part.relname);
+            RETURN NEXT part.relname;
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- Current state per target: the last check, and since when the target has been in that state
+-- (the first check after the last one in the other state; the first check ever if none).
+CREATE OR REPLACE VIEW target_status AS
+SELECT t.id                                        AS target,
+       t.url,
+       last.started_at                             AS last_check,
+       last.up,
+       last.failure,
+       last.error,
+       last.status,
+       last.total_ms,
+       last.agent,
+       COALESCE(since.started_at, first.started_at) AS since,
+       now() - COALESCE(since.started_at, first.started_at) AS for_duration
+FROM targets t
+CROSS JOIN LATERAL (
+    SELECT c.started_at, c.up, c.failure, c.error, c.status, c.total_ms, c.agent
+    FROM checks c WHERE c.target = t.id
+    ORDER BY c.started_at DESC LIMIT 1
+) last
+LEFT JOIN LATERAL (
+    -- The last check in the other state: via the partial index when the target is up now.
+    SELECT c.started_at FROM checks c
+    WHERE c.target = t.id AND c.up = NOT last.up
+    ORDER BY c.started_at DESC LIMIT 1
+) flip ON true
+LEFT JOIN LATERAL (
+    SELECT c.started_at FROM checks c
+    WHERE c.target = t.id AND c.started_at > flip.started_at
+    ORDER BY c.started_at ASC LIMIT 1
+) since ON true
+LEFT JOIN LATERAL (
+    SELECT c.started_at FROM checks c
+    WHERE c.target = t.id AND flip.started_at IS NULL
+    ORDER BY c.started_at ASC LIMIT 1
+) first ON true;
+
+-- Uptime and latency (timings.total, every check counted) per target over the last hour, day
+-- and week: one row per (target, window) with checks in that window.
+CREATE OR REPLACE VIEW target_uptime AS
+SELECT c.target,
+       w.name                                                         AS period,
+       count(*)                                                       AS checks,
+       count(*) FILTER (WHERE c.up)                                   AS up_checks,
+       round(100.0 * count(*) FILTER (WHERE c.up) / count(*), 3)      AS uptime_pct,
+       percentile_cont(0.50) WITHIN GROUP (ORDER BY c.total_ms)       AS p50_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY c.total_ms)       AS p95_ms,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY c.total_ms)       AS p99_ms
+FROM (VALUES ('1h', interval '1 hour', 1),
+             ('24h', interval '24 hours', 2),
+             ('7d', interval '7 days', 3)) AS w(name, span, ord)
+JOIN checks c ON c.started_at >= now() - w.span AND c.started_at <= now()
+GROUP BY c.target, w.name, w.ord
+ORDER BY c.target, w.ord;
+
+INSERT INTO sitewatch_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
