@@ -211,6 +211,7 @@ pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
     p
 }
 
+#[cfg(feature = "wasm")]
 #[test]
 fn once_with_a_dropped_in_rule_shows_its_verdict_and_reason() {
     // As a user would: copy an example rule into the rules directory, point targets at it.
