@@ -25,6 +25,10 @@ mod exit {
     pub const ALL_DOWN: u8 = 2;
     /// Unknown: bad config, bad usage, or an internal error.
     pub const UNKNOWN: u8 = 3;
+    /// Daemons (`agent`, `sink`, `run`) with a config they cannot run on: EX_CONFIG, which the
+    /// systemd units list in `RestartPreventExitStatus=` so a broken config is not restarted
+    /// every few seconds, while a runtime failure (exit 3) still is.
+    pub const CONFIG: u8 = 78;
 }
 
 const USAGE: &str = "\
@@ -42,6 +46,7 @@ USAGE:
 
 The config file defaults to ./agent.toml when present, else /etc/sitewatch/agent.toml.
 Exit codes of --once: 0 all up, 1 some down, 2 all down, 3 unknown (config or usage error).
+Daemons exit 78 when their config cannot run, 3 on a runtime failure.
 Logging: RUST_LOG=debug|info|warn|error (stderr).";
 
 /// Errors that end the program: printed as `sitewatch: <message>` with an exit code.
@@ -268,7 +273,10 @@ fn init_db(args: &Args) -> Result<u8, Failure> {
 /// `agent`, `sink` and `run`: long-running, signal-driven, sd_notify-aware.
 fn daemon_main(args: &Args) -> Result<u8, Failure> {
     let path = config::default_path(args.config.as_deref());
-    let cfg = Arc::new(Config::load(&path)?);
+    let cfg = Arc::new(Config::load(&path).map_err(|e| Failure {
+        code: exit::CONFIG,
+        message: e.to_string(),
+    })?);
     let signals = service::install_signals().map_err(|e| Failure {
         code: exit::UNKNOWN,
         message: format!("cannot install signal handlers: {e}"),
@@ -283,7 +291,7 @@ fn daemon_main(args: &Args) -> Result<u8, Failure> {
     if want_sink {
         if cfg.postgres.is_none() || cfg.kafka.is_none() {
             return Err(Failure {
-                code: exit::UNKNOWN,
+                code: exit::CONFIG,
                 message: format!(
                     "{}: the sink needs [kafka] and [postgres] sections",
                     path.display()
@@ -372,7 +380,7 @@ fn agent_loop(
 ) -> Result<(), Failure> {
     let Some(kafka) = cfg.kafka.clone() else {
         return Err(Failure {
-            code: exit::UNKNOWN,
+            code: exit::CONFIG,
             message: format!(
                 "{}: `sitewatch agent` needs a [kafka] section (or SITEWATCH_KAFKA_BROKERS); use --once to print results instead",
                 path.display()

@@ -211,6 +211,7 @@ pub fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
     p
 }
 
+#[cfg(feature = "wasm")]
 #[test]
 fn once_with_a_dropped_in_rule_shows_its_verdict_and_reason() {
     // As a user would: copy an example rule into the rules directory, point targets at it.
@@ -265,5 +266,35 @@ fn once_with_a_dropped_in_rule_shows_its_verdict_and_reason() {
             .as_deref()
             .is_some_and(|r| r.contains("degraded")),
         "{bad:?}"
+    );
+}
+
+#[test]
+fn daemons_refuse_configs_they_cannot_run_with_exit_78() {
+    let dir = TempDir::new("daemon-cfg");
+    let t = "[[target]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\n";
+    let check = |args: &[&str], text: &str, expected: &str| {
+        let cfg = write(&dir, "agent.toml", text);
+        let mut all = args.to_vec();
+        all.extend(["--config", cfg.to_str().unwrap()]);
+        let o = run(&all, dir.path());
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+    };
+    check(
+        &["agent"],
+        &format!("{t}interval = \"5x\"\n"),
+        "target \"a\": interval \"5x\"",
+    );
+    check(&["agent"], t, "`sitewatch agent` needs a [kafka] section");
+    check(
+        &["sink"],
+        t,
+        "the sink needs [kafka] and [postgres] sections",
+    );
+    check(
+        &["run"],
+        "[kafka]\nbrokers = [\"127.0.0.1:1\"]\n",
+        "the sink needs [kafka] and [postgres] sections",
     );
 }
