@@ -25,6 +25,19 @@ fn run(args: &[&str], dir: &Path) -> Output {
     bin().args(args).current_dir(dir).output().unwrap()
 }
 
+fn once_json(cfg: &Path, dir: &Path) -> Output {
+    run(
+        &[
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+        dir,
+    )
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -151,16 +164,7 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
             "[agent]\nid = \"t\"\ntimeout = \"3s\"\n[[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{port}/\"\ntags = [\"x\"]\n"
         ),
     );
-    let o = run(
-        &[
-            "--once",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-        dir.path(),
-    );
+    let o = once_json(&cfg, dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let recs = records(&o);
     assert_eq!(recs.len(), 1);
@@ -238,16 +242,7 @@ fn once_with_a_dropped_in_rule_shows_its_verdict_and_reason() {
             site.url("/bad")
         ),
     );
-    let o = run(
-        &[
-            "--once",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--format",
-            "json",
-        ],
-        dir.path(),
-    );
+    let o = once_json(&cfg, dir.path());
     assert_eq!(o.status.code(), Some(1), "one up, one down: {}", stderr(&o));
     let recs = records(&o);
     let get = |id: &str| recs.iter().find(|r| r.target == id).unwrap();

@@ -291,16 +291,7 @@ impl Prober {
             seen.status = Some(status);
             r.status = Some(status);
             r.http_version = Some(version_text(response.version()));
-            seen.headers = response
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_ascii_lowercase(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect();
+            seen.headers = crate::rules::header_pairs(response.headers());
 
             let location = response
                 .headers()

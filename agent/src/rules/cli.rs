@@ -324,16 +324,7 @@ fn fetch(url: &str, timeout: Duration) -> Response {
     };
     let result = agent.get(url).call().and_then(|mut r| {
         response.status = r.status().as_u16();
-        response.headers = r
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_ascii_lowercase(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
+        response.headers = super::header_pairs(r.headers());
         r.body_mut()
             .with_config()
             .limit(u64::MAX)

@@ -78,6 +78,19 @@ impl std::fmt::Display for RuleError {
 
 impl std::error::Error for RuleError {}
 
+/// Response headers as rules see them: names lower-cased, values as (lossy) UTF-8 text.
+pub fn header_pairs(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The loaded rules, shared by all worker threads (cheap to clone). Reload swaps modules
 /// atomically; a broken new file keeps the old version serving.
 #[derive(Clone, Default)]
