@@ -235,8 +235,11 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Milliseconds as f64 for the record's timings.
+///
+/// Whole microseconds, so records print `0.047831`, not `0.047831000000000005`; truncating
+/// (not rounding) keeps the sum of the phases at most the total.
 pub fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    d.as_micros() as f64 / 1000.0
 }
 
 #[cfg(test)]
@@ -281,6 +284,8 @@ mod tests {
         check("", None);
         assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(ms(Duration::from_nanos(47_831_999)).to_string(), "47.831");
+        assert_eq!(ms(Duration::from_nanos(47_831)).to_string(), "0.047");
     }
 
     #[test]
