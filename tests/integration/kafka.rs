@@ -11,6 +11,7 @@ use sitewatch::publish::Publisher;
 use sitewatch::result::CheckResult;
 
 use crate::support::broker::{Broker, TempDir, TlsProxy, free_port, kafka_config, kpeer};
+use crate::support::wait_for;
 
 /// Reads every record of `topic` from the earliest offset up to the high watermark, per
 /// partition, following `next_offset`.
@@ -278,14 +279,6 @@ fn topic_check_ids(c: &mut Client, topic: &str) -> (HashMap<String, String>, usi
         }
     }
     (ids, total)
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -1001,7 +1001,7 @@ impl Pipeline {
 
     /// Waits until every partition's stored offset is its high watermark.
     fn wait_offsets_at_end(&self) {
-        wait_until("offsets to reach the end", Duration::from_secs(120), || {
+        crate::support::wait_for("offsets to reach the end", Duration::from_secs(120), || {
             self.stored_offsets() == self.high_watermarks()
         });
     }
@@ -1062,14 +1062,6 @@ fn varied_records(n: usize) -> Vec<CheckResult> {
         .collect()
 }
 
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let end = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn published_records_land_exactly_once_with_every_field() {
     let p = Pipeline::new(4);
@@ -1082,7 +1074,7 @@ fn published_records_land_exactly_once_with_every_field() {
         took.as_secs_f64(),
         4000.0 / took.as_secs_f64()
     );
-    wait_until("status to show no lag", Duration::from_secs(60), || {
+    crate::support::wait_for("status to show no lag", Duration::from_secs(60), || {
         let s = sink.status();
         s.partitions.len() == 4 && s.lag() == 0
     });
@@ -1115,11 +1107,11 @@ fn published_records_land_exactly_once_with_every_field() {
 fn two_sinks_share_the_partitions_and_one_takes_all_when_the_other_stops() {
     let p = Pipeline::new(4);
     let (a, stop_a) = p.start_sink();
-    wait_until("sink A to own all 4", Duration::from_secs(60), || {
+    crate::support::wait_for("sink A to own all 4", Duration::from_secs(60), || {
         a.status().partitions.len() == 4
     });
     let (b, stop_b) = p.start_sink();
-    wait_until("A and B to own 2 each", Duration::from_secs(60), || {
+    crate::support::wait_for("A and B to own 2 each", Duration::from_secs(60), || {
         a.status().partitions.len() == 2 && b.status().partitions.len() == 2
     });
     let first = varied_records(2000);
@@ -1135,7 +1127,7 @@ fn two_sinks_share_the_partitions_and_one_takes_all_when_the_other_stops() {
     stop_a.trigger();
     a.join().expect("A stops");
     let start = Instant::now();
-    wait_until("B to own all 4", Duration::from_secs(60), || {
+    crate::support::wait_for("B to own all 4", Duration::from_secs(60), || {
         b.status().partitions.len() == 4
     });
     eprintln!(
@@ -1249,7 +1241,7 @@ fn postgres_restarting_mid_stream_loses_nothing() {
     let (sink, shutdown) = p.start_sink();
     let records = varied_records(6000);
     p.produce(&records[..3000]);
-    wait_until("some rows", Duration::from_secs(120), || {
+    crate::support::wait_for("some rows", Duration::from_secs(120), || {
         count(&mut p.db.client(), "SELECT count(*) FROM checks") > 0
     });
     let cluster = server.cluster.as_ref().expect("throwaway");
@@ -1383,13 +1375,13 @@ fn two_sink_processes_share_partitions_and_the_survivor_of_a_kill_takes_all() {
     let dir = crate::support::TempDir::new("sink-two");
     let config = p.config_file(&dir);
     let a = SinkProcess::start(&config, &dir.path().join("a.log"));
-    wait_until(
+    crate::support::wait_for(
         "A to own all 4 partitions",
         Duration::from_secs(120),
         || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![4],
     );
     let b = SinkProcess::start(&config, &dir.path().join("b.log"));
-    wait_until(
+    crate::support::wait_for(
         "two sinks with 2 partitions each",
         Duration::from_secs(120),
         || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![2, 2],
@@ -1412,7 +1404,7 @@ fn two_sink_processes_share_partitions_and_the_survivor_of_a_kill_takes_all() {
     assert!(per_partition.iter().all(|&n| n > 0), "{per_partition:?}");
     a.kill();
     let start = Instant::now();
-    wait_until(
+    crate::support::wait_for(
         "B to own all 4 partitions",
         Duration::from_secs(120),
         || p.owners().values().map(Vec::len).collect::<Vec<_>>() == vec![4],
@@ -1489,7 +1481,7 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
         .expect("start sitewatch run");
     // Rows appear while it runs: at least 3 checks of every target.
     let mut c = p.db.client();
-    wait_until("3 rows per target", Duration::from_secs(120), || {
+    crate::support::wait_for("3 rows per target", Duration::from_secs(120), || {
         count(
             &mut c,
             "SELECT count(*) FROM (SELECT target FROM checks GROUP BY target \
@@ -1652,7 +1644,7 @@ fn kafka_unreachable_mid_stream_loses_nothing() {
     let records = varied_records(6000);
     p.produce(&records[..3000]);
     let (sink, shutdown) = p.start_sink();
-    wait_until("some rows", Duration::from_secs(120), || {
+    crate::support::wait_for("some rows", Duration::from_secs(120), || {
         count(&mut p.db.client(), "SELECT count(*) FROM checks") > 0
     });
     proxy.cut();
