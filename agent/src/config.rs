@@ -6,7 +6,8 @@
 //! line and column where TOML gives one, the target and the field, so a typo never starts an
 //! agent that silently ignores it (`deny_unknown_fields` everywhere).
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -458,7 +459,13 @@ impl Config {
             message: toml_error_message(text, &e),
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Validator { file, base, env }.build(raw, path)
+        Validator {
+            file,
+            base,
+            env,
+            regexes: RefCell::new(HashMap::new()),
+        }
+        .build(raw, path)
     }
 
     pub fn target(&self, id: &str) -> Option<&Target> {
@@ -489,6 +496,10 @@ struct Validator<'a> {
     file: String,
     base: PathBuf,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Compiled regexes by pattern. Fleets of targets tend to share a few patterns: each is
+    /// compiled once, and the clones share one matcher (and its per-thread scratch caches)
+    /// instead of holding one per target.
+    regexes: RefCell<HashMap<String, Regex>>,
 }
 
 impl Validator<'_> {
@@ -1027,7 +1038,10 @@ impl Validator<'_> {
     }
 
     fn regex(&self, ctx: &str, field: &str, pattern: &str) -> Result<Regex, ConfigError> {
-        RegexBuilder::new(pattern)
+        if let Some(re) = self.regexes.borrow().get(pattern) {
+            return Ok(re.clone());
+        }
+        let re = RegexBuilder::new(pattern)
             .size_limit(REGEX_SIZE_LIMIT)
             .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
             .build()
@@ -1040,7 +1054,11 @@ impl Validator<'_> {
                     .trim()
                     .to_string();
                 self.err(format!("{ctx}{field} {pattern:?}: invalid regex: {detail}"))
-            })
+            })?;
+        self.regexes
+            .borrow_mut()
+            .insert(pattern.to_string(), re.clone());
+        Ok(re)
     }
 
     fn status_set(&self, ctx: &str, list: &[toml::Value]) -> Result<StatusSet, ConfigError> {
