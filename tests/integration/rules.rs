@@ -641,6 +641,34 @@ fn rule_test_command_on_real_and_offline_responses() {
     );
 }
 
+#[test]
+fn the_engine_starts_only_when_a_rule_is_named() {
+    let dir = TempDir::new("lazy");
+    let (good, _) = keyword_versions();
+    dir.write("rule.wat", &good);
+    let headers = Vec::new();
+    let input = example_input(&headers, b"Example Domain");
+
+    // Regex-only config: no engine, no rule-epoch thread; a stray name is a clear error.
+    let rules = RuleSet::load(&limits(&dir.0), &[]);
+    assert!(!rules.engine_started());
+    rules.reload(&[]);
+    assert!(!rules.engine_started(), "an empty reload starts nothing");
+    let err = rules.evaluate("rule.wat", &input).unwrap_err();
+    assert!(err.message.contains("is not loaded"), "{}", err.message);
+
+    // A reload (SIGHUP) that names the first rule starts the engine, for every clone.
+    let clone = rules.clone();
+    rules.reload(&["rule.wat"]);
+    assert!(clone.engine_started());
+    check_verdict(&clone, "rule.wat", &input, Verdict::Up, Some("found"));
+
+    // Dropping every rule drops them from the running engine too.
+    rules.reload(&[]);
+    let err = clone.evaluate("rule.wat", &input).unwrap_err();
+    assert!(err.message.contains("is not loaded"), "{}", err.message);
+}
+
 /// The WAT keyword rule, and a second version of it looking for another keyword.
 fn keyword_versions() -> (Vec<u8>, Vec<u8>) {
     let good = std::fs::read_to_string(fixtures().join("keyword.wat")).expect("fixture");

@@ -93,14 +93,34 @@ pub fn header_pairs(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
 
 /// The loaded rules, shared by all worker threads (cheap to clone). Reload swaps modules
 /// atomically; a broken new file keeps the old version serving.
+///
+/// The WASM engine (and its `rule-epoch` thread) starts only once some target names a rule:
+/// an agent with regex-only targets never pays its ~3 MB of memory. A SIGHUP that adds the
+/// first rule starts it then.
 #[derive(Clone, Default)]
 pub struct RuleSet {
+    /// `None` for [`RuleSet::default`]: `load` was never called.
     #[cfg(feature = "wasm")]
-    #[allow(dead_code)] // filled by the WASM engine
-    inner: Option<std::sync::Arc<wasm::Engine>>,
-    /// Why the engine did not start (then every evaluation is a rule error saying so).
-    #[cfg(feature = "wasm")]
-    startup_error: Option<std::sync::Arc<str>>,
+    inner: Option<std::sync::Arc<LazyEngine>>,
+}
+
+#[cfg(feature = "wasm")]
+struct LazyEngine {
+    cfg: RulesConfig,
+    /// The engine, or why it did not start (then every evaluation is a rule error saying so).
+    engine: std::sync::OnceLock<Result<std::sync::Arc<wasm::Engine>, std::sync::Arc<str>>>,
+}
+
+#[cfg(feature = "wasm")]
+impl LazyEngine {
+    fn start(&self) -> &Result<std::sync::Arc<wasm::Engine>, std::sync::Arc<str>> {
+        self.engine.get_or_init(|| {
+            wasm::Engine::new(&self.cfg).map_err(|e| {
+                log::error!("rules: {e}; every target with a rule records failure \"rule\"");
+                e.into()
+            })
+        })
+    }
 }
 
 #[cfg(not(feature = "wasm"))]
@@ -112,22 +132,14 @@ impl RuleSet {
     pub fn load(cfg: &RulesConfig, names: &[&str]) -> RuleSet {
         #[cfg(feature = "wasm")]
         {
-            match wasm::Engine::new(cfg) {
-                Ok(engine) => {
-                    engine.reload(names);
-                    RuleSet {
-                        inner: Some(engine),
-                        startup_error: None,
-                    }
-                }
-                Err(e) => {
-                    log::error!("rules: {e}; every target with a rule records failure \"rule\"");
-                    RuleSet {
-                        inner: None,
-                        startup_error: Some(e.into()),
-                    }
-                }
-            }
+            let rules = RuleSet {
+                inner: Some(std::sync::Arc::new(LazyEngine {
+                    cfg: cfg.clone(),
+                    engine: std::sync::OnceLock::new(),
+                })),
+            };
+            rules.reload(names);
+            rules
         }
         #[cfg(not(feature = "wasm"))]
         {
@@ -143,10 +155,27 @@ impl RuleSet {
     /// previous version keeps serving; names no longer listed are dropped.
     pub fn reload(&self, names: &[&str]) {
         #[cfg(feature = "wasm")]
-        if let Some(engine) = &self.inner {
-            engine.reload(names);
+        if let Some(lazy) = &self.inner {
+            // No rule named and no engine yet: nothing to load, nothing to drop.
+            let engine = if names.is_empty() {
+                lazy.engine.get()
+            } else {
+                Some(lazy.start())
+            };
+            if let Some(Ok(engine)) = engine {
+                engine.reload(names);
+            }
         }
         let _ = names;
+    }
+
+    /// Whether the WASM engine is running (it starts when the first rule is named).
+    pub fn engine_started(&self) -> bool {
+        #[cfg(feature = "wasm")]
+        if let Some(lazy) = &self.inner {
+            return matches!(lazy.engine.get(), Some(Ok(_)));
+        }
+        false
     }
 
     /// Polls the named rule files every `every` on a thread named `rule-watch` and reloads
@@ -175,10 +204,7 @@ impl RuleSet {
     pub fn evaluate(&self, name: &str, input: &RuleInput<'_>) -> Result<RuleOutcome, RuleError> {
         let start = std::time::Instant::now();
         #[cfg(feature = "wasm")]
-        let result = match &self.inner {
-            Some(engine) => engine.evaluate(name, input),
-            None => Err((None, self.no_engine())),
-        };
+        let result = self.engine(name).and_then(|e| e.evaluate(name, input));
         #[cfg(not(feature = "wasm"))]
         let result = Err((None, NO_WASM.to_string()));
         let _ = input;
@@ -190,20 +216,27 @@ impl RuleSet {
     pub fn loaded(&self, name: &str) -> Result<String, RuleError> {
         let start = std::time::Instant::now();
         #[cfg(feature = "wasm")]
-        let result = match &self.inner {
-            Some(engine) => engine.loaded(name).map(|rule| rule.hash.clone()),
-            None => Err((None, self.no_engine())),
-        };
+        let result = self
+            .engine(name)
+            .and_then(|e| e.loaded(name).map(|rule| rule.hash.clone()));
         #[cfg(not(feature = "wasm"))]
         let result = Err((None, NO_WASM.to_string()));
         result.map_err(|(hash, message)| rule_error(name, hash, message, start))
     }
 
+    /// The running engine, or the error an evaluation of `name` records without one.
     #[cfg(feature = "wasm")]
-    fn no_engine(&self) -> String {
-        match &self.startup_error {
-            Some(e) => e.to_string(),
-            None => "no rules were loaded (RuleSet::load was not called)".into(),
+    fn engine(&self, name: &str) -> Result<&wasm::Engine, (Option<String>, String)> {
+        let Some(lazy) = &self.inner else {
+            return Err((
+                None,
+                "no rules were loaded (RuleSet::load was not called)".into(),
+            ));
+        };
+        match lazy.engine.get() {
+            Some(Ok(engine)) => Ok(engine),
+            Some(Err(e)) => Err((None, e.to_string())),
+            None => Err((None, wasm::not_loaded(name))),
         }
     }
 

@@ -897,7 +897,7 @@ fn epoch_tick(deadline: Duration) -> Duration {
     (deadline / 20).clamp(Duration::from_millis(1), Duration::from_millis(10))
 }
 
-fn not_loaded(name: &str) -> String {
+pub(crate) fn not_loaded(name: &str) -> String {
     format!("rule {name:?} is not loaded (no target named it when the rules were last loaded)")
 }
 
