@@ -20,8 +20,8 @@ pub mod spool;
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SendError, Sender as ChannelSender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,10 @@ use crate::result::CheckResult;
 use spool::{Spool, SpoolError};
 
 /// Records queued between `write` and the sender thread before `write` spills to disk.
+///
+/// The queue is an unbounded channel with this bound kept by a counter: a
+/// `sync_channel(10_000)` allocates and writes all its slots up front, ~720 KB of RSS on an
+/// agent that usually has a handful of records queued.
 pub const QUEUE_CAPACITY: usize = 10_000;
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -92,9 +96,18 @@ struct Shared {
     connected: AtomicBool,
     /// Set while `write` spills because the queue is full (to log once per episode).
     spilling: AtomicBool,
+    /// Records in the queue (sent and not yet received): the bound of [`QUEUE_CAPACITY`].
+    queued: AtomicUsize,
     /// A copy of the records only in the sender's memory (the batch being gathered or sent)
     /// while it is in a network call: what `close` saves when the sender is stuck.
     inflight: Mutex<Vec<ProduceRecord>>,
+}
+
+impl Shared {
+    /// One record taken off the queue.
+    fn dequeued(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 enum Cmd {
@@ -104,7 +117,7 @@ enum Cmd {
 
 /// The Kafka output. See the module docs.
 pub struct Publisher {
-    tx: Option<SyncSender<Cmd>>,
+    tx: Option<ChannelSender<Cmd>>,
     /// Shared with the sender, which locks it only to receive (never across a network call),
     /// so `close` can empty the queue into the spool if the sender is stuck in a request.
     rx: Arc<Mutex<Receiver<Cmd>>>,
@@ -137,7 +150,7 @@ impl Publisher {
         let shared = Arc::new(Shared::default());
         shared.spooled.store(spool.len(), Ordering::Relaxed);
         let spool = Arc::new(Mutex::new(spool));
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
+        let (tx, rx) = std::sync::mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
         let sender = Sender {
             cfg: kafka.clone(),
@@ -178,16 +191,28 @@ impl Publisher {
     /// Takes one ready-made record (key, value, timestamp): what `write` does after encoding.
     pub fn send(&mut self, rec: ProduceRecord) -> Result<(), OutputError> {
         self.shared.accepted.fetch_add(1, Ordering::Relaxed);
+        let queued = &self.shared.queued;
         let rec = match &self.tx {
-            Some(tx) => match tx.try_send(Cmd::Record(rec)) {
-                Ok(()) => {
-                    self.shared.spilling.store(false, Ordering::Relaxed);
-                    return Ok(());
+            Some(tx) if queued.fetch_add(1, Ordering::AcqRel) < QUEUE_CAPACITY => {
+                match tx.send(Cmd::Record(rec)) {
+                    Ok(()) => {
+                        self.shared.spilling.store(false, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Err(SendError(cmd)) => {
+                        queued.fetch_sub(1, Ordering::AcqRel);
+                        match cmd {
+                            Cmd::Record(r) => r,
+                            Cmd::Close(..) => return Ok(()),
+                        }
+                    }
                 }
-                Err(TrySendError::Full(Cmd::Record(r)))
-                | Err(TrySendError::Disconnected(Cmd::Record(r))) => r,
-                Err(_) => return Ok(()),
-            },
+            }
+            Some(_) => {
+                // Full.
+                queued.fetch_sub(1, Ordering::AcqRel);
+                rec
+            }
             None => rec,
         };
         if !self.shared.spilling.swap(true, Ordering::Relaxed) {
@@ -214,6 +239,7 @@ impl Publisher {
         if let Ok(rx) = self.rx.lock() {
             while let Ok(cmd) = rx.try_recv() {
                 if let Cmd::Record(r) = cmd {
+                    self.shared.dequeued();
                     saved.push(r);
                 }
             }
@@ -270,17 +296,7 @@ impl Output for Publisher {
     fn close(&mut self, deadline: Instant) -> Result<(), OutputError> {
         if let Some(tx) = self.tx.take() {
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
-            let mut cmd = Cmd::Close(deadline, done_tx);
-            let delivered = loop {
-                match tx.try_send(cmd) {
-                    Ok(()) => break true,
-                    Err(TrySendError::Full(c)) if Instant::now() < deadline => {
-                        cmd = c;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(_) => break false,
-                }
-            };
+            let delivered = tx.send(Cmd::Close(deadline, done_tx)).is_ok();
             let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
             if delivered && done_rx.recv_timeout(wait).is_ok() {
                 if let Some(t) = self.thread.take() {
@@ -370,11 +386,15 @@ impl Sender {
                 let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
                 match rx.recv_timeout(timeout) {
                     Ok(Cmd::Record(r)) => {
+                        self.shared.dequeued();
                         self.push(r);
                         // Take whatever else is queued, up to a batch.
                         while self.batch_bytes < self.cfg.batch_max_bytes {
                             match rx.try_recv() {
-                                Ok(Cmd::Record(r)) => self.push(r),
+                                Ok(Cmd::Record(r)) => {
+                                    self.shared.dequeued();
+                                    self.push(r)
+                                }
                                 Ok(Cmd::Close(deadline, done)) => {
                                     closing = Some((deadline, Some(done)));
                                     break;
@@ -600,6 +620,7 @@ impl Sender {
         let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(cmd) = rx.try_recv() {
             if let Cmd::Record(r) = cmd {
+                self.shared.dequeued();
                 self.push(r);
             }
         }
