@@ -160,6 +160,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<u8, Failure> {
+    service::limit_malloc_arenas();
     let args = parse_args(std::env::args().skip(1).collect())?;
     let daemon = matches!(args.command.as_str(), "agent" | "sink" | "run");
     service::init_logging(if daemon { "info" } else { "warn" });

@@ -223,6 +223,43 @@ pub fn install_signals() -> std::io::Result<Signals> {
     Ok(Signals { shutdown, reload })
 }
 
+/// Caps glibc's malloc arenas at one per core (at least two), unless the environment sets them
+/// (`MALLOC_ARENA_MAX`, or `GLIBC_TUNABLES` with `arena_max`). Call first thing in `main`,
+/// before any thread starts.
+///
+/// glibc gives threads that allocate concurrently their own arenas, up to 8 per core, and each
+/// arena keeps memory freed by its threads for reuse. With 16 probe workers that was about
+/// 2.2 MB of an agent's resident memory (100 targets every 10 s: 14,900 KiB by default,
+/// 12,732 KiB with `MALLOC_ARENA_MAX=2`). Returns the cap when it was set.
+pub fn limit_malloc_arenas() -> Option<usize> {
+    let env = |name: &str| std::env::var_os(name);
+    if env("MALLOC_ARENA_MAX").is_some()
+        || env("GLIBC_TUNABLES").is_some_and(|t| t.to_string_lossy().contains("arena_max"))
+    {
+        return None;
+    }
+    let cap = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    set_arena_max(cap).then_some(cap)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn set_arena_max(cap: usize) -> bool {
+    // glibc's <malloc.h>: `int mallopt(int param, int value)`, M_ARENA_MAX = -8.
+    unsafe extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_ARENA_MAX: std::ffi::c_int = -8;
+    let cap = std::ffi::c_int::try_from(cap).unwrap_or(std::ffi::c_int::MAX);
+    // SAFETY: mallopt only sets a malloc parameter; it is safe to call at any time.
+    unsafe { mallopt(M_ARENA_MAX, cap) == 1 }
+}
+
+/// Other C libraries (musl) have no per-thread arenas to cap.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn set_arena_max(_cap: usize) -> bool {
+    false
+}
+
 /// Sets up `env_logger` on stderr. Under systemd (`JOURNAL_STREAM` set) lines carry a syslog
 /// priority prefix (`<3>`) instead of a timestamp, which journald turns into the entry's level.
 pub fn init_logging(default_level: &str) {
@@ -246,6 +283,22 @@ pub fn init_logging(default_level: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn malloc_arenas_are_capped_unless_the_environment_says_otherwise() {
+        let from_env = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+            || std::env::var_os("GLIBC_TUNABLES")
+                .is_some_and(|t| t.to_string_lossy().contains("arena_max"));
+        let cap = limit_malloc_arenas();
+        if from_env {
+            assert_eq!(cap, None, "the environment's setting wins");
+        } else if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            let cores = std::thread::available_parallelism().unwrap().get();
+            assert_eq!(cap, Some(cores.max(2)), "mallopt accepted the cap");
+        } else {
+            assert_eq!(cap, None);
+        }
+    }
 
     #[test]
     fn health_reports_only_threads_past_their_budget() {
