@@ -1,5 +1,5 @@
-//! The scheduler: a time-ordered queue of targets, a fixed pool of worker threads, bounded
-//! channels between them, no drift, no overlap of one target with itself.
+//! The scheduler: a time-ordered queue of targets, a pool of worker threads, bounded channels
+//! between them, no drift, no overlap of one target with itself.
 //!
 //! ```text
 //!  scheduler (caller's thread) ──jobs (bounded)──► worker-0..N ──results (bounded)──► output
@@ -10,9 +10,16 @@
 //! reports the target back as done, so a target is never checked twice at once; a slow target
 //! holds one worker and nothing else. The output thread owns the [`Output`] and is the only
 //! reader of the results channel.
+//!
+//! `concurrency` is a cap, not a cost. `--once` starts every worker at once (it is a burst);
+//! a long run starts one and adds another only when a due check has found no free worker for
+//! [`GROW_AFTER`], and a worker idle for [`IDLE_EXIT`] ends (the last one stays). 100 fast
+//! targets every 10 s then run on one or two workers, while slow or hung targets still get up
+//! to `concurrency` checks in flight within milliseconds.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +30,11 @@ use crate::output::Output;
 use crate::probe::Prober;
 use crate::result::CheckResult;
 use crate::service::{Health, Heartbeat, Shutdown};
+
+/// How long a due check waits for a busy pool before the pool grows by one worker.
+pub const GROW_AFTER: Duration = Duration::from_millis(10);
+/// How long a worker waits for a job before it ends (long runs; the last worker stays).
+pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 
 /// One round or forever.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +92,9 @@ pub struct Run {
 /// workers and closes the output within `drain_timeout`.
 pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     let concurrency = run.concurrency.max(1);
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(concurrency);
+    // One job waits in the channel: a worker that finishes takes the next at once, and a job
+    // still waiting there after GROW_AFTER is the signal to grow the pool.
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(1);
     // Room for a round's burst without making workers wait on a briefly busy output.
     let (result_tx, result_rx) = mpsc::sync_channel::<CheckResult>(concurrency * 4 + 64);
     let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
@@ -105,18 +119,26 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
         })
     };
 
-    let mut workers = Vec::with_capacity(concurrency);
-    for i in 0..concurrency {
-        let job_rx = job_rx.clone();
-        let result_tx = result_tx.clone();
-        let done_tx = done_tx.clone();
-        let hb = run.health.register(&format!("worker-{i}"));
-        workers.push(spawn(&format!("worker-{i}"), move || {
-            worker_loop(job_rx, result_tx, done_tx, hb)
-        }));
+    let mut pool = Pool {
+        slots: (0..concurrency).map(|_| None).collect(),
+        live: Arc::new(AtomicUsize::new(0)),
+        idle_exit: (run.mode == Mode::Forever).then_some(IDLE_EXIT),
+        sent: 0,
+        taken: Arc::new(AtomicU64::new(0)),
+        waiting_since: None,
+        job_rx,
+        result_tx,
+        done_tx,
+        health: run.health.clone(),
+    };
+    let initial = if run.mode == Mode::Once {
+        concurrency
+    } else {
+        1
+    };
+    for _ in 0..initial {
+        pool.grow();
     }
-    drop(result_tx);
-    drop(done_tx);
 
     let scheduler_hb = run.health.register("scheduler");
     let mut queue = Queue::new(&run.targets, run.mode, run.jitter);
@@ -197,6 +219,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                                 break;
                             }
                             scheduler_hb.beat();
+                            pool.grow_if_waiting();
                             // A finished check means a worker is about to take the next job:
                             // wait for that rather than sleeping blind (a fixed 2 ms sleep
                             // capped throughput at `concurrency` checks per 2 ms; bench/README).
@@ -205,12 +228,14 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                                 finished(&mut in_flight, &mut outstanding, &summary, index, up);
                             }
                         }
+                        // The pool holds the receiver: cannot happen while it lives.
                         Err(TrySendError::Disconnected(_)) => break,
                     }
                 }
                 if run.shutdown.is_triggered() {
                     break;
                 }
+                pool.sent += 1;
                 in_flight[index] = true;
                 outstanding += 1;
                 if run.mode == Mode::Forever {
@@ -218,11 +243,17 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                 }
             }
             None => {
+                // A job still waiting for a worker is looked at again within GROW_AFTER.
+                let most = if pool.grow_if_waiting() {
+                    GROW_AFTER
+                } else {
+                    Duration::from_millis(100)
+                };
                 let wait = queue
                     .next_due()
                     .map(|due| due.saturating_duration_since(now))
-                    .unwrap_or(Duration::from_millis(100))
-                    .min(Duration::from_millis(100));
+                    .unwrap_or(most)
+                    .min(most);
                 // Sleep on the done channel so a finished check wakes us at once.
                 match done_rx.recv_timeout(wait) {
                     Ok((index, up)) => {
@@ -238,8 +269,17 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     // output closes. All within drain_timeout, after which we give up on stragglers.
     drop(job_tx);
     let deadline = Instant::now() + run.drain_timeout;
-    for w in workers {
-        join_until(w, deadline);
+    // The pool's result and done senders go first, so the output sees the end of the stream
+    // once the last worker's are gone.
+    let Pool {
+        slots,
+        result_tx,
+        done_tx,
+        ..
+    } = pool;
+    drop((result_tx, done_tx));
+    for w in slots.into_iter().flatten() {
+        join_until(w.thread, deadline);
     }
     while let Ok((_, up)) = done_rx.try_recv() {
         let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
@@ -248,6 +288,85 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     }
     join_until(output_thread, deadline + Duration::from_secs(1));
     summary.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// The worker threads: up to `slots.len()`, started on demand by [`Pool::grow`].
+struct Pool {
+    /// `worker-<i>` for slot `i`; a slot whose thread ended (idle) is reused.
+    slots: Vec<Option<WorkerSlot>>,
+    /// Workers running; an idle worker may end only while it is not the last.
+    live: Arc<AtomicUsize>,
+    /// `None`: workers never end on their own (`--once`).
+    idle_exit: Option<Duration>,
+    /// Jobs handed to the channel, and jobs taken from it by workers: a difference that
+    /// lasts [`GROW_AFTER`] means no worker is free, and the pool grows.
+    sent: u64,
+    taken: Arc<AtomicU64>,
+    /// Since when a sent job has been waiting for a worker.
+    waiting_since: Option<Instant>,
+    job_rx: Arc<Mutex<Receiver<Job>>>,
+    result_tx: SyncSender<CheckResult>,
+    done_tx: mpsc::Sender<(usize, bool)>,
+    health: Health,
+}
+
+struct WorkerSlot {
+    thread: JoinHandle<()>,
+    hb: Heartbeat,
+}
+
+impl Pool {
+    /// Grows the pool when a job has waited [`GROW_AFTER`] for a worker. Returns whether a
+    /// job is waiting.
+    fn grow_if_waiting(&mut self) -> bool {
+        if self.taken.load(Ordering::SeqCst) >= self.sent {
+            self.waiting_since = None;
+            return false;
+        }
+        let since = *self.waiting_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= GROW_AFTER && self.grow() {
+            self.waiting_since = Some(Instant::now());
+        }
+        true
+    }
+
+    /// Starts one more worker if below the cap. Returns whether it did.
+    fn grow(&mut self) -> bool {
+        let Some(i) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_none_or(|w| w.thread.is_finished()))
+        else {
+            return false;
+        };
+        let name = format!("worker-{i}");
+        // A slot keeps its heartbeat across restarts, so the registry does not grow.
+        let hb = match self.slots[i].take() {
+            Some(old) => {
+                let _ = old.thread.join();
+                old.hb
+            }
+            None => self.health.register(&name),
+        };
+        hb.beat();
+        self.live.fetch_add(1, Ordering::SeqCst);
+        let worker = Worker {
+            jobs: self.job_rx.clone(),
+            results: self.result_tx.clone(),
+            done: self.done_tx.clone(),
+            hb: hb.clone(),
+            live: self.live.clone(),
+            taken: self.taken.clone(),
+            idle_exit: self.idle_exit,
+        };
+        let thread = spawn(&name, move || worker.run());
+        log::debug!(
+            "{name} started ({} running)",
+            self.live.load(Ordering::SeqCst)
+        );
+        self.slots[i] = Some(WorkerSlot { thread, hb });
+        true
+    }
 }
 
 fn spawn<F: FnOnce() + Send + 'static>(name: &str, f: F) -> JoinHandle<()> {
@@ -292,35 +411,88 @@ fn finished(
     if up { s.up += 1 } else { s.down += 1 }
 }
 
-fn worker_loop(
+struct Worker {
     jobs: Arc<Mutex<Receiver<Job>>>,
     results: SyncSender<CheckResult>,
     done: mpsc::Sender<(usize, bool)>,
     hb: Heartbeat,
-) {
-    loop {
-        hb.idle();
-        let job = {
-            let rx = match jobs.lock() {
-                Ok(rx) => rx,
-                Err(_) => return,
-            };
-            match rx.recv() {
-                Ok(job) => job,
-                Err(_) => return,
-            }
+    live: Arc<AtomicUsize>,
+    taken: Arc<AtomicU64>,
+    idle_exit: Option<Duration>,
+}
+
+impl Worker {
+    fn run(self) {
+        // However this thread ends (even by a panic), it is no longer running nor stuck.
+        let mut gone = OnExit {
+            live: self.live.clone(),
+            hb: self.hb.clone(),
+            counted: true,
         };
-        // A check may take up to its timeout (times its tries); the watchdog allows for that.
-        let budget = job.target.timeout * (job.target.retries + 1) + Duration::from_secs(5);
-        hb.busy(budget);
-        let record = job.prober.check(&job.target);
-        let up = record.up;
-        if results.send(record).is_err() {
-            return;
+        loop {
+            self.hb.idle();
+            let job = {
+                let rx = match self.jobs.lock() {
+                    Ok(rx) => rx,
+                    Err(_) => return,
+                };
+                match self.idle_exit {
+                    None => match rx.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    },
+                    Some(idle) => match rx.recv_timeout(idle) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) => {
+                            if self.leave() {
+                                gone.counted = false;
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    },
+                }
+            };
+            self.taken.fetch_add(1, Ordering::SeqCst);
+            // A check may take up to its timeout (times its tries); the watchdog allows for that.
+            let budget = job.target.timeout * (job.target.retries + 1) + Duration::from_secs(5);
+            self.hb.busy(budget);
+            let record = job.prober.check(&job.target);
+            let up = record.up;
+            if self.results.send(record).is_err() {
+                return;
+            }
+            if self.done.send((job.index, up)).is_err() {
+                return;
+            }
         }
-        if done.send((job.index, up)).is_err() {
-            return;
+    }
+
+    /// Idle for `idle_exit`: ends unless this is the last worker (then keeps waiting).
+    fn leave(&self) -> bool {
+        self.live
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n > 1).then_some(n - 1)
+            })
+            .is_ok()
+    }
+}
+
+/// Marks a worker gone when its thread ends: idle for the watchdog, and no longer counted as
+/// running (unless [`Worker::leave`] already took it off the count).
+struct OnExit {
+    live: Arc<AtomicUsize>,
+    hb: Heartbeat,
+    counted: bool,
+}
+
+impl Drop for OnExit {
+    fn drop(&mut self) {
+        if self.counted {
+            self.live.fetch_sub(1, Ordering::SeqCst);
         }
+        self.hb.idle();
     }
 }
 

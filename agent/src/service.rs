@@ -113,6 +113,14 @@ impl Health {
         hb
     }
 
+    /// Names of every registered thread, in registration order.
+    pub fn names(&self) -> Vec<String> {
+        self.beats
+            .lock()
+            .map(|v| v.iter().map(|h| h.name.to_string()).collect())
+            .unwrap_or_default()
+    }
+
     /// Names of threads past their deadline; empty when all are healthy.
     pub fn stuck(&self) -> Vec<String> {
         let now = mono_ms();

@@ -309,3 +309,106 @@ fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
         "every check completed, none cut by shutdown"
     );
 }
+
+/// Runs the scheduler in Forever mode for `secs` and returns the records and the worker
+/// threads it started (their heartbeats: one per pool slot ever used).
+fn run_for(
+    cfg: &Config,
+    concurrency: usize,
+    jitter: sitewatch::config::Jitter,
+    secs: f64,
+) -> (Vec<CheckResult>, usize) {
+    let collector = Collector::new();
+    let shutdown = Shutdown::new();
+    let health = Health::new();
+    let stopper = {
+        let s = shutdown.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            s.trigger();
+        })
+    };
+    schedule::run(
+        Run {
+            mode: Mode::Forever,
+            targets: cfg.targets.clone(),
+            prober: Arc::new(Prober::new(&cfg.agent, RuleSet::default())),
+            concurrency,
+            jitter,
+            drain_timeout: Duration::from_secs(5),
+            shutdown,
+            health: health.clone(),
+            reloads: None,
+            on_status: None,
+        },
+        Box::new(collector.clone()),
+    );
+    stopper.join().unwrap();
+    let workers = health
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("worker-"))
+        .count();
+    (collector.records(), workers)
+}
+
+#[test]
+fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Slow targets: 8 checks of 300 ms due at once, cap 4. The pool grows to exactly 4 and
+    // the server sees 4 requests at once, never more.
+    let now = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let (now, peak) = (now.clone(), peak.clone());
+        HttpServer::start(move |_, _| {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            now.fetch_sub(1, Ordering::SeqCst);
+            Reply::status(200, "slow")
+        })
+    };
+    let mut text = String::from("[agent]\ntimeout = \"5s\"\n");
+    for i in 0..8 {
+        text += &format!(
+            "[[target]]\nid = \"s{i}\"\nurl = \"{}\"\ninterval = \"10s\"\n",
+            slow.url("/")
+        );
+    }
+    let (recs, workers) = run_for(
+        &config_text(&text),
+        4,
+        sitewatch::config::Jitter::Fixed(Duration::ZERO),
+        1.0,
+    );
+    assert_eq!(peak.load(Ordering::SeqCst), 4, "requests in flight at once");
+    assert_eq!(workers, 4, "the pool grew to its cap");
+    assert_eq!(recs.len(), 8, "every due check ran (two waves of 4)");
+
+    // Fast targets spread over their interval: checks never wait for one another, so the
+    // pool stays at one or two workers of its 16 (slack for a loaded machine; a fixed pool
+    // would show 16).
+    let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
+    let mut text = String::from("[agent]\n");
+    for i in 0..10 {
+        text += &format!(
+            "[[target]]\nid = \"f{i}\"\nurl = \"{}\"\ninterval = \"500ms\"\n",
+            fast.url("/")
+        );
+    }
+    let (recs, workers) = run_for(
+        &config_text(&text),
+        16,
+        sitewatch::config::Jitter::Fraction(1.0),
+        2.0,
+    );
+    assert!(
+        workers <= 4,
+        "{workers} workers started for 10 fast targets"
+    );
+    for i in 0..10 {
+        let n = recs.iter().filter(|r| r.target == format!("f{i}")).count();
+        assert!(n >= 2, "target f{i}: {n} checks in 2 s at 500 ms");
+    }
+}
