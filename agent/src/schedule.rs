@@ -12,8 +12,8 @@
 //! reader of the results channel.
 //!
 //! `concurrency` is a cap, not a cost. `--once` starts every worker at once (it is a burst);
-//! a long run starts one and adds another only when a due check has found no free worker for
-//! [`GROW_AFTER`], and a worker idle for [`IDLE_EXIT`] ends (the last one stays). 100 fast
+//! a long run starts one and adds another only when a check is waiting and no worker has taken
+//! a job for [`GROW_AFTER`], and a worker idle for [`IDLE_EXIT`] ends (the last one stays). 100 fast
 //! targets every 10 s then run on one or two workers, while slow or hung targets still get up
 //! to `concurrency` checks in flight within milliseconds.
 
@@ -31,7 +31,7 @@ use crate::probe::Prober;
 use crate::result::CheckResult;
 use crate::service::{Health, Heartbeat, Shutdown};
 
-/// How long a due check waits for a busy pool before the pool grows by one worker.
+/// How long a due check waits, with no worker taking any job, before the pool grows by one.
 pub const GROW_AFTER: Duration = Duration::from_millis(10);
 /// How long a worker waits for a job before it ends (long runs; the last worker stays).
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
@@ -125,6 +125,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
         idle_exit: (run.mode == Mode::Forever).then_some(IDLE_EXIT),
         sent: 0,
         taken: Arc::new(AtomicU64::new(0)),
+        last_taken: 0,
         waiting_since: None,
         job_rx,
         result_tx,
@@ -298,11 +299,13 @@ struct Pool {
     live: Arc<AtomicUsize>,
     /// `None`: workers never end on their own (`--once`).
     idle_exit: Option<Duration>,
-    /// Jobs handed to the channel, and jobs taken from it by workers: a difference that
-    /// lasts [`GROW_AFTER`] means no worker is free, and the pool grows.
+    /// Jobs handed to the channel, and jobs taken from it by workers. A job waiting while no
+    /// worker has taken one for [`GROW_AFTER`] means every worker is busy: the pool grows.
+    /// (A burst of fast checks keeps `taken` moving and grows nothing.)
     sent: u64,
     taken: Arc<AtomicU64>,
-    /// Since when a sent job has been waiting for a worker.
+    /// `taken` when last looked at, and since when it has not moved while a job waits.
+    last_taken: u64,
     waiting_since: Option<Instant>,
     job_rx: Arc<Mutex<Receiver<Job>>>,
     result_tx: SyncSender<CheckResult>,
@@ -319,9 +322,15 @@ impl Pool {
     /// Grows the pool when a job has waited [`GROW_AFTER`] for a worker. Returns whether a
     /// job is waiting.
     fn grow_if_waiting(&mut self) -> bool {
-        if self.taken.load(Ordering::SeqCst) >= self.sent {
+        let taken = self.taken.load(Ordering::SeqCst);
+        if taken >= self.sent {
             self.waiting_since = None;
             return false;
+        }
+        if taken != self.last_taken {
+            // A worker took a job since we last looked: the pool is keeping up.
+            self.last_taken = taken;
+            self.waiting_since = None;
         }
         let since = *self.waiting_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= GROW_AFTER && self.grow() {

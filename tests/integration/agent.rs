@@ -411,4 +411,29 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
         let n = recs.iter().filter(|r| r.target == format!("f{i}")).count();
         assert!(n >= 2, "target f{i}: {n} checks in 2 s at 500 ms");
     }
+
+    // A burst: 40 fast targets due at once. A worker keeps taking jobs, so the pool does not
+    // grow for the queue of due checks (growth counting merely "a job waiting" reached 16).
+    let mut text = String::from("[agent]\n");
+    for i in 0..40 {
+        text += &format!(
+            "[[target]]\nid = \"b{i}\"\nurl = \"{}\"\ninterval = \"500ms\"\n",
+            fast.url("/")
+        );
+    }
+    let (recs, workers) = run_for(
+        &config_text(&text),
+        16,
+        sitewatch::config::Jitter::Fixed(Duration::ZERO),
+        2.0,
+    );
+    assert!(
+        workers <= 6,
+        "{workers} workers started for bursts of 40 fast checks"
+    );
+    assert!(
+        recs.len() >= 120,
+        "{} checks: 40 targets every 500 ms for 2 s",
+        recs.len()
+    );
 }
