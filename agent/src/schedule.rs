@@ -92,9 +92,10 @@ pub struct Run {
 /// workers and closes the output within `drain_timeout`.
 pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     let concurrency = run.concurrency.max(1);
-    // One job waits in the channel: a worker that finishes takes the next at once, and a job
-    // still waiting there after GROW_AFTER is the signal to grow the pool.
-    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(1);
+    // Up to `concurrency` jobs wait in the channel, so a worker that finishes takes the next at
+    // once. (With room for one, every hand-off went through the scheduler thread: `--once`
+    // over 3000 targets took 0.58-0.79 s instead of 0.38-0.40 s.)
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(concurrency);
     // Room for a round's burst without making workers wait on a briefly busy output.
     let (result_tx, result_rx) = mpsc::sync_channel::<CheckResult>(concurrency * 4 + 64);
     let (done_tx, done_rx) = mpsc::channel::<(usize, bool)>();
