@@ -121,7 +121,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     };
 
     let mut pool = Pool {
-        slots: (0..concurrency).map(|_| None).collect(),
+        slots: (0..concurrency).map(|_| Slot::Empty).collect(),
         live: Arc::new(AtomicUsize::new(0)),
         idle_exit: (run.mode == Mode::Forever).then_some(IDLE_EXIT),
         sent: 0,
@@ -280,8 +280,10 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
         ..
     } = pool;
     drop((result_tx, done_tx));
-    for w in slots.into_iter().flatten() {
-        join_until(w.thread, deadline);
+    for slot in slots {
+        if let Slot::Running { thread, .. } = slot {
+            join_until(thread, deadline);
+        }
     }
     while let Ok((_, up)) = done_rx.try_recv() {
         let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,7 +297,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
 /// The worker threads: up to `slots.len()`, started on demand by [`Pool::grow`].
 struct Pool {
     /// `worker-<i>` for slot `i`; a slot whose thread ended (idle) is reused.
-    slots: Vec<Option<WorkerSlot>>,
+    slots: Vec<Slot>,
     /// Workers running; an idle worker may end only while it is not the last.
     live: Arc<AtomicUsize>,
     /// `None`: workers never end on their own (`--once`).
@@ -314,9 +316,14 @@ struct Pool {
     health: Health,
 }
 
-struct WorkerSlot {
-    thread: JoinHandle<()>,
-    hb: Heartbeat,
+enum Slot {
+    Empty,
+    Running {
+        thread: JoinHandle<()>,
+        hb: Heartbeat,
+    },
+    /// Its worker panicked: left for the watchdog (see [`OnExit`]), never reused.
+    Panicked,
 }
 
 impl Pool {
@@ -342,22 +349,33 @@ impl Pool {
 
     /// Starts one more worker if below the cap. Returns whether it did.
     fn grow(&mut self) -> bool {
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| s.as_ref().is_none_or(|w| w.thread.is_finished()))
-        else {
+        let mut free = None;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            match slot {
+                Slot::Empty => {}
+                Slot::Running { thread, .. } if thread.is_finished() => {}
+                _ => continue,
+            }
+            // A slot keeps its heartbeat across restarts, so the registry does not grow.
+            match std::mem::replace(slot, Slot::Empty) {
+                Slot::Running { thread, hb } => {
+                    if thread.join().is_ok() {
+                        free = Some((i, Some(hb)));
+                        break;
+                    }
+                    *slot = Slot::Panicked;
+                }
+                _ => {
+                    free = Some((i, None));
+                    break;
+                }
+            }
+        }
+        let Some((i, hb)) = free else {
             return false;
         };
         let name = format!("worker-{i}");
-        // A slot keeps its heartbeat across restarts, so the registry does not grow.
-        let hb = match self.slots[i].take() {
-            Some(old) => {
-                let _ = old.thread.join();
-                old.hb
-            }
-            None => self.health.register(&name),
-        };
+        let hb = hb.unwrap_or_else(|| self.health.register(&name));
         hb.beat();
         self.live.fetch_add(1, Ordering::SeqCst);
         let worker = Worker {
@@ -374,7 +392,7 @@ impl Pool {
             "{name} started ({} running)",
             self.live.load(Ordering::SeqCst)
         );
-        self.slots[i] = Some(WorkerSlot { thread, hb });
+        self.slots[i] = Slot::Running { thread, hb };
         true
     }
 }
@@ -433,7 +451,7 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        // However this thread ends (even by a panic), it is no longer running nor stuck.
+        // However this thread ends, it is no longer running (see OnExit for a panic).
         let mut gone = OnExit {
             live: self.live.clone(),
             hb: self.hb.clone(),
@@ -490,7 +508,10 @@ impl Worker {
 }
 
 /// Marks a worker gone when its thread ends: idle for the watchdog, and no longer counted as
-/// running (unless [`Worker::leave`] already took it off the count).
+/// running (unless [`Worker::leave`] already took it off the count). Not after a panic: the
+/// check it held never reports done, so its target would never run again; the heartbeat stays
+/// busy until the watchdog sees it stuck (and systemd restarts the agent), and [`Pool::grow`]
+/// never reuses the slot.
 struct OnExit {
     live: Arc<AtomicUsize>,
     hb: Heartbeat,
@@ -502,7 +523,9 @@ impl Drop for OnExit {
         if self.counted {
             self.live.fetch_sub(1, Ordering::SeqCst);
         }
-        self.hb.idle();
+        if !std::thread::panicking() {
+            self.hb.idle();
+        }
     }
 }
 
