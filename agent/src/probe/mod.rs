@@ -19,6 +19,7 @@
 //!   `Accept-Encoding` is sent and nothing is decompressed, so a gzip bomb is read as its few
 //!   compressed bytes.
 
+mod buffers;
 mod transport;
 pub mod x509;
 

@@ -21,10 +21,9 @@ use native_tls::{HandshakeError, TlsConnector, TlsStream};
 use ureq::config::Config as UreqConfig;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport,
-};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 
+use super::buffers::PooledBuffers;
 use super::x509::{self, CertFacts};
 use crate::config::IpFamily;
 use crate::result::FailureReason;
@@ -328,7 +327,7 @@ impl Connector<()> for ProbeConnector {
         // Small requests: do not let Nagle delay them (and the ttfb measurement).
         let _ = tcp.set_nodelay(true);
         let mut stream = DeadlineStream::new(tcp);
-        let buffers = LazyBuffers::new(
+        let buffers = PooledBuffers::new(
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
         );
@@ -611,7 +610,7 @@ impl Write for Conn {
 /// byte came back.
 pub struct ProbeTransport {
     conn: Conn,
-    buffers: LazyBuffers,
+    buffers: PooledBuffers,
     facts: Arc<ConnFacts>,
     log: SharedLog,
     awaiting_first_byte: bool,
@@ -624,7 +623,7 @@ pub struct ProbeTransport {
 impl ProbeTransport {
     fn new(
         conn: Conn,
-        buffers: LazyBuffers,
+        buffers: PooledBuffers,
         facts: ConnFacts,
         log: SharedLog,
         poolable: bool,
