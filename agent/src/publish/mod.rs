@@ -35,7 +35,7 @@ use spool::{Spool, SpoolError};
 /// Records queued between `write` and the sender thread before `write` spills to disk.
 ///
 /// The queue is an unbounded channel with this bound kept by a counter: a
-/// `sync_channel(10_000)` allocates and writes all its slots up front, ~720 KB of RSS on an
+/// `sync_channel(10_000)` allocates and writes all its slots up front, ~640 KB of RSS on an
 /// agent that usually has a handful of records queued.
 pub const QUEUE_CAPACITY: usize = 10_000;
 /// Reconnect backoff bounds.

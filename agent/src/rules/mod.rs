@@ -95,8 +95,8 @@ pub fn header_pairs(headers: &ureq::http::HeaderMap) -> Vec<(String, String)> {
 /// atomically; a broken new file keeps the old version serving.
 ///
 /// The WASM engine (and its `rule-epoch` thread) starts only once some target names a rule:
-/// an agent with regex-only targets never pays its ~3 MB of memory. A SIGHUP that adds the
-/// first rule starts it then.
+/// an agent with regex-only targets never pays for it (about 2 MB of RSS in `bench/run`
+/// section 6). A SIGHUP that adds the first rule starts it then.
 #[derive(Clone, Default)]
 pub struct RuleSet {
     /// `None` for [`RuleSet::default`]: `load` was never called.
