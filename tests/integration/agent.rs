@@ -257,32 +257,12 @@ fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
         slow.url("/"),
         fast.url("/")
     ));
-    let collector = Collector::new();
-    let shutdown = Shutdown::new();
-    let stopper = {
-        let s = shutdown.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(4));
-            s.trigger();
-        })
-    };
-    let summary = schedule::run(
-        Run {
-            mode: Mode::Forever,
-            targets: cfg.targets.clone(),
-            prober: Arc::new(Prober::new(&cfg.agent, RuleSet::default())),
-            concurrency: 2,
-            jitter: sitewatch::config::Jitter::Fixed(Duration::ZERO),
-            drain_timeout: Duration::from_secs(5),
-            shutdown,
-            health: Health::new(),
-            reloads: None,
-            on_status: None,
-        },
-        Box::new(collector.clone()),
+    let (summary, recs, _) = run_for(
+        &cfg,
+        2,
+        sitewatch::config::Jitter::Fixed(Duration::ZERO),
+        4.0,
     );
-    stopper.join().unwrap();
-    let recs = collector.records();
     let fast_n = recs.iter().filter(|r| r.target == "fast").count();
     let slow_n = recs.iter().filter(|r| r.target == "slow").count();
     assert!(
@@ -310,14 +290,14 @@ fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
     );
 }
 
-/// Runs the scheduler in Forever mode for `secs` and returns the records and the worker
-/// threads it started (their heartbeats: one per pool slot ever used).
+/// Runs the scheduler in Forever mode for `secs` and returns the summary, the records and the
+/// worker threads it started (their heartbeats: one per pool slot ever used).
 fn run_for(
     cfg: &Config,
     concurrency: usize,
     jitter: sitewatch::config::Jitter,
     secs: f64,
-) -> (Vec<CheckResult>, usize) {
+) -> (schedule::Summary, Vec<CheckResult>, usize) {
     let collector = Collector::new();
     let shutdown = Shutdown::new();
     let health = Health::new();
@@ -328,7 +308,7 @@ fn run_for(
             s.trigger();
         })
     };
-    schedule::run(
+    let summary = schedule::run(
         Run {
             mode: Mode::Forever,
             targets: cfg.targets.clone(),
@@ -349,7 +329,18 @@ fn run_for(
         .iter()
         .filter(|n| n.starts_with("worker-"))
         .count();
-    (collector.records(), workers)
+    (summary, collector.records(), workers)
+}
+
+/// A config of `n` targets `<prefix>0..` at one URL and interval, after `agent` lines.
+fn fleet(agent: &str, prefix: &str, n: usize, url: &str, interval: &str) -> Config {
+    let mut text = format!("[agent]\n{agent}");
+    for i in 0..n {
+        text += &format!(
+            "[[target]]\nid = \"{prefix}{i}\"\nurl = \"{url}\"\ninterval = \"{interval}\"\n"
+        );
+    }
+    config_text(&text)
 }
 
 #[test]
@@ -369,15 +360,9 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
             Reply::status(200, "slow")
         })
     };
-    let mut text = String::from("[agent]\ntimeout = \"5s\"\n");
-    for i in 0..8 {
-        text += &format!(
-            "[[target]]\nid = \"s{i}\"\nurl = \"{}\"\ninterval = \"10s\"\n",
-            slow.url("/")
-        );
-    }
-    let (recs, workers) = run_for(
-        &config_text(&text),
+    let cfg = fleet("timeout = \"5s\"\n", "s", 8, &slow.url("/"), "10s");
+    let (_, recs, workers) = run_for(
+        &cfg,
         4,
         sitewatch::config::Jitter::Fixed(Duration::ZERO),
         1.0,
@@ -390,19 +375,8 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
     // pool stays at one or two workers of its 16 (slack for a loaded machine; a fixed pool
     // would show 16).
     let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
-    let mut text = String::from("[agent]\n");
-    for i in 0..10 {
-        text += &format!(
-            "[[target]]\nid = \"f{i}\"\nurl = \"{}\"\ninterval = \"500ms\"\n",
-            fast.url("/")
-        );
-    }
-    let (recs, workers) = run_for(
-        &config_text(&text),
-        16,
-        sitewatch::config::Jitter::Fraction(1.0),
-        2.0,
-    );
+    let cfg = fleet("", "f", 10, &fast.url("/"), "500ms");
+    let (_, recs, workers) = run_for(&cfg, 16, sitewatch::config::Jitter::Fraction(1.0), 2.0);
     assert!(
         workers <= 4,
         "{workers} workers started for 10 fast targets"
@@ -414,15 +388,9 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
 
     // A burst: 40 fast targets due at once. A worker keeps taking jobs, so the pool does not
     // grow for the queue of due checks (growth counting merely "a job waiting" reached 16).
-    let mut text = String::from("[agent]\n");
-    for i in 0..40 {
-        text += &format!(
-            "[[target]]\nid = \"b{i}\"\nurl = \"{}\"\ninterval = \"500ms\"\n",
-            fast.url("/")
-        );
-    }
-    let (recs, workers) = run_for(
-        &config_text(&text),
+    let cfg = fleet("", "b", 40, &fast.url("/"), "500ms");
+    let (_, recs, workers) = run_for(
+        &cfg,
         16,
         sitewatch::config::Jitter::Fixed(Duration::ZERO),
         2.0,
