@@ -180,6 +180,51 @@ fn once_all_down_exits_2_with_a_full_failure_record() {
 }
 
 #[test]
+fn once_goes_straight_to_the_target_whatever_proxy_the_environment_names() {
+    let server = crate::support::http::HttpServer::start(|_, _| {
+        crate::support::http::Reply::status(200, "direct")
+    });
+    let dir = TempDir::new("once-proxy-env");
+    let cfg = write(
+        &dir,
+        "agent.toml",
+        &format!(
+            "[[target]]\nid = \"direct\"\nurl = {:?}\nregex = \"direct\"\n",
+            server.url("/")
+        ),
+    );
+    // A proxy that does not exist: a check that used it would fail.
+    let proxy = format!("http://127.0.0.1:{}", closed_port());
+    let mut cmd = bin();
+    cmd.args([
+        "--once",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--format",
+        "json",
+    ])
+    .current_dir(dir.path());
+    for var in [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        cmd.env(var, &proxy);
+    }
+    cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let recs = records(&o);
+    assert_eq!(recs.len(), 1);
+    assert!(recs[0].up, "{:?}", recs[0]);
+    assert_eq!(recs[0].regex_matched, Some(true));
+    assert_eq!(server.requests().len(), 1, "the request reached the target");
+}
+
+#[test]
 fn once_table_format_is_readable() {
     let dir = TempDir::new("once-table");
     let port = closed_port();

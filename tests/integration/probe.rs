@@ -119,6 +119,8 @@ fn ok_200_with_matching_body_fills_the_record() {
     assert_eq!((req.method.as_str(), req.path.as_str()), ("GET", "/health"));
     assert_eq!(req.header("user-agent"), Some("sitewatch-test/1"));
     assert_eq!(req.header("accept-encoding"), None);
+    // A connection used once says so, so the server closes it with the response.
+    assert_eq!(req.header("connection"), Some("close"));
 }
 
 #[test]
@@ -652,6 +654,29 @@ fn keep_alive_target_reuses_its_connection_between_checks() {
     assert_phases(&second, false, true, false, true);
     assert_eq!(server.connections(), 3);
     assert_eq!(server.requests().len(), 4);
+    let close: Vec<Option<String>> = server
+        .requests()
+        .iter()
+        .map(|r| r.header("connection").map(str::to_string))
+        .collect();
+    assert_eq!(
+        close,
+        [None, None, Some("close".into()), Some("close".into())],
+        "only the connections used once ask the server to close"
+    );
+
+    // A Connection header from the config wins.
+    let config = config_with(
+        "",
+        &format!(
+            "url = {:?}\nheaders = {{ Connection = \"keep-alive\" }}",
+            server.url("/")
+        ),
+    );
+    let r = Prober::new(&config.agent, RuleSet::default()).check(&config.targets[0]);
+    assert_up(&r);
+    let last = server.requests().pop().unwrap();
+    assert_eq!(last.header("connection"), Some("keep-alive"));
 }
 
 #[test]
