@@ -219,7 +219,10 @@ fn once(args: &Args) -> Result<u8, Failure> {
     } else {
         Format::Json
     });
-    let summary = schedule::run_once(&cfg, prober, Box::new(Printer::new(stdout, format)));
+    // Stdout is line-buffered: without our own buffer every record would be a write(2). The
+    // printer flushes whenever no further record is waiting.
+    let out = std::io::BufWriter::with_capacity(64 * 1024, stdout);
+    let summary = schedule::run_once(&cfg, prober, Box::new(Printer::new(out, format)));
     if let Some(e) = &summary.output_error {
         // stdout closed early (`| head`): not our failure to report loudly.
         if !e.contains("Broken pipe") {

@@ -29,6 +29,11 @@ impl std::error::Error for OutputError {}
 pub trait Output: Send {
     /// Takes one record.
     fn write(&mut self, record: CheckResult) -> Result<(), OutputError>;
+    /// Called when no further record is waiting after one or more writes: the moment to flush
+    /// what `write` buffered, so a burst costs one flush and a lone record is not held back.
+    fn drained(&mut self) -> Result<(), OutputError> {
+        Ok(())
+    }
     /// Called when no record arrived for a while (about every 100 ms), so an output can flush
     /// on a timer (linger) without a thread of its own.
     fn idle(&mut self) -> Result<(), OutputError> {
@@ -70,7 +75,10 @@ impl<W: Write + Send> Output for Printer<W> {
     fn write(&mut self, record: CheckResult) -> Result<(), OutputError> {
         let io = |e: std::io::Error| OutputError(format!("writing to stdout: {e}"));
         match self.format {
-            Format::Json => writeln!(self.out, "{}", record.to_json()).map_err(io)?,
+            Format::Json => {
+                record.write_json(&mut self.out).map_err(io)?;
+                self.out.write_all(b"\n").map_err(io)?;
+            }
             Format::Table => {
                 if !self.header_done {
                     writeln!(self.out, "{}", table_header()).map_err(io)?;
@@ -79,8 +87,15 @@ impl<W: Write + Send> Output for Printer<W> {
                 writeln!(self.out, "{}", table_row(&record)).map_err(io)?;
             }
         }
-        // Line-at-a-time so a pipe reader (jq, a test) sees each record as it is made.
-        self.out.flush().map_err(io)
+        Ok(())
+    }
+
+    /// A pipe reader (jq, a test) sees each record as soon as no other is waiting behind it;
+    /// a burst goes out in one write instead of one per line.
+    fn drained(&mut self) -> Result<(), OutputError> {
+        self.out
+            .flush()
+            .map_err(|e| OutputError(format!("writing to stdout: {e}")))
     }
 
     fn close(&mut self, _deadline: Instant) -> Result<(), OutputError> {
@@ -168,6 +183,10 @@ impl Output for Tee {
         last.write(record)
     }
 
+    fn drained(&mut self) -> Result<(), OutputError> {
+        self.0.iter_mut().try_for_each(|o| o.drained())
+    }
+
     fn idle(&mut self) -> Result<(), OutputError> {
         self.0.iter_mut().try_for_each(|o| o.idle())
     }
@@ -222,5 +241,34 @@ mod tests {
             lines[2].contains("NO") && lines[2].contains("connect: connection refused"),
             "{text}"
         );
+    }
+
+    /// Counts flushes, to see when the printer pushes its lines out.
+    struct Flushes(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Write for Flushes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn printer_flushes_once_per_burst_and_at_close() {
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flushes = || count.load(std::sync::atomic::Ordering::SeqCst);
+        let mut p = Printer::new(Flushes(count.clone()), Format::Json);
+        let r = CheckResult::new("home", "http://127.0.0.1/", "a", "GET");
+        p.write(r.clone()).unwrap();
+        p.write(r.clone()).unwrap();
+        assert_eq!(flushes(), 0, "a write alone does not flush");
+        p.drained().unwrap();
+        assert_eq!(flushes(), 1, "the end of a burst flushes");
+        p.write(r).unwrap();
+        p.close(Instant::now()).unwrap();
+        assert_eq!(flushes(), 2, "close flushes");
     }
 }

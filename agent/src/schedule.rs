@@ -20,7 +20,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -549,10 +549,26 @@ fn output_loop(
         *failed = true;
     };
     let mut last_idle = Instant::now();
+    // Whether records were written since the output was last told that none is waiting.
+    let mut pending = false;
     loop {
         hb.beat();
-        match results.recv_timeout(Duration::from_millis(100)) {
+        let next = match results.try_recv() {
+            Ok(record) => Ok(record),
+            Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+            Err(TryRecvError::Empty) => {
+                if pending {
+                    pending = false;
+                    if !failed && let Err(e) = output.drained() {
+                        record_error(e, &mut failed);
+                    }
+                }
+                results.recv_timeout(Duration::from_millis(100))
+            }
+        };
+        match next {
             Ok(record) => {
+                pending = true;
                 if !failed && let Err(e) = output.write(record) {
                     record_error(e, &mut failed);
                 }

@@ -284,7 +284,7 @@ impl Output for Publisher {
             .unwrap_or_else(crate::util::unix_ms_now);
         self.send(ProduceRecord {
             key: record.target.clone().into_bytes(),
-            value: record.to_json().into_bytes(),
+            value: record.to_json_bytes(),
             timestamp_ms,
         })
     }
