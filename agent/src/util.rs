@@ -43,8 +43,8 @@ pub fn format_rfc3339_ms(unix_ms: i64) -> String {
         }
     };
     put(0, 4, y);
-    put(5, 2, m as i64);
-    put(8, 2, d as i64);
+    put(5, 2, m);
+    put(8, 2, d);
     put(11, 2, sod / 3600);
     put(14, 2, (sod / 60) % 60);
     put(17, 2, sod % 60);
