@@ -35,6 +35,12 @@ use crate::service::{Health, Heartbeat, Shutdown};
 pub const GROW_AFTER: Duration = Duration::from_millis(10);
 /// How long a worker waits for a job before it ends (long runs; the last worker stays).
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// A round is over once no check has run for this long; then, if the next one is at least this
+/// far away, the heap memory the round freed goes back to the kernel
+/// ([`crate::service::release_free_heap`]). With 100 targets every 10 s, strace saw 19
+/// `madvise(MADV_DONTNEED)` calls of 12-20 KiB in 12 s, and the agent's heap and anonymous
+/// memory measured 820-844 KiB against 964 KiB without the trim.
+pub const TRIM_AFTER: Duration = Duration::from_millis(500);
 
 /// One round or forever.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +59,8 @@ pub struct Summary {
     pub down: u64,
     /// Rounds skipped because the previous check of the same target was still running.
     pub skipped_overlaps: u64,
+    /// Times the heap was handed back to the kernel between rounds (see [`TRIM_AFTER`]).
+    pub heap_trims: u64,
     /// An output error that lost records (e.g. stdout closed), if any.
     pub output_error: Option<String>,
 }
@@ -149,12 +157,21 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     let mut in_flight: Vec<bool> = vec![false; targets.len()];
     let mut outstanding = 0usize;
     let mut last_status = Instant::now();
+    // When the last check in flight finished, and how many jobs had been sent at the last heap
+    // trim: a round's freed memory is handed back once per quiet spell (Forever mode only).
+    let mut quiet_since: Option<Instant> = None;
+    let mut trimmed_at_sent = 0u64;
 
     loop {
         scheduler_hb.beat();
         // Collect finished checks.
         while let Ok((index, up)) = done_rx.try_recv() {
             finished(&mut in_flight, &mut outstanding, &summary, index, up);
+        }
+        if outstanding > 0 {
+            quiet_since = None;
+        } else if quiet_since.is_none() {
+            quiet_since = Some(Instant::now());
         }
         if run.shutdown.is_triggered() {
             break;
@@ -245,14 +262,23 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                 }
             }
             None => {
+                let next_due = queue.next_due();
+                if run.mode == Mode::Forever
+                    && pool.sent != trimmed_at_sent
+                    && quiet_since.is_some_and(|t| t.elapsed() >= TRIM_AFTER)
+                    && next_due.is_none_or(|due| due.saturating_duration_since(now) >= TRIM_AFTER)
+                {
+                    trimmed_at_sent = pool.sent;
+                    crate::service::release_free_heap();
+                    summary.lock().unwrap_or_else(|e| e.into_inner()).heap_trims += 1;
+                }
                 // A job still waiting for a worker is looked at again within GROW_AFTER.
                 let most = if pool.grow_if_waiting() {
                     GROW_AFTER
                 } else {
                     Duration::from_millis(100)
                 };
-                let wait = queue
-                    .next_due()
+                let wait = next_due
                     .map(|due| due.saturating_duration_since(now))
                     .unwrap_or(most)
                     .min(most);

@@ -290,6 +290,45 @@ fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
     );
 }
 
+#[test]
+fn the_heap_is_trimmed_once_per_quiet_spell_between_rounds() {
+    let server = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let fleet = |interval: &str| {
+        config_text(
+            &(0..3)
+                .map(|i| {
+                    format!(
+                        "[[target]]\nid = \"t{i}\"\nurl = \"{}\"\ninterval = \"{interval}\"\n",
+                        server.url("/")
+                    )
+                })
+                .collect::<String>(),
+        )
+    };
+    // Rounds at 0, 1.5 and 3 s, each over in a few ms: a trim after the first two (the third
+    // is cut short by the stop at 4 s or trimmed just before it).
+    let (summary, recs, _) = run_for(
+        &fleet("1500ms"),
+        2,
+        sitewatch::config::Jitter::Fixed(Duration::ZERO),
+        4.0,
+    );
+    assert_eq!(recs.len(), 9, "three rounds of three");
+    assert!(
+        (2..=3).contains(&summary.heap_trims),
+        "one trim per quiet spell: {summary:?}"
+    );
+    // A check every 200 ms leaves no quiet spell of 500 ms: nothing to trim.
+    let (summary, recs, _) = run_for(
+        &fleet("200ms"),
+        2,
+        sitewatch::config::Jitter::Fixed(Duration::ZERO),
+        2.0,
+    );
+    assert!(recs.len() >= 20, "{}", recs.len());
+    assert_eq!(summary.heap_trims, 0, "{summary:?}");
+}
+
 /// Runs the scheduler in Forever mode for `secs` and returns the summary, the records and the
 /// worker threads it started (their heartbeats: one per pool slot ever used).
 fn run_for(
