@@ -874,10 +874,9 @@ mod tests {
         check(b"", 10, 0, false);
     }
 
-    /// Hands out `chunks` one per read, then fails (or ends); `Interrupted` first of all.
+    /// Hands out `chunks` one per read, then fails; `Interrupted` first of all.
     struct Chunks {
         chunks: Vec<Vec<u8>>,
-        fail_at_end: bool,
         interrupted: bool,
     }
 
@@ -888,11 +887,7 @@ mod tests {
                 return Err(std::io::ErrorKind::Interrupted.into());
             }
             if self.chunks.is_empty() {
-                return if self.fail_at_end {
-                    Err(std::io::Error::other("connection reset"))
-                } else {
-                    Ok(0)
-                };
+                return Err(std::io::Error::other("connection reset"));
             }
             let mut chunk = self.chunks.remove(0);
             let n = chunk.len().min(buf.len());
@@ -910,7 +905,6 @@ mod tests {
         let read = read_capped(
             Chunks {
                 chunks: chunks.clone(),
-                fail_at_end: true,
                 interrupted: false,
             },
             1 << 20,
@@ -926,7 +920,6 @@ mod tests {
         let read = read_capped(
             Chunks {
                 chunks: chunks.clone(),
-                fail_at_end: true,
                 interrupted: false,
             },
             20,
