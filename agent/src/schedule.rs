@@ -161,6 +161,8 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
     // trim: a round's freed memory is handed back once per quiet spell (Forever mode only).
     let mut quiet_since: Option<Instant> = None;
     let mut trimmed_at_sent = 0u64;
+    // Whether checks were finishing the last time every worker was busy (see DONE_NAP).
+    let mut streaming = false;
 
     loop {
         scheduler_hb.beat();
@@ -242,9 +244,21 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                             // A finished check means a worker is about to take the next job:
                             // wait for that rather than sleeping blind (a fixed 2 ms sleep
                             // capped throughput at `concurrency` checks per 2 ms; bench/README).
-                            if let Ok((index, up)) = done_rx.recv_timeout(Duration::from_millis(2))
+                            // While checks keep finishing, a short nap collects several at once
+                            // instead of a wake-up per check; a nap that collects none (slow
+                            // checks) goes back to waiting on the channel.
+                            if streaming {
+                                std::thread::sleep(DONE_NAP);
+                                streaming = false;
+                                while let Ok((index, up)) = done_rx.try_recv() {
+                                    finished(&mut in_flight, &mut outstanding, &summary, index, up);
+                                    streaming = true;
+                                }
+                            } else if let Ok((index, up)) =
+                                done_rx.recv_timeout(Duration::from_millis(2))
                             {
                                 finished(&mut in_flight, &mut outstanding, &summary, index, up);
+                                streaming = true;
                             }
                         }
                         // The pool holds the receiver: cannot happen while it lives.
@@ -555,6 +569,16 @@ impl Drop for OnExit {
     }
 }
 
+/// The output thread naps [`BURST_NAP`] instead of blocking after handling at least this many
+/// records in a row. Under a stream of checks each blocking receive cost a futex wake-up and a
+/// context switch per record (bench/README.md, third pass).
+const BURST: usize = 2;
+/// How long the scheduler naps, while every worker is busy and checks keep finishing, before it
+/// collects the finished ones. With `concurrency` jobs queued, a nap this short never leaves a
+/// worker without one at the rates measured here (about 20 checks per millisecond).
+const DONE_NAP: Duration = Duration::from_micros(200);
+const BURST_NAP: Duration = Duration::from_millis(1);
+
 fn output_loop(
     mut output: Box<dyn Output>,
     results: Receiver<CheckResult>,
@@ -575,26 +599,35 @@ fn output_loop(
         *failed = true;
     };
     let mut last_idle = Instant::now();
-    // Whether records were written since the output was last told that none is waiting.
-    let mut pending = false;
+    // Records written since the output was last told that none is waiting.
+    let mut pending = 0usize;
     loop {
         hb.beat();
         let next = match results.try_recv() {
             Ok(record) => Ok(record),
             Err(TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
             Err(TryRecvError::Empty) => {
-                if pending {
-                    pending = false;
+                let burst = pending >= BURST;
+                if pending > 0 {
+                    pending = 0;
                     if !failed && let Err(e) = output.drained() {
                         record_error(e, &mut failed);
                     }
+                }
+                if burst {
+                    // Records are arriving faster than one at a time: nap instead of blocking,
+                    // so the workers' sends need not wake this thread for every record. The
+                    // nap ends a burst's batch; a nap that brings fewer than BURST records
+                    // ends the burst, and the thread blocks again.
+                    std::thread::sleep(BURST_NAP);
+                    continue;
                 }
                 results.recv_timeout(Duration::from_millis(100))
             }
         };
         match next {
             Ok(record) => {
-                pending = true;
+                pending += 1;
                 if !failed && let Err(e) = output.write(record) {
                     record_error(e, &mut failed);
                 }
