@@ -573,11 +573,12 @@ impl Drop for OnExit {
 /// records in a row. Under a stream of checks each blocking receive cost a futex wake-up and a
 /// context switch per record (bench/README.md, third pass).
 const BURST: usize = 2;
+/// The output thread's nap during a burst: records wait at most this long to be written.
+const BURST_NAP: Duration = Duration::from_millis(1);
 /// How long the scheduler naps, while every worker is busy and checks keep finishing, before it
 /// collects the finished ones. With `concurrency` jobs queued, a nap this short never leaves a
 /// worker without one at the rates measured here (about 20 checks per millisecond).
 const DONE_NAP: Duration = Duration::from_micros(200);
-const BURST_NAP: Duration = Duration::from_millis(1);
 
 fn output_loop(
     mut output: Box<dyn Output>,
