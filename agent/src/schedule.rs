@@ -166,10 +166,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
 
     loop {
         scheduler_hb.beat();
-        // Collect finished checks.
-        while let Ok((index, up)) = done_rx.try_recv() {
-            finished(&mut in_flight, &mut outstanding, &summary, index, up);
-        }
+        collect_done(&done_rx, &mut in_flight, &mut outstanding, &summary);
         if outstanding > 0 {
             quiet_since = None;
         } else if quiet_since.is_none() {
@@ -249,11 +246,12 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
                             // checks) goes back to waiting on the channel.
                             if streaming {
                                 std::thread::sleep(DONE_NAP);
-                                streaming = false;
-                                while let Ok((index, up)) = done_rx.try_recv() {
-                                    finished(&mut in_flight, &mut outstanding, &summary, index, up);
-                                    streaming = true;
-                                }
+                                streaming = collect_done(
+                                    &done_rx,
+                                    &mut in_flight,
+                                    &mut outstanding,
+                                    &summary,
+                                );
                             } else if let Ok((index, up)) =
                                 done_rx.recv_timeout(Duration::from_millis(2))
                             {
@@ -325,6 +323,7 @@ pub fn run(mut run: Run, output: Box<dyn Output>) -> Summary {
             join_until(thread, deadline);
         }
     }
+    // Not `collect_done`: a job sent just as shutdown came was never counted in `outstanding`.
     while let Ok((_, up)) = done_rx.try_recv() {
         let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
         s.checks += 1;
@@ -460,6 +459,21 @@ fn join_until(h: JoinHandle<()>, deadline: Instant) {
     if h.join().is_err() {
         log::error!("a thread panicked during shutdown");
     }
+}
+
+/// Books every finished check waiting in `done`; says whether there was any.
+fn collect_done(
+    done: &Receiver<(usize, bool)>,
+    in_flight: &mut [bool],
+    outstanding: &mut usize,
+    summary: &Mutex<Summary>,
+) -> bool {
+    let mut any = false;
+    while let Ok((index, up)) = done.try_recv() {
+        finished(in_flight, outstanding, summary, index, up);
+        any = true;
+    }
+    any
 }
 
 /// Books a finished check: the target may run again, the counters move.

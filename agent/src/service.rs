@@ -273,22 +273,17 @@ fn set_arena_max(_cap: usize) -> bool {
 /// to wait: memory a round freed (bodies, ureq agents, encoded batches) otherwise stays
 /// resident until the next round reuses it. A no-op elsewhere than glibc.
 pub fn release_free_heap() -> bool {
-    trim()
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() -> bool {
-    // glibc's <malloc.h>: `int malloc_trim(size_t pad)`. It returns free memory at the top of
-    // the heap and, since glibc 2.8, free whole pages inside every arena (MADV_DONTNEED).
-    unsafe extern "C" {
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // glibc's <malloc.h>: `int malloc_trim(size_t pad)`. It returns free memory at the top
+        // of the heap and, since glibc 2.8, free whole pages inside every arena.
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim takes each arena's lock; it is safe to call from any thread.
+        unsafe { malloc_trim(0) == 1 }
     }
-    // SAFETY: malloc_trim takes each arena's lock; it is safe to call from any thread.
-    unsafe { malloc_trim(0) == 1 }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> bool {
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false
 }
 
