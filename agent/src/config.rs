@@ -208,7 +208,8 @@ impl Jitter {
     }
 }
 
-#[derive(Clone)]
+/// Compared by value on reload (`PartialEq`, secrets included), never by its masked `Debug`.
+#[derive(Clone, PartialEq)]
 pub struct KafkaConfig {
     pub brokers: Vec<String>,
     pub topic: String,
@@ -230,7 +231,7 @@ pub enum Compression {
     Gzip,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KafkaTls {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
@@ -245,7 +246,7 @@ pub enum SaslMechanism {
     ScramSha512,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct Sasl {
     pub mechanism: SaslMechanism,
     pub username: String,
@@ -317,7 +318,7 @@ pub enum SslMode {
     VerifyFull,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PostgresConfig {
     /// Connection URL with any password removed (safe to print).
     pub url: String,

@@ -8,7 +8,9 @@
 //! [`sink`] persists them to PostgreSQL exactly once. [`service`] owns signals, sd_notify and
 //! shutdown.
 
+pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod kafka;
 pub mod output;
 pub mod probe;

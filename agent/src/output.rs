@@ -7,20 +7,46 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::publish::spool::SpoolError;
 use crate::result::CheckResult;
 
-/// An output failed in a way that loses records (stdout closed, spool disk full). The text
-/// names what failed; it never holds secrets.
+/// An output failed in a way that loses records. Each variant keeps the real cause
+/// ([`std::error::Error::source`]), so callers branch on kinds (a closed pipe), never on text.
+/// It never holds record contents or secrets.
 #[derive(Debug)]
-pub struct OutputError(pub String);
+#[non_exhaustive]
+pub enum OutputError {
+    /// Writing to stdout failed (a reader that went away is `ErrorKind::BrokenPipe`).
+    Stdout(std::io::Error),
+    /// The publisher's spool could not keep the records.
+    Spool(SpoolError),
+}
 
-impl fmt::Display for OutputError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+impl OutputError {
+    /// Stdout was closed by its reader (`sitewatch --once | head`): records are lost on
+    /// purpose, not by a fault of ours.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, OutputError::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }
 
-impl std::error::Error for OutputError {}
+impl fmt::Display for OutputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutputError::Stdout(e) => write!(f, "writing to stdout: {e}"),
+            OutputError::Spool(e) => write!(f, "publisher: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for OutputError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OutputError::Stdout(e) => Some(e),
+            OutputError::Spool(e) => Some(e),
+        }
+    }
+}
 
 /// A destination for check records.
 ///
@@ -73,7 +99,7 @@ impl<W: Write + Send> Printer<W> {
 
 impl<W: Write + Send> Output for Printer<W> {
     fn write(&mut self, record: CheckResult) -> Result<(), OutputError> {
-        let io = |e: std::io::Error| OutputError(format!("writing to stdout: {e}"));
+        let io = OutputError::Stdout;
         match self.format {
             Format::Json => {
                 record.write_json(&mut self.out).map_err(io)?;
@@ -93,15 +119,11 @@ impl<W: Write + Send> Output for Printer<W> {
     /// A pipe reader (jq, a test) sees each record as soon as no other is waiting behind it;
     /// a burst goes out in one write instead of one per line.
     fn drained(&mut self) -> Result<(), OutputError> {
-        self.out
-            .flush()
-            .map_err(|e| OutputError(format!("writing to stdout: {e}")))
+        self.out.flush().map_err(OutputError::Stdout)
     }
 
     fn close(&mut self, _deadline: Instant) -> Result<(), OutputError> {
-        self.out
-            .flush()
-            .map_err(|e| OutputError(format!("writing to stdout: {e}")))
+        self.out.flush().map_err(OutputError::Stdout)
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sitewatch::config::Config;
@@ -13,13 +14,13 @@ use sitewatch::output::Collector;
 use sitewatch::probe::Prober;
 use sitewatch::result::{CheckResult, FailureReason};
 use sitewatch::rules::RuleSet;
-use sitewatch::schedule::{self, Mode, Run};
+use sitewatch::schedule::{self, Mode, Reload, Run};
 use sitewatch::service::{Health, Shutdown};
 
-use crate::support::TempDir;
 use crate::support::broker::{Broker, kpeer};
 use crate::support::http::{HttpServer, Reply, closed_port};
 use crate::support::proxy::Proxy;
+use crate::support::{TempDir, wait_for};
 
 fn start_agent(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sitewatch"))
@@ -241,134 +242,219 @@ fn config_text(text: &str) -> Config {
     Config::parse(text, std::path::Path::new("t.toml"), &|_| None).unwrap()
 }
 
+/// A server whose first request waits until the test opens the gate; later ones answer at
+/// once. Counts requests now in flight and the most at once.
+struct GatedServer {
+    server: HttpServer,
+    open: std::sync::mpsc::Sender<()>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl GatedServer {
+    fn start() -> GatedServer {
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(std::sync::Mutex::new(gate));
+        let now = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let server = {
+            let (now, peak) = (now.clone(), peak.clone());
+            HttpServer::start(move |_, i| {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                if i == 0 {
+                    let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(60));
+                }
+                now.fetch_sub(1, Ordering::SeqCst);
+                Reply::status(200, "slow")
+            })
+        };
+        GatedServer { server, open, peak }
+    }
+
+    fn requests(&self) -> usize {
+        self.server.requests().len()
+    }
+}
+
 #[test]
 fn a_slow_target_delays_no_other_and_never_overlaps_itself() {
-    // `slow` answers after 1.5 s with a 500 ms interval: its rounds overlap and are skipped;
-    // `fast` keeps its 200 ms rhythm regardless.
-    let slow = HttpServer::start(|_, _| {
-        std::thread::sleep(Duration::from_millis(1500));
-        Reply::status(200, "slow")
-    });
+    // `slow` holds its first check until the gate opens, with a 100 ms interval: its rounds
+    // meanwhile are skipped, not queued, and `fast` keeps its rhythm regardless.
+    let slow = GatedServer::start();
     let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
     let cfg = config_text(&format!(
-        "[agent]\nconcurrency = 2\ntimeout = \"5s\"\n\
-         [[target]]\nid = \"slow\"\nurl = \"{}\"\ninterval = \"500ms\"\n\
-         [[target]]\nid = \"fast\"\nurl = \"{}\"\ninterval = \"200ms\"\n",
-        slow.url("/"),
+        "[agent]\nconcurrency = 2\ntimeout = \"30s\"\n\
+         [[target]]\nid = \"slow\"\nurl = \"{}\"\ninterval = \"100ms\"\n\
+         [[target]]\nid = \"fast\"\nurl = \"{}\"\ninterval = \"100ms\"\n",
+        slow.server.url("/"),
         fast.url("/")
     ));
-    let (summary, recs, _) = run_for(
-        &cfg,
-        2,
-        sitewatch::config::Jitter::Fixed(Duration::ZERO),
-        4.0,
+    let running = Running::start(&cfg, 2, NO_JITTER, None);
+    running.wait_until("10 fast checks while slow is held", |recs| {
+        recs.iter().filter(|r| r.target == "fast").count() >= 10
+    });
+    assert_eq!(
+        slow.requests(),
+        1,
+        "slow's rounds are skipped while it runs"
     );
-    let fast_n = recs.iter().filter(|r| r.target == "fast").count();
-    let slow_n = recs.iter().filter(|r| r.target == "slow").count();
-    assert!(
-        (14..=22).contains(&fast_n),
-        "fast: {fast_n} checks in 4 s at 200 ms"
+    slow.open.send(()).unwrap();
+    running.wait_until("slow checked twice more", |recs| {
+        recs.iter().filter(|r| r.target == "slow").count() >= 3
+    });
+    let (summary, recs, _) = running.stop();
+    assert!(summary.skipped_overlaps >= 1, "{summary:?}");
+    assert_eq!(
+        slow.peak.load(Ordering::SeqCst),
+        1,
+        "two slow checks at once"
     );
-    assert!(
-        (2..=3).contains(&slow_n),
-        "slow: {slow_n} checks of 1.5 s each in 4 s"
-    );
-    assert!(summary.skipped_overlaps >= 3, "{summary:?}");
-    // Never two slow checks at once: each starts after the previous one (1.5 s) ended.
-    let starts: Vec<i64> = recs
-        .iter()
-        .filter(|r| r.target == "slow")
-        .map(|r| sitewatch::util::parse_rfc3339_ms(&r.started_at).unwrap())
-        .collect();
-    for w in starts.windows(2) {
-        assert!(w[1] - w[0] >= 1450, "slow checks overlapped: {starts:?}");
-    }
     assert_eq!(summary.checks as usize, recs.len());
-    assert!(
-        recs.iter().all(|r| r.up),
-        "every check completed, none cut by shutdown"
+    assert!(recs.iter().all(|r| r.up), "every check completed");
+}
+
+#[test]
+fn a_reload_that_reorders_targets_never_strands_one_in_flight() {
+    // Issue 12, bug 1: targets a, b, slow, c; while slow's check runs the list becomes
+    // slow, c. Jobs used to carry a position in the list, so the finished check booked to
+    // the wrong slot and slow stayed "in flight" for ever: never probed again.
+    let slow = GatedServer::start();
+    let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
+    let target = |id: &str, url: &str| {
+        format!("[[target]]\nid = \"{id}\"\nurl = \"{url}\"\ninterval = \"100ms\"\n")
+    };
+    let agent = "[agent]\nconcurrency = 4\ntimeout = \"30s\"\n";
+    let (a, b, c) = (fast.url("/a"), fast.url("/b"), fast.url("/c"));
+    let s = slow.server.url("/slow");
+    let before = config_text(&format!(
+        "{agent}{}{}{}{}",
+        target("a", &a),
+        target("b", &b),
+        target("slow", &s),
+        target("c", &c)
+    ));
+    let after = config_text(&format!("{agent}{}{}", target("slow", &s), target("c", &c)));
+    let (reload_tx, reload_rx) = std::sync::mpsc::channel();
+    let running = Running::start(&before, 4, NO_JITTER, Some(reload_rx));
+    running.wait_until("slow in flight", |_| slow.requests() == 1);
+    reload_tx
+        .send(Reload {
+            prober: Arc::new(Prober::new(&after.agent, RuleSet::default())),
+            config: Arc::new(after),
+        })
+        .unwrap();
+    let count = |recs: &[CheckResult], ids: &[&str]| {
+        recs.iter()
+            .filter(|r| ids.contains(&r.target.as_str()))
+            .count()
+    };
+    let c_then = count(&running.collector.records(), &["c"]);
+    running.wait_until("c checked under the new config", |recs| {
+        count(recs, &["c"]) >= c_then + 3
+    });
+    let removed = count(&running.collector.records(), &["a", "b"]);
+    slow.open.send(()).unwrap();
+    running.wait_until("slow checked again after its first check", |recs| {
+        count(recs, &["slow"]) >= 3 && count(recs, &["c"]) >= c_then + 8
+    });
+    let (summary, recs, _) = running.stop();
+    assert_eq!(summary.reloads, 1);
+    assert_eq!(summary.targets, 2);
+    assert_eq!(
+        slow.peak.load(Ordering::SeqCst),
+        1,
+        "two slow checks at once"
+    );
+    assert_eq!(
+        count(&recs, &["a", "b"]),
+        removed,
+        "removed targets are not checked"
     );
 }
 
 #[test]
 fn the_heap_is_trimmed_once_per_quiet_spell_between_rounds() {
     let server = HttpServer::start(|_, _| Reply::status(200, "ok"));
-    let fleet = |interval: &str| {
-        config_text(
-            &(0..3)
-                .map(|i| {
-                    format!(
-                        "[[target]]\nid = \"t{i}\"\nurl = \"{}\"\ninterval = \"{interval}\"\n",
-                        server.url("/")
-                    )
-                })
-                .collect::<String>(),
-        )
-    };
-    // Rounds at 0, 1.5 and 3 s, each over in a few ms: a trim after the first two (the third
-    // is cut short by the stop at 4 s or trimmed just before it).
-    let (summary, recs, _) = run_for(
-        &fleet("1500ms"),
-        2,
-        sitewatch::config::Jitter::Fixed(Duration::ZERO),
-        4.0,
-    );
+    let fleet = |interval: &str| fleet("", "t", 3, &server.url("/"), interval);
+    // Rounds 1.5 s apart, each over in a few ms: a trim after each of the first two rounds
+    // (the third may be stopped before its quiet spell ends), never more than one per round.
+    let running = Running::start(&fleet("1500ms"), 2, NO_JITTER, None);
+    running.wait_until("three rounds of three", |recs| recs.len() >= 9);
+    let (summary, recs, _) = running.stop();
     assert_eq!(recs.len(), 9, "three rounds of three");
     assert!(
         (2..=3).contains(&summary.heap_trims),
         "one trim per quiet spell: {summary:?}"
     );
-    // A check every 200 ms leaves no quiet spell of 500 ms: nothing to trim.
-    let (summary, recs, _) = run_for(
-        &fleet("200ms"),
-        2,
-        sitewatch::config::Jitter::Fixed(Duration::ZERO),
-        2.0,
-    );
-    assert!(recs.len() >= 20, "{}", recs.len());
+    // A round every 200 ms leaves no quiet spell of 500 ms: nothing to trim.
+    let running = Running::start(&fleet("200ms"), 2, NO_JITTER, None);
+    running.wait_until("ten rounds", |recs| recs.len() >= 30);
+    let (summary, _, _) = running.stop();
     assert_eq!(summary.heap_trims, 0, "{summary:?}");
 }
 
-/// Runs the scheduler in Forever mode for `secs` and returns the summary, the records and the
-/// worker threads it started (their heartbeats: one per pool slot ever used).
-fn run_for(
-    cfg: &Config,
-    concurrency: usize,
-    jitter: sitewatch::config::Jitter,
-    secs: f64,
-) -> (schedule::Summary, Vec<CheckResult>, usize) {
-    let collector = Collector::new();
-    let shutdown = Shutdown::new();
-    let health = Health::new();
-    let stopper = {
-        let s = shutdown.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs_f64(secs));
-            s.trigger();
-        })
-    };
-    let summary = schedule::run(
-        Run {
+const NO_JITTER: sitewatch::config::Jitter = sitewatch::config::Jitter::Fixed(Duration::ZERO);
+
+/// A scheduler in Forever mode on a thread of its own, stopped by [`Running::stop`].
+struct Running {
+    collector: Collector,
+    shutdown: Shutdown,
+    health: Health,
+    thread: std::thread::JoinHandle<schedule::Summary>,
+}
+
+impl Running {
+    fn start(
+        cfg: &Config,
+        concurrency: usize,
+        jitter: sitewatch::config::Jitter,
+        reloads: Option<std::sync::mpsc::Receiver<Reload>>,
+    ) -> Running {
+        let collector = Collector::new();
+        let shutdown = Shutdown::new();
+        let health = Health::new();
+        let run = Run {
             mode: Mode::Forever,
             targets: cfg.targets.clone(),
             prober: Arc::new(Prober::new(&cfg.agent, RuleSet::default())),
             concurrency,
             jitter,
             drain_timeout: Duration::from_secs(5),
-            shutdown,
+            shutdown: shutdown.clone(),
             health: health.clone(),
-            reloads: None,
+            reloads,
             on_status: None,
-        },
-        Box::new(collector.clone()),
-    );
-    stopper.join().unwrap();
-    let workers = health
-        .names()
-        .iter()
-        .filter(|n| n.starts_with("worker-"))
-        .count();
-    (summary, collector.records(), workers)
+        };
+        let output = Box::new(collector.clone());
+        let thread = std::thread::spawn(move || schedule::run(run, output));
+        Running {
+            collector,
+            shutdown,
+            health,
+            thread,
+        }
+    }
+
+    /// Waits (30 s at most) until the records so far satisfy `cond`.
+    fn wait_until(&self, what: &str, cond: impl Fn(&[CheckResult]) -> bool) {
+        wait_for(what, Duration::from_secs(30), || {
+            cond(&self.collector.records())
+        });
+    }
+
+    /// Stops the run; returns its summary, its records and the worker threads it started
+    /// (their heartbeats: one per pool slot ever used).
+    fn stop(self) -> (schedule::Summary, Vec<CheckResult>, usize) {
+        self.shutdown.trigger();
+        let summary = self.thread.join().expect("the scheduler panicked");
+        let workers = self
+            .health
+            .names()
+            .iter()
+            .filter(|n| n.starts_with("worker-"))
+            .count();
+        (summary, self.collector.records(), workers)
+    }
 }
 
 /// A config of `n` targets `<prefix>0..` at one URL and interval, after `agent` lines.
@@ -384,7 +470,6 @@ fn fleet(agent: &str, prefix: &str, n: usize, url: &str, interval: &str) -> Conf
 
 #[test]
 fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     // Slow targets: 8 checks of 300 ms due at once, cap 4. The pool grows to exactly 4 and
     // the server sees 4 requests at once, never more.
     let now = Arc::new(AtomicUsize::new(0));
@@ -400,12 +485,9 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
         })
     };
     let cfg = fleet("timeout = \"5s\"\n", "s", 8, &slow.url("/"), "10s");
-    let (_, recs, workers) = run_for(
-        &cfg,
-        4,
-        sitewatch::config::Jitter::Fixed(Duration::ZERO),
-        1.0,
-    );
+    let running = Running::start(&cfg, 4, NO_JITTER, None);
+    running.wait_until("8 slow checks", |recs| recs.len() >= 8);
+    let (_, recs, workers) = running.stop();
     assert_eq!(peak.load(Ordering::SeqCst), 4, "requests in flight at once");
     assert_eq!(workers, 4, "the pool grew to its cap");
     assert_eq!(recs.len(), 8, "every due check ran (two waves of 4)");
@@ -415,32 +497,24 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
     // would show 16).
     let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
     let cfg = fleet("", "f", 10, &fast.url("/"), "500ms");
-    let (_, recs, workers) = run_for(&cfg, 16, sitewatch::config::Jitter::Fraction(1.0), 2.0);
+    let running = Running::start(&cfg, 16, sitewatch::config::Jitter::Fraction(1.0), None);
+    running.wait_until("two checks of every target", |recs| {
+        (0..10).all(|i| recs.iter().filter(|r| r.target == format!("f{i}")).count() >= 2)
+    });
+    let (_, _, workers) = running.stop();
     assert!(
         workers <= 4,
         "{workers} workers started for 10 fast targets"
     );
-    for i in 0..10 {
-        let n = recs.iter().filter(|r| r.target == format!("f{i}")).count();
-        assert!(n >= 2, "target f{i}: {n} checks in 2 s at 500 ms");
-    }
 
     // A burst: 40 fast targets due at once. A worker keeps taking jobs, so the pool does not
     // grow for the queue of due checks (growth counting merely "a job waiting" reached 16).
     let cfg = fleet("", "b", 40, &fast.url("/"), "500ms");
-    let (_, recs, workers) = run_for(
-        &cfg,
-        16,
-        sitewatch::config::Jitter::Fixed(Duration::ZERO),
-        2.0,
-    );
+    let running = Running::start(&cfg, 16, NO_JITTER, None);
+    running.wait_until("three rounds of 40", |recs| recs.len() >= 120);
+    let (_, _, workers) = running.stop();
     assert!(
         workers <= 6,
         "{workers} workers started for bursts of 40 fast checks"
-    );
-    assert!(
-        recs.len() >= 120,
-        "{} checks: 40 targets every 500 ms for 2 s",
-        recs.len()
     );
 }

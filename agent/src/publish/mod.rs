@@ -221,8 +221,7 @@ impl Publisher {
                 "publisher queue full ({QUEUE_CAPACITY} records): spilling to the spool"
             );
         }
-        spool_append(&self.spool, &self.shared, &[rec])
-            .map_err(|e| OutputError(format!("publisher: {e}")))
+        spool_append(&self.spool, &self.shared, &[rec]).map_err(OutputError::Spool)
     }
 }
 
@@ -317,7 +316,7 @@ impl Output for Publisher {
             st.acked,
             st.dropped
         );
-        synced.map_err(|e| OutputError(format!("publisher: {e}")))
+        synced.map_err(OutputError::Spool)
     }
 
     fn status(&self) -> String {

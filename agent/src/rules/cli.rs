@@ -33,9 +33,9 @@ response is described offline: --status (default 200), --body-file (default empt
 (repeatable, response headers) and --elapsed (ms, default 0).
 Exit code: 0 up, 1 down, 2 unknown, 3 rule error, 64 usage error.";
 
-/// Parsed command line.
+/// The command line of `rule test`, parsed by [`parse_test_args`].
 #[derive(Debug)]
-struct Args {
+pub struct Args {
     rule: PathBuf,
     url: Option<String>,
     timeout: Duration,
@@ -46,21 +46,28 @@ struct Args {
     limits: RulesConfig,
 }
 
-/// Entry point for `sitewatch rule test`; `args` are the words after `rule test`. Returns the
-/// process exit code; everything, errors included, goes to `out`.
+/// Entry point for `sitewatch rule test` from its words (the ones after `rule test`): parses
+/// them as the binary does and runs [`rule_test`]. Returns the process exit code; everything,
+/// errors included, goes to `out`.
 pub fn rule_test_main(args: &[String], out: &mut dyn Write) -> i32 {
-    let args = match parse_args(args) {
-        Ok(Some(a)) => a,
+    let mut parser = lexopt::Parser::from_args(args);
+    match parse_test_args(&mut parser) {
+        Ok(Some(a)) => rule_test(&a, out),
         Ok(None) => {
             let _ = writeln!(out, "{USAGE}");
-            return 0;
+            0
         }
         Err(msg) => {
             let _ = writeln!(out, "error: {msg}\n\n{USAGE}");
-            return EXIT_USAGE;
+            EXIT_USAGE
         }
-    };
-    match run(&args, out) {
+    }
+}
+
+/// Runs `rule test` with parsed arguments. Returns the process exit code; everything, errors
+/// included, goes to `out`.
+pub fn rule_test(args: &Args, out: &mut dyn Write) -> i32 {
+    match run(args, out) {
         Ok(code) => code,
         Err(msg) => {
             let _ = writeln!(out, "error: {msg}");
@@ -69,7 +76,10 @@ pub fn rule_test_main(args: &[String], out: &mut dyn Write) -> i32 {
     }
 }
 
-fn parse_args(words: &[String]) -> Result<Option<Args>, String> {
+/// Parses the words after `rule test` from `p` (the binary's one parser, [`crate::cli`]).
+/// `Ok(None)` asks for the usage text.
+pub fn parse_test_args(p: &mut lexopt::Parser) -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
     let mut rule = None;
     let mut args = Args {
         rule: PathBuf::new(),
@@ -86,19 +96,33 @@ fn parse_args(words: &[String]) -> Result<Option<Args>, String> {
             fuel: None,
         },
     };
-    let mut it = words.iter();
-    while let Some(word) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .cloned()
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        // Owned, so that the parser is free to hand out the flag's value.
+        let flag = match arg {
+            Short(c) => format!("-{c}"),
+            Long(l) => format!("--{l}"),
+            Value(path) => {
+                if rule.replace(PathBuf::from(&path)).is_some() {
+                    return Err(format!(
+                        "only one rule file, got a second: {}",
+                        Path::new(&path).display()
+                    ));
+                }
+                continue;
+            }
+        };
+        let mut value = || -> Result<String, String> {
+            p.value()
+                .ok()
+                .and_then(|v| v.into_string().ok())
                 .ok_or_else(|| format!("{flag} needs a value"))
         };
-        match word.as_str() {
+        match flag.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--url" => args.url = Some(value(word)?),
-            "--timeout" => args.timeout = duration(word, &value(word)?)?,
+            "--url" => args.url = Some(value()?),
+            "--timeout" => args.timeout = duration(&flag, &value()?)?,
             "--status" => {
-                let v = value(word)?;
+                let v = value()?;
                 args.status = Some(
                     v.parse()
                         .ok()
@@ -108,9 +132,9 @@ fn parse_args(words: &[String]) -> Result<Option<Args>, String> {
                         })?,
                 );
             }
-            "--body-file" => args.body_file = Some(PathBuf::from(value(word)?)),
+            "--body-file" => args.body_file = Some(PathBuf::from(value()?)),
             "--header" => {
-                let v = value(word)?;
+                let v = value()?;
                 let (name, val) = v
                     .split_once(':')
                     .ok_or_else(|| format!("--header {v:?}: expected 'name: value'"))?;
@@ -118,33 +142,28 @@ fn parse_args(words: &[String]) -> Result<Option<Args>, String> {
                     .push((name.trim().to_ascii_lowercase(), val.trim().to_string()));
             }
             "--elapsed" => {
-                let v = value(word)?;
+                let v = value()?;
                 args.elapsed_ms = Some(
                     v.parse()
                         .map_err(|_| format!("--elapsed {v:?}: expected milliseconds"))?,
                 );
             }
-            "--deadline" => args.limits.deadline = duration(word, &value(word)?)?,
+            "--deadline" => args.limits.deadline = duration(&flag, &value()?)?,
             "--memory-limit" => {
-                let v = value(word)?;
+                let v = value()?;
                 args.limits.memory_limit = crate::config::parse_size(&v)
                     .filter(|&s| s > 0)
                     .ok_or_else(|| format!("--memory-limit {v:?}: expected a size like 16MiB"))?
                     as usize;
             }
             "--fuel" => {
-                let v = value(word)?;
+                let v = value()?;
                 args.limits.fuel = Some(
                     v.parse()
                         .map_err(|_| format!("--fuel {v:?}: expected a number"))?,
                 );
             }
-            flag if flag.starts_with('-') => return Err(format!("unknown option {flag}")),
-            path => {
-                if rule.replace(PathBuf::from(path)).is_some() {
-                    return Err(format!("only one rule file, got a second: {path}"));
-                }
-            }
+            _ => return Err(format!("unknown option {flag}")),
         }
     }
     args.rule = rule.ok_or("missing the rule file (RULE.wasm)")?;
@@ -348,6 +367,10 @@ mod tests {
 
     fn words(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn parse_args(words: &[String]) -> Result<Option<Args>, String> {
+        parse_test_args(&mut lexopt::Parser::from_args(words))
     }
 
     fn check_error(line: &str, needle: &str) {
