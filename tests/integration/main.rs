@@ -5,6 +5,7 @@
 mod support;
 
 mod agent;
+mod bench;
 mod cli;
 mod kafka;
 mod probe;
