@@ -75,17 +75,28 @@ fn checks_made(stderr: &str) -> usize {
     n.parse().unwrap()
 }
 
+/// Records in the topic: the sum of its partitions' high watermarks (0 before it exists).
+fn topic_total(broker_addr: &str, topic: &str) -> i64 {
+    let cfg = crate::support::broker::kafka_config(vec![broker_addr.to_string()], topic);
+    let Ok(mut client) = sitewatch::kafka::Client::connect(&cfg) else {
+        return 0;
+    };
+    let Ok(partitions) = client.partitions(topic) else {
+        return 0;
+    };
+    partitions
+        .into_iter()
+        .map(|p| {
+            client
+                .fetch(topic, p, 0, 1, Duration::from_millis(10))
+                .map_or(0, |f| f.high_watermark)
+        })
+        .sum()
+}
+
 /// Every record in the topic, read by librdkafka. The count comes from the high watermarks.
 fn topic_records(broker_addr: &str, topic: &str) -> Vec<(String, CheckResult)> {
-    let cfg = crate::support::broker::kafka_config(vec![broker_addr.to_string()], topic);
-    let mut client = sitewatch::kafka::Client::connect(&cfg).unwrap();
-    let mut total = 0i64;
-    for p in client.partitions(topic).unwrap() {
-        total += client
-            .fetch(topic, p, 0, 1, Duration::from_millis(10))
-            .unwrap()
-            .high_watermark;
-    }
+    let total = topic_total(broker_addr, topic);
     let out = kpeer(
         &[
             "consume",
@@ -145,13 +156,12 @@ fn agent_publishes_every_check_read_back_by_librdkafka() {
     );
 
     let agent = start_agent(&cfg);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for("three rounds in the topic", Duration::from_secs(30), || {
+        topic_total(&broker.addr(), "checks.e2e") >= 9
+    });
     let stderr = stop_agent(agent, Duration::from_secs(15));
     let made = checks_made(&stderr);
-    assert!(
-        made >= 9,
-        "3 targets every 300 ms for 3 s: {made} checks\n{stderr}"
-    );
+    assert!(made >= 9, "{made} checks\n{stderr}");
 
     let records = topic_records(&broker.addr(), "checks.e2e");
     let ids: HashSet<&str> = records.iter().map(|(_, r)| r.check_id.as_str()).collect();
@@ -181,13 +191,18 @@ fn agent_publishes_every_check_read_back_by_librdkafka() {
     for r in &by_target["closed"] {
         assert_eq!((r.up, r.failure), (false, Some(FailureReason::Connect)));
     }
-    // About one check per interval per target: no drift, no bursts.
+    // One check per interval per target: no bursts (a check is never started early; half an
+    // interval leaves room for one that started late on a loaded machine).
     for (t, rs) in &by_target {
-        assert!(
-            (5..=15).contains(&rs.len()),
-            "{t}: {} checks in ~3 s at 300 ms",
-            rs.len()
-        );
+        assert!(rs.len() >= 2, "{t}: {} checks", rs.len());
+        let mut starts: Vec<i64> = rs
+            .iter()
+            .map(|r| sitewatch::util::parse_rfc3339_ms(&r.started_at).unwrap())
+            .collect();
+        starts.sort();
+        for w in starts.windows(2) {
+            assert!(w[1] - w[0] >= 150, "{t}: checks {starts:?} burst");
+        }
     }
 }
 
@@ -206,25 +221,33 @@ fn broker_outage_loses_nothing() {
     let cfg = agent_config(&dir, &brokers, "checks.outage", &three_targets(&up, &down));
 
     let agent = start_agent(&cfg);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for("a round in the topic", Duration::from_secs(30), || {
+        topic_total(&brokers, "checks.outage") >= 3
+    });
+    let at_cut = topic_total(&brokers, "checks.outage");
     proxy.cut();
-    // Checks go on while the broker is unreachable: they land in the spool.
-    std::thread::sleep(Duration::from_secs(6));
+    // Checks go on while the broker is unreachable: they land in the spool. Five rounds of
+    // the `up` target are made in the dark.
+    let rounds_before = up.requests().len();
     let spool = dir.path().join("state/spool");
-    let spooled: u64 = std::fs::read_dir(&spool)
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
-    assert!(
-        spooled > 0,
-        "records are spooled while the broker is unreachable"
-    );
+    let spooled = || -> u64 {
+        std::fs::read_dir(&spool)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    wait_for("five rounds spooled", Duration::from_secs(60), || {
+        up.requests().len() >= rounds_before + 5 && spooled() > 0
+    });
     proxy.resume();
-    std::thread::sleep(Duration::from_secs(6));
+    // The spool is replayed before new records: 15 more records mean the dark rounds are in.
+    wait_for("the spool replayed", Duration::from_secs(60), || {
+        topic_total(&brokers, "checks.outage") >= at_cut + 15
+    });
     let stderr = stop_agent(agent, Duration::from_secs(20));
     let made = checks_made(&stderr);
 
@@ -235,7 +258,7 @@ fn broker_outage_loses_nothing() {
         made,
         "checks made = distinct records in the topic (at-least-once)\n{stderr}"
     );
-    assert!(made >= 3 * 10, "{made}");
+    assert!(made as i64 >= at_cut + 15, "{made}");
 }
 
 fn config_text(text: &str) -> Config {

@@ -28,11 +28,21 @@ fn wait_for(
     timeout: Duration,
     pred: impl Fn(&str) -> bool,
 ) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 4096];
     if seen.iter().any(|m| m.lines().any(&pred)) {
         return true;
     }
+    wait_for_new(sock, seen, timeout, pred)
+}
+
+/// As [`wait_for`], looking only at messages that arrive from now on.
+fn wait_for_new(
+    sock: &UnixDatagram,
+    seen: &mut Vec<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
         if let Ok(n) = sock.recv(&mut buf) {
             let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -108,12 +118,22 @@ fn sd_notify_reload_and_stop() {
     )
     .unwrap();
     kill(pid, "-HUP");
-    std::thread::sleep(Duration::from_secs(1));
-    let before = site.requests().len();
-    std::thread::sleep(Duration::from_secs(1));
+    // The reload thread says RELOADING=1, handles the file, then READY=1 again.
     assert!(
-        site.requests().len() > before,
-        "still checking after a refused reload"
+        wait_for_new(&sock, &mut seen, Duration::from_secs(15), |m| m
+            == "RELOADING=1"),
+        "{seen:?}"
+    );
+    assert!(
+        wait_for_new(&sock, &mut seen, Duration::from_secs(15), |m| m
+            == "READY=1"),
+        "{seen:?}"
+    );
+    let before = site.requests().len();
+    crate::support::wait_for(
+        "target a checked twice after the refused reload",
+        Duration::from_secs(15),
+        || site.requests().len() >= before + 2,
     );
 
     // A good config on SIGHUP is applied: target b starts being checked.
@@ -123,14 +143,11 @@ fn sd_notify_reload_and_stop() {
     );
     std::fs::write(&cfg_path, config(&dir, &broker.addr(), &two)).unwrap();
     kill(pid, "-HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !site.requests().iter().any(|r| r.path == "/b") {
-        assert!(
-            Instant::now() < deadline,
-            "target b never checked after reload"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    crate::support::wait_for(
+        "target b checked after the reload",
+        Duration::from_secs(15),
+        || site.requests().iter().any(|r| r.path == "/b"),
+    );
 
     kill(pid, "-TERM");
     assert!(
