@@ -729,3 +729,24 @@ fn garbage_instead_of_http_is_a_protocol_failure() {
     assert_down(&r, FailureReason::Protocol, "invalid HTTP response");
     assert_eq!(r.status, None);
 }
+
+/// Issue 12 item 15: RFC 9112 §7.1.1 has a client ignore chunk extensions; ureq-proto refused
+/// any chunk-size line over 20 bytes, so a valid page was reported down (`body_read`).
+#[test]
+fn chunk_extensions_of_any_length_are_ignored() {
+    let server = HttpServer::start(|_, _| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+              5;name=\"a quoted extension value well over twenty bytes\";flag\r\nhello\r\n\
+              6 ; another-extension=token-value-that-is-long\r\n world\r\n\
+              0;last=\"extension on the last chunk\"\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let r = probe(&format!(
+        "url = {:?}\nregex = \"^hello world$\"",
+        server.url("/")
+    ));
+    assert_up(&r);
+    assert_eq!(r.body_bytes, 11);
+}

@@ -13,6 +13,9 @@ pub(crate) enum Dechunker {
     Ended,
 }
 
+/// The longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
 #[derive(Debug)]
 struct Pos {
     index_in: usize,
@@ -71,21 +74,30 @@ impl Dechunker {
 
         let i = match find_crlf(src) {
             Some(v) => v,
+            // A chunk-size line that never ends is an error, not a wait for more input.
+            None if src.len() > MAX_CHUNK_LINE => return Err(Error::ChunkExpectedCrLf),
             None => return Ok(false),
         };
+
+        // sitewatch patch: the line is `chunk-size [ chunk-ext ]`. Extensions are ignored
+        // (RFC 9112 section 7.1.1: a recipient ignores extensions it does not understand), so
+        // only the size is held to the short sanity limit; the whole line may be up to
+        // MAX_CHUNK_LINE bytes, the limit Go's net/http uses. Upstream rejected any line over
+        // 20 bytes, extensions included.
+        if i > MAX_CHUNK_LINE {
+            return Err(Error::ChunkExpectedCrLf);
+        }
+        let len_end = src[..i].iter().position(|c| *c == b';').unwrap_or(i);
+        let len_str = str::from_utf8(&src[..len_end])
+            .map_err(|_| Error::ChunkLenNotAscii)?
+            .trim();
 
         const SANITY_CHECK: usize = 20;
 
         // Some sanity check for how long the chunk length is
-        if i > SANITY_CHECK {
+        if len_str.len() > SANITY_CHECK {
             return Err(Error::ChunkExpectedCrLf);
         }
-        let maybe_meta = src.iter().take(100).position(|c| *c == b';');
-
-        let len_end = maybe_meta.unwrap_or(SANITY_CHECK + 1).min(i);
-        let len_str = str::from_utf8(&src[..len_end])
-            .map_err(|_| Error::ChunkLenNotAscii)?
-            .trim();
 
         let len = usize::from_str_radix(len_str, 16).map_err(|_| Error::ChunkLenNotANumber)?;
 
@@ -200,6 +212,29 @@ mod test {
         let mut b = [0; 1024];
         assert_eq!(d.parse_input(b"2;meta\r", &mut b)?, (0, 0));
         assert_eq!(d.parse_input(b"2;meta\r\n", &mut b)?, (8, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn test_dechunk_long_extensions() -> Result<(), Error> {
+        let mut d = Dechunker::new();
+        let mut b = [0; 1024];
+        let line = b"5;name=\"a long quoted value\";other=token\r\nhello\r\n";
+        assert_eq!(d.parse_input(line, &mut b)?, (line.len(), 5));
+        assert_eq!(&b[..5], b"hello");
+
+        let mut d = Dechunker::new();
+        let mut line = b"5;x=".to_vec();
+        line.resize(MAX_CHUNK_LINE + 1, b'y');
+        line.extend_from_slice(b"\r\nhello\r\n");
+        assert!(d.parse_input(&line, &mut b).is_err());
+
+        let mut d = Dechunker::new();
+        let endless = vec![b'a'; MAX_CHUNK_LINE + 1];
+        assert!(d.parse_input(&endless, &mut b).is_err());
+
+        let mut d = Dechunker::new();
+        assert!(d.parse_input(b"000000000000000000005\r\n", &mut b).is_err());
         Ok(())
     }
 
