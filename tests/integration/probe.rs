@@ -750,3 +750,67 @@ fn chunk_extensions_of_any_length_are_ignored() {
     assert_up(&r);
     assert_eq!(r.body_bytes, 11);
 }
+
+/// Issue 12 item 16: a Transfer-Encoding list that does not end in one `chunked` leaves the body
+/// length undefined; it was read as chunked (a stall, or up by luck). Now `protocol`, naming the
+/// header, whatever the body looks like.
+#[test]
+fn ambiguous_transfer_encoding_is_a_protocol_failure() {
+    let check = |te_lines: &str, body: &'static str| {
+        let raw = format!("HTTP/1.1 200 OK\r\n{te_lines}Connection: close\r\n\r\n{body}");
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.clone().into_bytes()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_down(&r, FailureReason::Protocol, "Transfer-Encoding");
+        assert_eq!(r.status, Some(200), "{te_lines}");
+        assert_eq!(r.body_bytes, 0);
+    };
+    let chunked_body = "5\r\nhello\r\n0\r\n\r\n";
+    check(
+        "Transfer-Encoding: chunked, deflate\r\n",
+        "x\u{1}\u{2}raw deflate",
+    );
+    // A body that happens to be valid chunked does not make it up.
+    check("Transfer-Encoding: chunked, deflate\r\n", chunked_body);
+    check(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: deflate\r\n",
+        chunked_body,
+    );
+    check(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        chunked_body,
+    );
+    check("Transfer-Encoding: gzip\r\nContent-Length: 5\r\n", "hello");
+    // Codings that end in one chunked, across lines or not, are fine.
+    for te in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: Chunked\r\n",
+    ] {
+        let raw = format!("HTTP/1.1 200 OK\r\n{te}Connection: close\r\n\r\n{chunked_body}");
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.clone().into_bytes()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_up(&r);
+        assert_eq!(r.body_bytes, 5, "{te}");
+    }
+}
+
+/// Issue 12 item 17: we never ask to switch protocols, so a 101 is a broken server even when
+/// `expect_status` lists it.
+#[test]
+fn unsolicited_101_switching_protocols_is_a_protocol_failure() {
+    let server = HttpServer::start(|_, _| {
+        Reply::Raw(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let r = probe(&format!(
+        "url = {:?}\nexpect_status = [101, 200]",
+        server.url("/")
+    ));
+    assert_down(
+        &r,
+        FailureReason::Protocol,
+        "unsolicited 101 Switching Protocols",
+    );
+    assert_eq!(r.status, Some(101));
+}

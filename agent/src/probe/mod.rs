@@ -299,6 +299,10 @@ impl Prober {
             r.status = Some(status);
             r.http_version = Some(version_text(response.version()));
             seen.headers = crate::rules::header_pairs(response.headers());
+            if let Some(failure) = framing_failure(status, response.headers()) {
+                phases.add_hop(&log, None);
+                break Some(failure);
+            }
 
             let location = response
                 .headers()
@@ -487,6 +491,61 @@ impl Prober {
             r.up = true;
         }
     }
+}
+
+/// A response we must not judge: one whose body framing is ambiguous, or a protocol switch we
+/// never asked for. `None` for an ordinary response.
+///
+/// `Transfer-Encoding` lines form one list (RFC 9110 §5.3); RFC 9112 §6.1 has chunked last and
+/// once. ureq reads any list that contains `chunked` as chunked, so `chunked, deflate` was read
+/// as chunked (up when the bytes happened to look chunked, a stall when not). Whatever we did
+/// with such a body would be a guess, so it is a `protocol` failure, every time.
+fn framing_failure(status: u16, headers: &http::HeaderMap) -> Option<Failure> {
+    if status == 101 {
+        // ureq hands a 101 back as a response; we never send `Upgrade`, so it is a broken
+        // server (or something that is not HTTP/1.1 behind it), never a page.
+        return Some((
+            FailureReason::Protocol,
+            "unsolicited 101 Switching Protocols (the probe never asks to switch)".into(),
+        ));
+    }
+    let lines: Vec<&http::HeaderValue> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let codings: Vec<String> = texts
+        .iter()
+        .flat_map(|t| t.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let chunked = codings.iter().filter(|c| *c == "chunked").count();
+    if chunked == 1 && codings.last().is_some_and(|c| c == "chunked") {
+        return None;
+    }
+    let shown = texts
+        .iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lines_note = if lines.len() > 1 {
+        format!(" in {} header lines", lines.len())
+    } else {
+        String::new()
+    };
+    Some((
+        FailureReason::Protocol,
+        format!(
+            "ambiguous body framing: Transfer-Encoding {shown}{lines_note} does not end in a single chunked"
+        ),
+    ))
 }
 
 /// Where a redirect leads, or why it is not followed: an unusable `Location`, a loop (a URL
