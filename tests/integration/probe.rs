@@ -814,3 +814,30 @@ fn unsolicited_101_switching_protocols_is_a_protocol_failure() {
     );
     assert_eq!(r.status, Some(101));
 }
+
+/// Issue 12 item 11: a Location with a space is followed percent-encoded, as browsers and curl
+/// do; one that is still unusable says it was the Location header.
+#[test]
+fn redirect_location_with_a_space_is_percent_encoded_and_bad_ones_name_the_header() {
+    let server = HttpServer::start(|req, _| match req.path.as_str() {
+        "/start" => Reply::redirect(302, "/a b?q=x y"),
+        "/a%20b?q=x%20y" => Reply::status(200, "arrived"),
+        "/broken" => Reply::redirect(302, "http://[::1/x"),
+        _ => Reply::status(404, ""),
+    });
+    let r = probe(&format!("url = {:?}", server.url("/start")));
+    assert_up(&r);
+    assert_eq!(r.redirects, 1);
+    assert_eq!(
+        r.final_url.as_deref(),
+        Some(server.url("/a%20b?q=x%20y").as_str())
+    );
+
+    let r = probe(&format!("url = {:?}", server.url("/broken")));
+    assert_down(&r, FailureReason::Protocol, "unusable Location header");
+    assert!(
+        r.error.as_deref().unwrap().contains("http://[::1/x"),
+        "{r:#?}"
+    );
+    assert_eq!(r.redirects, 0);
+}

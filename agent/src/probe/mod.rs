@@ -307,7 +307,7 @@ impl Prober {
             let location = response
                 .headers()
                 .get(http::header::LOCATION)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                .map(|v| v.as_bytes().to_vec());
             if let (true, true, Some(location)) =
                 (target.follow_redirects, is_redirect(status), location)
             {
@@ -553,21 +553,29 @@ fn framing_failure(status: u16, headers: &http::HeaderMap) -> Option<Failure> {
 fn next_hop(
     target: &Target,
     url: &str,
-    location: &str,
+    location: &[u8],
     status: u16,
     visited: &mut Vec<String>,
     redirects: u32,
 ) -> Result<String, Failure> {
-    let Some(next) = join_url(url, location) else {
-        return Err((
+    let unusable = |why: String| {
+        (
             FailureReason::Protocol,
             format!(
-                "status {status} from {} has an unusable Location {:?}",
+                "status {status} from {} has an unusable Location header {:?}: {why}",
                 redact(url),
-                redact(location)
+                redact(&String::from_utf8_lossy(location))
             ),
-        ));
+        )
     };
+    let Some(next) = join_url(url, &encode_location(location)) else {
+        return Err(unusable("not an http(s) URL".into()));
+    };
+    // Checked here so that a Location ureq cannot send fails as the Location it is, not as an
+    // invalid request of our own.
+    if let Err(e) = next.parse::<http::Uri>() {
+        return Err(unusable(e.to_string()));
+    }
     if visited.contains(&next) {
         visited.push(next);
         let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
@@ -795,6 +803,23 @@ fn authority(url: &str) -> Option<String> {
     Some(format!("{scheme}://{auth}").to_ascii_lowercase())
 }
 
+/// A `Location` value as browsers and curl use it: bytes that may not appear in a URI (space,
+/// controls, non-ASCII and the delimiters RFC 3986 §2 leaves out, such as `"`, `<`, `|`)
+/// percent-encoded, everything else (`%` included) as sent.
+/// `/a b` is a common server bug that every browser follows as `/a%20b`.
+fn encode_location(raw: &[u8]) -> String {
+    let raw = raw.trim_ascii();
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if b <= b' ' || b >= 0x7f || b"\"<>\\^`{|}".contains(&b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
 /// Resolves a `Location` against the URL that sent it (RFC 3986 §5.2, the common cases), and
 /// drops any fragment. `None` when the result would not be an http(s) URL.
 fn join_url(base: &str, location: &str) -> Option<String> {
@@ -893,6 +918,15 @@ mod tests {
         check("http://h", "?a", Some("http://h/?a"));
         check(base, "ftp://h/x", None);
         check(base, "javascript:alert(1)", None);
+    }
+
+    #[test]
+    fn encodes_what_a_uri_cannot_hold_in_locations() {
+        let check = |raw: &[u8], want: &str| assert_eq!(encode_location(raw), want);
+        check(b" /a b ", "/a%20b");
+        check(b"/caf\xc3\xa9?q=a|b", "/caf%C3%A9?q=a%7Cb");
+        check(b"/ok%20already?x=1&y=/z", "/ok%20already?x=1&y=/z");
+        check(b"/x\ty\"<>\\^`{}", "/x%09y%22%3C%3E%5C%5E%60%7B%7D");
     }
 
     #[test]
