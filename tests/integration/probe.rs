@@ -2,6 +2,7 @@
 //! check can end, each asserting the record's fields. Targets are built the way users build
 //! them: a TOML config through `Config::parse`.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -377,7 +378,7 @@ fn tls_version_and_http_1_0_from_openssl_s_server() {
 
 #[test]
 fn tls_verification_failures() {
-    let check = |cert: Cert, url_host: &str, text: &str| {
+    let check = |cert: Cert, url_host: &str, text: &str, issuer: &str| {
         let server = HttpServer::start_tls(cert, |_, _| Reply::status(200, "x"));
         let r = probe(&format!(
             "url = \"https://{url_host}:{}/\"\n[target.tls]\nca_file = {:?}",
@@ -388,13 +389,42 @@ fn tls_verification_failures() {
         let error = r.error.clone().unwrap().to_lowercase();
         assert!(error.contains(text), "{cert:?}: {error:?} lacks {text:?}");
         assert_eq!(r.status, None);
-        assert_eq!(r.cert_issuer, None);
+        // What is known is recorded (issue 12 item 10): the address and the refused
+        // certificate.
+        assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"), "{r:#?}");
+        assert_eq!(r.cert_issuer.as_deref(), Some(issuer), "{r:#?}");
+        assert!(r.tls_version.is_some(), "{r:#?}");
         assert_phases(&r, url_host == "localhost", true, true, false);
+        r
     };
-    check(Cert::WrongHost, "localhost", "hostname mismatch");
-    check(Cert::WrongHost, "127.0.0.1", "ip address mismatch");
-    check(Cert::Expired, "localhost", "expired");
-    check(Cert::SelfSigned, "localhost", "self-signed");
+    let ca = "O=sitewatch tests, CN=sitewatch test CA";
+    check(Cert::WrongHost, "localhost", "hostname mismatch", ca);
+    check(Cert::WrongHost, "127.0.0.1", "ip address mismatch", ca);
+    let r = check(Cert::Expired, "localhost", "expired", ca);
+    let not_after = r.cert_not_after.as_deref().unwrap();
+    assert!(not_after.starts_with("2021-"), "{not_after}");
+    assert!(r.cert_days_left.unwrap() < 0.0, "{r:#?}");
+    check(Cert::SelfSigned, "localhost", "self-signed", "CN=localhost");
+
+    // A server that does not speak TLS at all: the address is known, no certificate is.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        // Answers the ClientHello (and the re-read's) with plain HTTP.
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let r = probe(&format!("url = \"https://127.0.0.1:{port}/\""));
+    // Unblocks the server thread whether or not the probe made a second connection.
+    for _ in 0..2 {
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    }
+    server.join().unwrap();
+    assert_down(&r, FailureReason::Tls, "TLS handshake with");
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!((r.cert_issuer, r.cert_not_after), (None, None));
 }
 
 #[test]
