@@ -11,7 +11,9 @@ use sitewatch::probe::Prober;
 use sitewatch::result::{CheckResult, FailureReason};
 use sitewatch::rules::RuleSet;
 
-use crate::support::http::{Cert, HttpServer, OpensslServer, Reply, closed_port, fixture};
+use crate::support::http::{
+    Cert, DeafServer, HttpServer, OpensslServer, Reply, closed_port, fixture,
+};
 
 /// Parses an agent.toml with one target and runs one check of it.
 fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
@@ -870,4 +872,32 @@ fn redirect_location_with_a_space_is_percent_encoded_and_bad_ones_name_the_heade
         "{r:#?}"
     );
     assert_eq!(r.redirects, 0);
+}
+
+/// Issue 12 item 5: a timeout while the request body is still going out says so, with how much
+/// of it went out (it said "waiting for the response").
+#[test]
+fn timeout_while_sending_the_request_body_says_how_much_was_sent() {
+    let server = DeafServer::start();
+    let body_len = 16 * 1024 * 1024;
+    let body = "x".repeat(body_len);
+    let r = probe(&format!(
+        "url = {:?}\nmethod = \"POST\"\ntimeout = \"1s\"\nbody = {body:?}",
+        server.url("/upload")
+    ));
+    assert_down(&r, FailureReason::Timeout, "sending the request body, ");
+    let error = r.error.as_deref().unwrap();
+    let sent: u64 = error
+        .split("body, ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {error:?}"));
+    assert!(
+        error.ends_with(&format!("{sent} of {body_len} bytes sent")),
+        "{error}"
+    );
+    assert!(sent < body_len as u64, "{error}");
+    assert_eq!(r.status, None);
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
 }

@@ -291,7 +291,8 @@ impl Prober {
                 Ok(resp) => resp,
                 Err(e) => {
                     phases.add_hop(&log, Some(Instant::now()));
-                    break Some(classify(e, &log, target.timeout));
+                    let body_len = body.as_deref().map_or(0, str::len) as u64;
+                    break Some(classify(e, &log, target.timeout, body_len));
                 }
             };
             let status = response.status().as_u16();
@@ -696,22 +697,28 @@ fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-/// What the hop was doing when it stopped, for timeout texts.
-fn phase_of(log: &HopLog) -> &'static str {
-    if log.conn.is_none() && log.request_sent.is_none() {
-        "connecting"
-    } else if log.request_sent.is_none() {
-        "sending the request"
+/// What the hop was doing when it stopped, for timeout texts; `body_len` is the size of the
+/// request body being sent.
+fn phase_of(log: &HopLog, body_len: u64) -> String {
+    if log.conn.is_none() {
+        "connecting".into()
+    } else if log.head_bytes.is_none() {
+        "sending the request header".into()
+    } else if log.body_sent < body_len {
+        format!(
+            "sending the request body, {} of {body_len} bytes sent",
+            log.body_sent
+        )
     } else if log.first_byte.is_none() {
-        "waiting for the response"
+        "waiting for the response".into()
     } else {
-        "reading the response header"
+        "reading the response header".into()
     }
 }
 
 /// Maps a ureq error of one hop to a failure reason and text. Our resolver and connector
 /// classify their own failures first (ureq sees only a generic error for them).
-fn classify(err: ureq::Error, log: &HopLog, timeout: Duration) -> Failure {
+fn classify(err: ureq::Error, log: &HopLog, timeout: Duration, body_len: u64) -> Failure {
     if let Some(f) = &log.failure {
         return f.clone();
     }
@@ -721,7 +728,11 @@ fn classify(err: ureq::Error, log: &HopLog, timeout: Duration) -> Failure {
     if timed_out {
         return (
             FailureReason::Timeout,
-            format!("timed out after {} {}", secs(timeout), phase_of(log)),
+            format!(
+                "timed out after {} {}",
+                secs(timeout),
+                phase_of(log, body_len)
+            ),
         );
     }
     match err {
@@ -1053,14 +1064,42 @@ mod tests {
     #[test]
     fn classifies_errors() {
         let check = |err: ureq::Error, log: HopLog, reason: FailureReason, text: &str| {
-            let (got, got_text) = classify(err, &log, Duration::from_secs(2));
+            let (got, got_text) = classify(err, &log, Duration::from_secs(2), 100);
             assert_eq!(got, reason);
             assert!(got_text.contains(text), "{got_text:?} lacks {text:?}");
         };
+        let conn = Arc::new(ConnFacts {
+            remote: "127.0.0.1:80".parse().unwrap(),
+            tls_version: None,
+            cert: None,
+        });
         let sent = HopLog {
             request_sent: Some(Instant::now()),
+            conn: Some(conn.clone()),
+            head_bytes: Some(70),
+            body_sent: 100,
             ..HopLog::default()
         };
+        let sending = HopLog {
+            body_sent: 40,
+            ..sent.clone()
+        };
+        check(
+            ureq::Error::Timeout(ureq::Timeout::SendBody),
+            sending,
+            FailureReason::Timeout,
+            "timed out after 2.0s sending the request body, 40 of 100 bytes sent",
+        );
+        let head = HopLog {
+            conn: Some(conn),
+            ..HopLog::default()
+        };
+        check(
+            ureq::Error::Timeout(ureq::Timeout::SendRequest),
+            head,
+            FailureReason::Timeout,
+            "sending the request header",
+        );
         check(
             ureq::Error::LargeResponseHeader(70_000, 65_536),
             sent.clone(),

@@ -40,6 +40,11 @@ pub struct HopLog {
     pub tls: Option<Duration>,
     /// When the last byte of the request was written.
     pub request_sent: Option<Instant>,
+    /// Size of the request head, once it is written (ureq writes it in one transmit, before
+    /// any body).
+    pub head_bytes: Option<u64>,
+    /// Request body bytes written so far, for a timeout's "N of M bytes sent".
+    pub body_sent: u64,
     /// When the first byte of the response arrived after that.
     pub first_byte: Option<Instant>,
     /// The connection that carried the request.
@@ -727,17 +732,42 @@ impl Transport for ProbeTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         let timeout = timeout.for_write();
         self.conn.stream().deadline = deadline_from(timeout);
+        // `write_all` by hand, to know how much went out before a timeout.
         let output = &self.buffers.output()[..amount];
-        let result = self.conn.write_all(output).and_then(|_| self.conn.flush());
+        let mut written = 0;
+        let mut result = Ok(());
+        while written < amount {
+            match self.conn.write(&output[written..]) {
+                Ok(0) => {
+                    result = Err(io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let result = result.and_then(|_| self.conn.flush());
+        let done = result.is_ok();
+        let facts = self.facts.clone();
+        with_log(&self.log, |l| {
+            l.conn = Some(facts);
+            match l.head_bytes {
+                None if done => l.head_bytes = Some(amount as u64),
+                None => {}
+                Some(_) => l.body_sent += written as u64,
+            }
+            if done {
+                l.request_sent = Some(Instant::now());
+            }
+        });
         if let Err(e) = result {
             return Err(self.error(e, timeout));
         }
         self.awaiting_first_byte = true;
-        let facts = self.facts.clone();
-        with_log(&self.log, |l| {
-            l.request_sent = Some(Instant::now());
-            l.conn = Some(facts);
-        });
         Ok(())
     }
 
