@@ -2,6 +2,7 @@
 //! check can end, each asserting the record's fields. Targets are built the way users build
 //! them: a TOML config through `Config::parse`.
 
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,9 @@ use sitewatch::probe::Prober;
 use sitewatch::result::{CheckResult, FailureReason};
 use sitewatch::rules::RuleSet;
 
-use crate::support::http::{Cert, HttpServer, OpensslServer, Reply, closed_port, fixture};
+use crate::support::http::{
+    Cert, DeafServer, HttpServer, OpensslServer, Reply, closed_port, fixture,
+};
 
 /// Parses an agent.toml with one target and runs one check of it.
 fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
@@ -377,7 +380,7 @@ fn tls_version_and_http_1_0_from_openssl_s_server() {
 
 #[test]
 fn tls_verification_failures() {
-    let check = |cert: Cert, url_host: &str, text: &str| {
+    let check = |cert: Cert, url_host: &str, text: &str, issuer: &str| {
         let server = HttpServer::start_tls(cert, |_, _| Reply::status(200, "x"));
         let r = probe(&format!(
             "url = \"https://{url_host}:{}/\"\n[target.tls]\nca_file = {:?}",
@@ -388,13 +391,42 @@ fn tls_verification_failures() {
         let error = r.error.clone().unwrap().to_lowercase();
         assert!(error.contains(text), "{cert:?}: {error:?} lacks {text:?}");
         assert_eq!(r.status, None);
-        assert_eq!(r.cert_issuer, None);
+        // What is known is recorded (issue 12 item 10): the address and the refused
+        // certificate.
+        assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"), "{r:#?}");
+        assert_eq!(r.cert_issuer.as_deref(), Some(issuer), "{r:#?}");
+        assert!(r.tls_version.is_some(), "{r:#?}");
         assert_phases(&r, url_host == "localhost", true, true, false);
+        r
     };
-    check(Cert::WrongHost, "localhost", "hostname mismatch");
-    check(Cert::WrongHost, "127.0.0.1", "ip address mismatch");
-    check(Cert::Expired, "localhost", "expired");
-    check(Cert::SelfSigned, "localhost", "self-signed");
+    let ca = "O=sitewatch tests, CN=sitewatch test CA";
+    check(Cert::WrongHost, "localhost", "hostname mismatch", ca);
+    check(Cert::WrongHost, "127.0.0.1", "ip address mismatch", ca);
+    let r = check(Cert::Expired, "localhost", "expired", ca);
+    let not_after = r.cert_not_after.as_deref().unwrap();
+    assert!(not_after.starts_with("2021-"), "{not_after}");
+    assert!(r.cert_days_left.unwrap() < 0.0, "{r:#?}");
+    check(Cert::SelfSigned, "localhost", "self-signed", "CN=localhost");
+
+    // A server that does not speak TLS at all: the address is known, no certificate is.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        // Answers the ClientHello (and the re-read's) with plain HTTP.
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        }
+    });
+    let r = probe(&format!("url = \"https://127.0.0.1:{port}/\""));
+    // Unblocks the server thread whether or not the probe made a second connection.
+    for _ in 0..2 {
+        let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    }
+    server.join().unwrap();
+    assert_down(&r, FailureReason::Tls, "TLS handshake with");
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
+    assert_eq!((r.cert_issuer, r.cert_not_after), (None, None));
 }
 
 #[test]
@@ -728,4 +760,144 @@ fn garbage_instead_of_http_is_a_protocol_failure() {
     let r = probe(&format!("url = {:?}", server.url("/")));
     assert_down(&r, FailureReason::Protocol, "invalid HTTP response");
     assert_eq!(r.status, None);
+}
+
+/// Issue 12 item 15: RFC 9112 §7.1.1 has a client ignore chunk extensions; ureq-proto refused
+/// any chunk-size line over 20 bytes, so a valid page was reported down (`body_read`).
+#[test]
+fn chunk_extensions_of_any_length_are_ignored() {
+    let server = HttpServer::start(|_, _| {
+        Reply::Raw(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+              5;name=\"a quoted extension value well over twenty bytes\";flag\r\nhello\r\n\
+              6 ; another-extension=token-value-that-is-long\r\n world\r\n\
+              0;last=\"extension on the last chunk\"\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let r = probe(&format!(
+        "url = {:?}\nregex = \"^hello world$\"",
+        server.url("/")
+    ));
+    assert_up(&r);
+    assert_eq!(r.body_bytes, 11);
+}
+
+/// Issue 12 item 16: a Transfer-Encoding list that does not end in one `chunked` leaves the body
+/// length undefined; it was read as chunked (a stall, or up by luck). Now `protocol`, naming the
+/// header, whatever the body looks like.
+#[test]
+fn ambiguous_transfer_encoding_is_a_protocol_failure() {
+    let check = |te_lines: &str, body: &'static str| {
+        let raw = format!("HTTP/1.1 200 OK\r\n{te_lines}Connection: close\r\n\r\n{body}");
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.clone().into_bytes()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_down(&r, FailureReason::Protocol, "Transfer-Encoding");
+        assert_eq!(r.status, Some(200), "{te_lines}");
+        assert_eq!(r.body_bytes, 0);
+    };
+    let chunked_body = "5\r\nhello\r\n0\r\n\r\n";
+    check(
+        "Transfer-Encoding: chunked, deflate\r\n",
+        "x\u{1}\u{2}raw deflate",
+    );
+    // A body that happens to be valid chunked does not make it up.
+    check("Transfer-Encoding: chunked, deflate\r\n", chunked_body);
+    check(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: deflate\r\n",
+        chunked_body,
+    );
+    check(
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        chunked_body,
+    );
+    check("Transfer-Encoding: gzip\r\nContent-Length: 5\r\n", "hello");
+    // Codings that end in one chunked, across lines or not, are fine.
+    for te in [
+        "Transfer-Encoding: gzip, chunked\r\n",
+        "Transfer-Encoding: gzip\r\nTransfer-Encoding: Chunked\r\n",
+    ] {
+        let raw = format!("HTTP/1.1 200 OK\r\n{te}Connection: close\r\n\r\n{chunked_body}");
+        let server = HttpServer::start(move |_, _| Reply::Raw(raw.clone().into_bytes()));
+        let r = probe(&format!("url = {:?}", server.url("/")));
+        assert_up(&r);
+        assert_eq!(r.body_bytes, 5, "{te}");
+    }
+}
+
+/// Issue 12 item 17: we never ask to switch protocols, so a 101 is a broken server even when
+/// `expect_status` lists it.
+#[test]
+fn unsolicited_101_switching_protocols_is_a_protocol_failure() {
+    let server = HttpServer::start(|_, _| {
+        Reply::Raw(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                .to_vec(),
+        )
+    });
+    let r = probe(&format!(
+        "url = {:?}\nexpect_status = [101, 200]",
+        server.url("/")
+    ));
+    assert_down(
+        &r,
+        FailureReason::Protocol,
+        "unsolicited 101 Switching Protocols",
+    );
+    assert_eq!(r.status, Some(101));
+}
+
+/// Issue 12 item 11: a Location with a space is followed percent-encoded, as browsers and curl
+/// do; one that is still unusable says it was the Location header.
+#[test]
+fn redirect_location_with_a_space_is_percent_encoded_and_bad_ones_name_the_header() {
+    let server = HttpServer::start(|req, _| match req.path.as_str() {
+        "/start" => Reply::redirect(302, "/a b?q=x y"),
+        "/a%20b?q=x%20y" => Reply::status(200, "arrived"),
+        "/broken" => Reply::redirect(302, "http://[::1/x"),
+        _ => Reply::status(404, ""),
+    });
+    let r = probe(&format!("url = {:?}", server.url("/start")));
+    assert_up(&r);
+    assert_eq!(r.redirects, 1);
+    assert_eq!(
+        r.final_url.as_deref(),
+        Some(server.url("/a%20b?q=x%20y").as_str())
+    );
+
+    let r = probe(&format!("url = {:?}", server.url("/broken")));
+    assert_down(&r, FailureReason::Protocol, "unusable Location header");
+    assert!(
+        r.error.as_deref().unwrap().contains("http://[::1/x"),
+        "{r:#?}"
+    );
+    assert_eq!(r.redirects, 0);
+}
+
+/// Issue 12 item 5: a timeout while the request body is still going out says so, with how much
+/// of it went out (it said "waiting for the response").
+#[test]
+fn timeout_while_sending_the_request_body_says_how_much_was_sent() {
+    let server = DeafServer::start();
+    let body_len = 16 * 1024 * 1024;
+    let body = "x".repeat(body_len);
+    let r = probe(&format!(
+        "url = {:?}\nmethod = \"POST\"\ntimeout = \"1s\"\nbody = {body:?}",
+        server.url("/upload")
+    ));
+    assert_down(&r, FailureReason::Timeout, "sending the request body, ");
+    let error = r.error.as_deref().unwrap();
+    let sent: u64 = error
+        .split("body, ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {error:?}"));
+    assert!(
+        error.ends_with(&format!("{sent} of {body_len} bytes sent")),
+        "{error}"
+    );
+    assert!(sent < body_len as u64, "{error}");
+    assert_eq!(r.status, None);
+    assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
 }

@@ -291,7 +291,8 @@ impl Prober {
                 Ok(resp) => resp,
                 Err(e) => {
                     phases.add_hop(&log, Some(Instant::now()));
-                    break Some(classify(e, &log, target.timeout));
+                    let body_len = body.as_deref().map_or(0, str::len) as u64;
+                    break Some(classify(e, &log, target.timeout, body_len));
                 }
             };
             let status = response.status().as_u16();
@@ -299,11 +300,15 @@ impl Prober {
             r.status = Some(status);
             r.http_version = Some(version_text(response.version()));
             seen.headers = crate::rules::header_pairs(response.headers());
+            if let Some(failure) = framing_failure(status, response.headers()) {
+                phases.add_hop(&log, None);
+                break Some(failure);
+            }
 
             let location = response
                 .headers()
                 .get(http::header::LOCATION)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                .map(|v| v.as_bytes().to_vec());
             if let (true, true, Some(location)) =
                 (target.follow_redirects, is_redirect(status), location)
             {
@@ -489,26 +494,89 @@ impl Prober {
     }
 }
 
+/// A response we must not judge: one whose body framing is ambiguous, or a protocol switch we
+/// never asked for. `None` for an ordinary response.
+///
+/// `Transfer-Encoding` lines form one list (RFC 9110 §5.3); RFC 9112 §6.1 has chunked last and
+/// once. ureq reads any list that contains `chunked` as chunked, so `chunked, deflate` was read
+/// as chunked (up when the bytes happened to look chunked, a stall when not). Whatever we did
+/// with such a body would be a guess, so it is a `protocol` failure, every time.
+fn framing_failure(status: u16, headers: &http::HeaderMap) -> Option<Failure> {
+    if status == 101 {
+        // ureq hands a 101 back as a response; we never send `Upgrade`, so it is a broken
+        // server (or something that is not HTTP/1.1 behind it), never a page.
+        return Some((
+            FailureReason::Protocol,
+            "unsolicited 101 Switching Protocols (the probe never asks to switch)".into(),
+        ));
+    }
+    let lines: Vec<&http::HeaderValue> = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .collect();
+    if lines.is_empty() {
+        return None;
+    }
+    let texts: Vec<String> = lines
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let codings: Vec<String> = texts
+        .iter()
+        .flat_map(|t| t.split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let chunked = codings.iter().filter(|c| *c == "chunked").count();
+    if chunked == 1 && codings.last().is_some_and(|c| c == "chunked") {
+        return None;
+    }
+    let shown = texts
+        .iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let lines_note = if lines.len() > 1 {
+        format!(" in {} header lines", lines.len())
+    } else {
+        String::new()
+    };
+    Some((
+        FailureReason::Protocol,
+        format!(
+            "ambiguous body framing: Transfer-Encoding {shown}{lines_note} does not end in a single chunked"
+        ),
+    ))
+}
+
 /// Where a redirect leads, or why it is not followed: an unusable `Location`, a loop (a URL
 /// already visited in this attempt), or one redirect more than `max_redirects`.
 fn next_hop(
     target: &Target,
     url: &str,
-    location: &str,
+    location: &[u8],
     status: u16,
     visited: &mut Vec<String>,
     redirects: u32,
 ) -> Result<String, Failure> {
-    let Some(next) = join_url(url, location) else {
-        return Err((
+    let unusable = |why: String| {
+        (
             FailureReason::Protocol,
             format!(
-                "status {status} from {} has an unusable Location {:?}",
+                "status {status} from {} has an unusable Location header {:?}: {why}",
                 redact(url),
-                redact(location)
+                redact(&String::from_utf8_lossy(location))
             ),
-        ));
+        )
     };
+    let Some(next) = join_url(url, &encode_location(location)) else {
+        return Err(unusable("not an http(s) URL".into()));
+    };
+    // Checked here so that a Location ureq cannot send fails as the Location it is, not as an
+    // invalid request of our own.
+    if let Err(e) = next.parse::<http::Uri>() {
+        return Err(unusable(e.to_string()));
+    }
     if visited.contains(&next) {
         visited.push(next);
         let chain: Vec<String> = visited.iter().map(|u| redact(u)).collect();
@@ -629,22 +697,28 @@ fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-/// What the hop was doing when it stopped, for timeout texts.
-fn phase_of(log: &HopLog) -> &'static str {
-    if log.conn.is_none() && log.request_sent.is_none() {
-        "connecting"
-    } else if log.request_sent.is_none() {
-        "sending the request"
+/// What the hop was doing when it stopped, for timeout texts; `body_len` is the size of the
+/// request body being sent.
+fn phase_of(log: &HopLog, body_len: u64) -> String {
+    if log.conn.is_none() {
+        "connecting".into()
+    } else if log.head_bytes.is_none() {
+        "sending the request header".into()
+    } else if log.body_sent < body_len {
+        format!(
+            "sending the request body, {} of {body_len} bytes sent",
+            log.body_sent
+        )
     } else if log.first_byte.is_none() {
-        "waiting for the response"
+        "waiting for the response".into()
     } else {
-        "reading the response header"
+        "reading the response header".into()
     }
 }
 
 /// Maps a ureq error of one hop to a failure reason and text. Our resolver and connector
 /// classify their own failures first (ureq sees only a generic error for them).
-fn classify(err: ureq::Error, log: &HopLog, timeout: Duration) -> Failure {
+fn classify(err: ureq::Error, log: &HopLog, timeout: Duration, body_len: u64) -> Failure {
     if let Some(f) = &log.failure {
         return f.clone();
     }
@@ -654,7 +728,11 @@ fn classify(err: ureq::Error, log: &HopLog, timeout: Duration) -> Failure {
     if timed_out {
         return (
             FailureReason::Timeout,
-            format!("timed out after {} {}", secs(timeout), phase_of(log)),
+            format!(
+                "timed out after {} {}",
+                secs(timeout),
+                phase_of(log, body_len)
+            ),
         );
     }
     match err {
@@ -734,6 +812,23 @@ fn authority(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let auth = rest.split(['/', '?', '#']).next()?;
     Some(format!("{scheme}://{auth}").to_ascii_lowercase())
+}
+
+/// A `Location` value as browsers and curl use it: bytes that may not appear in a URI (space,
+/// controls, non-ASCII and the delimiters RFC 3986 §2 leaves out, such as `"`, `<`, `|`)
+/// percent-encoded, everything else (`%` included) as sent.
+/// `/a b` is a common server bug that every browser follows as `/a%20b`.
+fn encode_location(raw: &[u8]) -> String {
+    let raw = raw.trim_ascii();
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if b <= b' ' || b >= 0x7f || b"\"<>\\^`{|}".contains(&b) {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
 }
 
 /// Resolves a `Location` against the URL that sent it (RFC 3986 §5.2, the common cases), and
@@ -834,6 +929,15 @@ mod tests {
         check("http://h", "?a", Some("http://h/?a"));
         check(base, "ftp://h/x", None);
         check(base, "javascript:alert(1)", None);
+    }
+
+    #[test]
+    fn encodes_what_a_uri_cannot_hold_in_locations() {
+        let check = |raw: &[u8], want: &str| assert_eq!(encode_location(raw), want);
+        check(b" /a b ", "/a%20b");
+        check(b"/caf\xc3\xa9?q=a|b", "/caf%C3%A9?q=a%7Cb");
+        check(b"/ok%20already?x=1&y=/z", "/ok%20already?x=1&y=/z");
+        check(b"/x\ty\"<>\\^`{}", "/x%09y%22%3C%3E%5C%5E%60%7B%7D");
     }
 
     #[test]
@@ -960,14 +1064,42 @@ mod tests {
     #[test]
     fn classifies_errors() {
         let check = |err: ureq::Error, log: HopLog, reason: FailureReason, text: &str| {
-            let (got, got_text) = classify(err, &log, Duration::from_secs(2));
+            let (got, got_text) = classify(err, &log, Duration::from_secs(2), 100);
             assert_eq!(got, reason);
             assert!(got_text.contains(text), "{got_text:?} lacks {text:?}");
         };
+        let conn = Arc::new(ConnFacts {
+            remote: "127.0.0.1:80".parse().unwrap(),
+            tls_version: None,
+            cert: None,
+        });
         let sent = HopLog {
             request_sent: Some(Instant::now()),
+            conn: Some(conn.clone()),
+            head_bytes: Some(70),
+            body_sent: 100,
             ..HopLog::default()
         };
+        let sending = HopLog {
+            body_sent: 40,
+            ..sent.clone()
+        };
+        check(
+            ureq::Error::Timeout(ureq::Timeout::SendBody),
+            sending,
+            FailureReason::Timeout,
+            "timed out after 2.0s sending the request body, 40 of 100 bytes sent",
+        );
+        let head = HopLog {
+            conn: Some(conn),
+            ..HopLog::default()
+        };
+        check(
+            ureq::Error::Timeout(ureq::Timeout::SendRequest),
+            head,
+            FailureReason::Timeout,
+            "sending the request header",
+        );
         check(
             ureq::Error::LargeResponseHeader(70_000, 65_536),
             sent.clone(),

@@ -40,6 +40,11 @@ pub struct HopLog {
     pub tls: Option<Duration>,
     /// When the last byte of the request was written.
     pub request_sent: Option<Instant>,
+    /// Size of the request head, once it is written (ureq writes it in one transmit, before
+    /// any body).
+    pub head_bytes: Option<u64>,
+    /// Request body bytes written so far, for a timeout's "N of M bytes sent".
+    pub body_sent: u64,
     /// When the first byte of the response arrived after that.
     pub first_byte: Option<Instant>,
     /// The connection that carried the request.
@@ -326,30 +331,52 @@ impl Connector<()> for ProbeConnector {
         };
         // Small requests: do not let Nagle delay them (and the ttfb measurement).
         let _ = tcp.set_nodelay(true);
-        let mut stream = DeadlineStream::new(tcp);
+        let stream = DeadlineStream::new(tcp);
         let buffers = PooledBuffers::new(
             details.config.input_buffer_size(),
             details.config.output_buffer_size(),
         );
         let poolable = details.config.max_idle_connections_per_host() > 0;
-        if !details.needs_tls() {
+        let (conn, facts) = if details.needs_tls() {
+            self.handshake(details, stream, remote, deadline)?
+        } else {
             let facts = ConnFacts {
                 remote,
                 tls_version: None,
                 cert: None,
             };
-            return Ok(Some(ProbeTransport::new(
-                Conn::Plain(stream),
-                buffers,
-                facts,
-                self.log.clone(),
-                poolable,
-            )));
-        }
+            (Conn::Plain(stream), facts)
+        };
+        Ok(Some(ProbeTransport::new(
+            conn,
+            buffers,
+            facts,
+            self.log.clone(),
+            poolable,
+        )))
+    }
+}
 
+impl ProbeConnector {
+    /// The TLS handshake over a connected `stream`, timed into the `tls` phase. On failure the
+    /// log still gets the connection's facts: the address, and after a verification failure
+    /// the certificate that was refused ([`Self::reread_certificate`]).
+    fn handshake(
+        &self,
+        details: &ConnectionDetails,
+        mut stream: DeadlineStream,
+        remote: SocketAddr,
+        deadline: Option<Instant>,
+    ) -> Result<(Conn, ConnFacts), ureq::Error> {
+        let bare = ConnFacts {
+            remote,
+            tls_version: None,
+            cert: None,
+        };
         let connector = match self.tls.get(&self.tls_key) {
             Ok(c) => c,
             Err(text) => {
+                with_log(&self.log, |l| l.conn = Some(Arc::new(bare)));
                 self.fail(FailureReason::Tls, text);
                 return Err(ureq::Error::Tls("TLS setup failed"));
             }
@@ -359,51 +386,98 @@ impl Connector<()> for ProbeConnector {
         stream.sniff = Some(Vec::new());
         let tls_started = Instant::now();
         let result = connector.connect(&host, stream);
-        let tls_time = tls_started.elapsed();
-        with_log(&self.log, |l| l.tls = Some(tls_time));
         let expired = deadline.is_some_and(|d| Instant::now() >= d);
-        let mut tls = match result {
-            Ok(tls) => tls,
+        let failure = match result {
+            Ok(mut tls) => {
+                let tls_time = tls_started.elapsed();
+                with_log(&self.log, |l| l.tls = Some(tls_time));
+                let (tls_version, cert) = read_facts(&mut tls);
+                let facts = ConnFacts {
+                    remote,
+                    tls_version,
+                    cert,
+                };
+                return Ok((Conn::Tls(Box::new(tls)), facts));
+            }
             Err(HandshakeError::Failure(e)) if !expired => {
-                self.fail(
-                    FailureReason::Tls,
-                    format!("TLS handshake with {host} ({remote}) failed: {e}"),
-                );
-                return Err(ureq::Error::Tls("TLS handshake failed"));
+                let facts = self
+                    .reread_certificate(&host, remote, deadline)
+                    .unwrap_or(bare);
+                let text = format!("TLS handshake with {host} ({remote}) failed: {e}");
+                (facts, FailureReason::Tls, text, false)
             }
             // A deadline hit inside the handshake surfaces as a failure or as WouldBlock.
             Err(_) => {
-                self.fail(
-                    FailureReason::Timeout,
-                    format!(
-                        "TLS handshake with {host} ({remote}) timed out after {}",
-                        secs(tls_time)
-                    ),
+                let text = format!(
+                    "TLS handshake with {host} ({remote}) timed out after {}",
+                    secs(tls_started.elapsed())
                 );
-                with_log(&self.log, |l| l.timed_out = true);
-                return Err(ureq::Error::Timeout(details.timeout.reason));
+                (bare, FailureReason::Timeout, text, true)
             }
         };
-        let sniffed = tls.get_mut().sniff.take().unwrap_or_default();
-        let cert = tls
-            .peer_certificate()
-            .ok()
-            .flatten()
-            .and_then(|c| c.to_der().ok())
-            .and_then(|der| x509::cert_facts(&der));
-        let facts = ConnFacts {
-            remote,
-            tls_version: server_hello_version(&sniffed),
-            cert,
-        };
-        Ok(Some(ProbeTransport::new(
-            Conn::Tls(Box::new(tls)),
-            buffers,
-            facts,
-            self.log.clone(),
-            poolable,
-        )))
+        let (facts, reason, text, timed_out) = failure;
+        // The phase covers the failed handshake and any re-read of the certificate.
+        let tls_time = tls_started.elapsed();
+        with_log(&self.log, |l| {
+            l.tls = Some(tls_time);
+            l.conn = Some(Arc::new(facts));
+            l.timed_out |= timed_out;
+        });
+        self.fail(reason, text);
+        Err(if timed_out {
+            ureq::Error::Timeout(details.timeout.reason)
+        } else {
+            ureq::Error::Tls("TLS handshake failed")
+        })
     }
+
+    /// After a failed handshake, what the server showed: a second handshake with verification
+    /// off, on a new connection to the same address, within what is left of the deadline.
+    /// native-tls drops the certificate with a failed handshake, so this is the only way to
+    /// record the facts of the certificate that was refused (the expiry of an expired one). If
+    /// this one succeeds, verification was what failed the first; `None` when it fails too
+    /// (the server does not speak TLS, or no protocol or cipher in common) or when the target
+    /// does not verify anyway.
+    fn reread_certificate(
+        &self,
+        host: &str,
+        remote: SocketAddr,
+        deadline: Option<Instant>,
+    ) -> Option<ConnFacts> {
+        if self.tls_key.1 {
+            return None;
+        }
+        let connector = self.tls.get(&(None, true)).ok()?;
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let tcp = match left {
+            Some(left) if left.is_zero() => return None,
+            Some(left) => TcpStream::connect_timeout(&remote, left).ok()?,
+            None => TcpStream::connect(remote).ok()?,
+        };
+        let mut stream = DeadlineStream::new(tcp);
+        stream.deadline = deadline;
+        stream.sniff = Some(Vec::new());
+        let mut tls = connector.connect(host, stream).ok()?;
+        let (tls_version, cert) = read_facts(&mut tls);
+        let _ = tls.shutdown();
+        Some(ConnFacts {
+            remote,
+            tls_version,
+            cert,
+        })
+    }
+}
+
+/// The TLS version (from the ServerHello kept by the handshake) and the leaf certificate.
+fn read_facts(tls: &mut TlsStream<DeadlineStream>) -> (Option<&'static str>, Option<CertFacts>) {
+    let sniffed = tls.get_mut().sniff.take().unwrap_or_default();
+    let cert = tls
+        .peer_certificate()
+        .ok()
+        .flatten()
+        .and_then(|c| c.to_der().ok())
+        .and_then(|der| x509::cert_facts(&der));
+    (server_hello_version(&sniffed), cert)
 }
 
 /// Tries each address until one connects. Each address but the last gets half of what is left
@@ -658,17 +732,42 @@ impl Transport for ProbeTransport {
     fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
         let timeout = timeout.for_write();
         self.conn.stream().deadline = deadline_from(timeout);
+        // `write_all` by hand, to know how much went out before a timeout.
         let output = &self.buffers.output()[..amount];
-        let result = self.conn.write_all(output).and_then(|_| self.conn.flush());
+        let mut written = 0;
+        let mut result = Ok(());
+        while written < amount {
+            match self.conn.write(&output[written..]) {
+                Ok(0) => {
+                    result = Err(io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let result = result.and_then(|_| self.conn.flush());
+        let done = result.is_ok();
+        let facts = self.facts.clone();
+        with_log(&self.log, |l| {
+            l.conn = Some(facts);
+            match l.head_bytes {
+                None if done => l.head_bytes = Some(amount as u64),
+                None => {}
+                Some(_) => l.body_sent += written as u64,
+            }
+            if done {
+                l.request_sent = Some(Instant::now());
+            }
+        });
         if let Err(e) = result {
             return Err(self.error(e, timeout));
         }
         self.awaiting_first_byte = true;
-        let facts = self.facts.clone();
-        with_log(&self.log, |l| {
-            l.request_sent = Some(Instant::now());
-            l.conn = Some(facts);
-        });
         Ok(())
     }
 

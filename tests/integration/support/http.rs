@@ -394,6 +394,57 @@ pub fn closed_port() -> u16 {
     port
 }
 
+/// A server on 127.0.0.1 that accepts connections and never reads from them: a client's
+/// writes block once the socket buffers are full. The connections are held until it is dropped.
+pub struct DeafServer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl DeafServer {
+    pub fn start() -> DeafServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind deaf server");
+        let port = listener.local_addr().expect("local addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let accept = std::thread::Builder::new()
+            .name("test-deaf-accept".into())
+            .spawn(move || {
+                let mut held = Vec::new();
+                for stream in listener.incoming() {
+                    if stopped.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    held.extend(stream.ok());
+                }
+            })
+            .expect("spawn");
+        DeafServer {
+            port,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+impl Drop for DeafServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], self.port)),
+            Duration::from_secs(1),
+        );
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// `openssl s_server -www` on 127.0.0.1 with the localhost leaf, TLS 1.3 only: a second,
 /// independent TLS stack (native-tls's acceptor stops at TLS 1.2) that answers every request
 /// with an HTTP/1.0 status page. Killed on drop.
