@@ -83,7 +83,8 @@ fn topic_records(broker_addr: &str, topic: &str) -> Vec<(String, CheckResult)> {
         total += client
             .fetch(topic, p, 0, 1, Duration::from_millis(10))
             .unwrap()
-            .high_watermark;
+            .high_watermark
+            .expect("the broker says the high watermark");
     }
     let out = kpeer(
         &[
