@@ -18,6 +18,8 @@ pub mod records;
 pub mod sasl;
 pub mod tls;
 
+pub use records::FetchedRecord;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -284,15 +286,6 @@ pub struct Fetched {
     pub next_offset: i64,
 }
 
-/// One fetched record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FetchedRecord {
-    pub offset: i64,
-    pub timestamp_ms: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-}
-
 /// The partition a key goes to, as the Java client's default partitioner computes it:
 /// `toPositive(murmur2(key)) % partitions`. Same key, same partition, whichever client wrote.
 pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
@@ -393,16 +386,7 @@ fn read_fetch_response(
         },
     };
     Ok(Fetched {
-        records: decoded
-            .records
-            .into_iter()
-            .map(|r| FetchedRecord {
-                offset: r.offset,
-                timestamp_ms: r.timestamp_ms,
-                key: r.key,
-                value: r.value,
-            })
-            .collect(),
+        records: decoded.records,
         // Negative: the broker does not know it (an error answer); say so, never a number.
         high_watermark: (p.high_watermark >= 0).then_some(p.high_watermark),
         next_offset: decoded.next_offset,
