@@ -56,7 +56,7 @@ fn main() {
                     records.push((p, r.offset, c));
                 }
             }
-            if f.next_offset >= f.high_watermark || f.next_offset <= offset {
+            if f.high_watermark.is_none_or(|hw| f.next_offset >= hw) || f.next_offset <= offset {
                 break;
             }
             offset = f.next_offset;

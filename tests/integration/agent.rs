@@ -89,7 +89,9 @@ fn topic_total(broker_addr: &str, topic: &str) -> i64 {
         .map(|p| {
             client
                 .fetch(topic, p, 0, 1, Duration::from_millis(10))
-                .map_or(0, |f| f.high_watermark)
+                .ok()
+                .and_then(|f| f.high_watermark)
+                .unwrap_or(0)
         })
         .sum()
 }

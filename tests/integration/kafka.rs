@@ -27,7 +27,7 @@ fn fetch_all(client: &mut Client, topic: &str) -> HashMap<i32, Vec<FetchedRecord
                 .expect("fetch");
             offset = f.next_offset.max(offset);
             recs.extend(f.records);
-            if offset >= f.high_watermark {
+            if f.high_watermark.is_some_and(|hw| offset >= hw) {
                 break;
             }
             assert!(
@@ -731,4 +731,35 @@ fn publisher_never_blocks_on_a_hung_broker() {
     let (ids, _) = topic_check_ids(&mut c, "checks");
     assert_eq!(ids.len(), n);
     assert!(given.iter().all(|id| ids.contains_key(id)));
+}
+
+/// Issue 12: a zero-wait fetch of a partition with data is never an error, on either tansu
+/// build. The post-0.6.0 one answers it without the partition; that is "nothing yet" (empty,
+/// no high watermark, same offset), and a fetch that waits then gets the records.
+#[test]
+fn a_zero_wait_fetch_is_nothing_yet_or_records_on_both_tansu_builds() {
+    use crate::support::broker::Tansu;
+    for build in [Tansu::V0_6, Tansu::Next] {
+        let broker = Broker::start_build(build);
+        let mut c = Client::connect(&broker.config("nowait")).expect("connect");
+        c.ensure_topic("nowait", 1, 1).expect("create");
+        let recs: Vec<ProduceRecord> = (0..1000).map(record).collect();
+        c.produce("nowait", &recs).expect("produce");
+        let f = c
+            .fetch("nowait", 0, 0, 1 << 20, Duration::ZERO)
+            .unwrap_or_else(|e| panic!("{build:?}: a zero-wait fetch failed: {e}"));
+        eprintln!(
+            "{build:?}: zero-wait fetch: {} records, high watermark {:?}",
+            f.records.len(),
+            f.high_watermark
+        );
+        if f.records.is_empty() {
+            assert_eq!((f.high_watermark, f.next_offset), (None, 0), "{build:?}");
+        }
+        let f = c
+            .fetch("nowait", 0, 0, 1 << 20, Duration::from_millis(500))
+            .expect("fetch");
+        assert_eq!(f.records.len(), 1000, "{build:?}");
+        assert_eq!(f.high_watermark, Some(1000), "{build:?}");
+    }
 }

@@ -925,7 +925,7 @@ impl Pipeline {
                 let f = k
                     .fetch(&self.topic, p, 0, 1024, Duration::from_millis(1))
                     .expect("fetch");
-                (p, f.high_watermark)
+                (p, f.high_watermark.expect("a high watermark"))
             })
             .collect()
     }
@@ -1440,7 +1440,7 @@ fn topic_records(p: &Pipeline) -> Vec<CheckResult> {
                 let value = r.value.expect("value");
                 out.push(CheckResult::from_json(&value).expect("a check record"));
             }
-            if offset >= f.high_watermark {
+            if f.high_watermark.is_some_and(|hw| offset >= hw) {
                 break;
             }
         }
@@ -1656,4 +1656,36 @@ fn kafka_unreachable_mid_stream_loses_nothing() {
     shutdown.trigger();
     sink.join().expect("stop");
     p.assert_exactly_once(&records);
+}
+
+/// Issue 12: 3,000 records, `batch_size = 500`, one partition. A sink behind the high watermark
+/// fetches with no wait; the post-0.6.0 tansu answers such a fetch with no partition in it.
+/// That used to be "no answer": the worker reconnected and sent the same zero-wait fetch
+/// forever, stuck at 1,000 rows. Both builds must deliver every record, exactly once.
+fn a_backlog_drains_on(build: crate::support::broker::Tansu) {
+    let broker = crate::support::broker::Broker::start_build(build);
+    let p = Pipeline::with_broker(1, fresh_db(), broker);
+    let records = varied_records(3000);
+    p.produce(&records);
+    let (sink, shutdown) = p.start_sink();
+    let mut c = p.db.client();
+    crate::support::wait_for(
+        "all 3,000 rows in PostgreSQL",
+        Duration::from_secs(300),
+        || count(&mut c, "SELECT count(*) FROM checks") >= 3000,
+    );
+    p.wait_offsets_at_end();
+    shutdown.trigger();
+    sink.join().expect("clean stop");
+    p.assert_exactly_once(&records);
+}
+
+#[test]
+fn a_backlog_drains_on_tansu_next() {
+    a_backlog_drains_on(crate::support::broker::Tansu::Next);
+}
+
+#[test]
+fn a_backlog_drains_on_tansu_0_6() {
+    a_backlog_drains_on(crate::support::broker::Tansu::V0_6);
 }

@@ -18,6 +18,8 @@ pub mod records;
 pub mod sasl;
 pub mod tls;
 
+pub use records::FetchedRecord;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -30,8 +32,8 @@ use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListO
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
-    BrokerId, CreateTopicsRequest, FetchRequest, ListOffsetsRequest, MetadataRequest,
-    MetadataResponse, ProduceRequest, TopicName,
+    BrokerId, CreateTopicsRequest, FetchRequest, FetchResponse, ListOffsetsRequest,
+    MetadataRequest, MetadataResponse, ProduceRequest, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -276,19 +278,12 @@ pub struct ProduceRecord {
 #[derive(Clone, Debug, Default)]
 pub struct Fetched {
     pub records: Vec<FetchedRecord>,
-    pub high_watermark: i64,
+    /// The partition's high watermark, or `None` when the answer did not say (it left the
+    /// partition out: nothing to read yet, see [`Client::fetch`]).
+    pub high_watermark: Option<i64>,
     /// Where the next fetch should start: one past the last complete batch returned (which
     /// may be past the last record, when the batch was a transaction marker).
     pub next_offset: i64,
-}
-
-/// One fetched record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FetchedRecord {
-    pub offset: i64,
-    pub timestamp_ms: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
 }
 
 /// The partition a key goes to, as the Java client's default partitioner computes it:
@@ -329,6 +324,73 @@ pub fn murmur2(data: &[u8]) -> u32 {
     h = h.wrapping_mul(M);
     h ^= h >> 15;
     h
+}
+
+/// What a Fetch response says about `topic`/`partition` read from `offset`.
+///
+/// An answer that leaves our partition out is "nothing yet", not an error: a tansu newer than
+/// 0.6.0 answers every zero-wait fetch with `responses: []` (issue 12). Treating that as a
+/// broken answer made the sink reconnect and send the very same fetch forever.
+fn read_fetch_response(
+    resp: &FetchResponse,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Fetched, KafkaError> {
+    let context = || format!("{topic}/{partition}");
+    if resp.error_code != 0 {
+        return Err(KafkaError::broker(
+            conn::API_FETCH,
+            resp.error_code,
+            &context(),
+            None,
+        ));
+    }
+    let Some(p) = resp
+        .responses
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .find(|p| p.partition_index == partition)
+    else {
+        return Ok(Fetched {
+            records: Vec::new(),
+            high_watermark: None,
+            next_offset: offset,
+        });
+    };
+    // Kafka answers OFFSET_OUT_OF_RANGE for an offset past the end or before the log
+    // start; tansu answers an empty success. Decide here so both look the same.
+    let outside = (p.high_watermark >= 0 && offset > p.high_watermark)
+        || (p.log_start_offset >= 0 && offset < p.log_start_offset);
+    let code = if p.error_code == 0 && outside {
+        OFFSET_OUT_OF_RANGE
+    } else {
+        p.error_code
+    };
+    match code {
+        0 => {}
+        OFFSET_OUT_OF_RANGE => {
+            return Err(KafkaError::OffsetOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            });
+        }
+        _ => return Err(KafkaError::broker(conn::API_FETCH, code, &context(), None)),
+    }
+    let decoded = match &p.records {
+        Some(bytes) => records::decode_batches(bytes, offset)?,
+        None => records::Decoded {
+            records: Vec::new(),
+            next_offset: offset,
+        },
+    };
+    Ok(Fetched {
+        records: decoded.records,
+        // Negative: the broker does not know it (an error answer); say so, never a number.
+        high_watermark: (p.high_watermark >= 0).then_some(p.high_watermark),
+        next_offset: decoded.next_offset,
+    })
 }
 
 #[derive(Clone, Debug)]
@@ -496,7 +558,10 @@ impl Client {
     }
 
     /// Reads records of one partition from `offset`, waiting up to `max_wait` for data.
-    /// Returns the records at or after `offset` (possibly none) and the high watermark.
+    /// Returns the records at or after `offset` (possibly none) and the high watermark. An
+    /// answer without the partition is an empty `Fetched` with no high watermark: brokers do
+    /// that for "nothing yet" (a newer tansu for every zero-wait fetch), so a caller that gets
+    /// it should wait before asking again (a non-zero `max_wait`).
     pub fn fetch(
         &mut self,
         topic: &str,
@@ -527,70 +592,7 @@ impl Client {
             req.max_bytes = max_bytes;
             req.topics = vec![t];
             let resp = c.call_with_wait(&req, v, max_wait)?;
-            if resp.error_code != 0 {
-                return Err(KafkaError::broker(
-                    conn::API_FETCH,
-                    resp.error_code,
-                    &format!("{topic}/{partition}"),
-                    None,
-                ));
-            }
-            let p = resp
-                .responses
-                .iter()
-                .flat_map(|t| t.partitions.iter())
-                .find(|p| p.partition_index == partition)
-                .ok_or_else(|| {
-                    KafkaError::Protocol(format!("Fetch: no answer for {topic}/{partition}"))
-                })?;
-            // Kafka answers OFFSET_OUT_OF_RANGE for an offset past the end or before the log
-            // start; tansu answers an empty success. Decide here so both look the same.
-            let outside = (p.high_watermark >= 0 && offset > p.high_watermark)
-                || (p.log_start_offset >= 0 && offset < p.log_start_offset);
-            let code = if p.error_code == 0 && outside {
-                OFFSET_OUT_OF_RANGE
-            } else {
-                p.error_code
-            };
-            match code {
-                0 => {}
-                OFFSET_OUT_OF_RANGE => {
-                    return Err(KafkaError::OffsetOutOfRange {
-                        topic: topic.to_string(),
-                        partition,
-                        offset,
-                    });
-                }
-                _ => {
-                    return Err(KafkaError::broker(
-                        conn::API_FETCH,
-                        code,
-                        &format!("{topic}/{partition}"),
-                        None,
-                    ));
-                }
-            }
-            let decoded = match &p.records {
-                Some(bytes) => records::decode_batches(bytes, offset)?,
-                None => records::Decoded {
-                    records: Vec::new(),
-                    next_offset: offset,
-                },
-            };
-            Ok(Fetched {
-                records: decoded
-                    .records
-                    .into_iter()
-                    .map(|r| FetchedRecord {
-                        offset: r.offset,
-                        timestamp_ms: r.timestamp_ms,
-                        key: r.key,
-                        value: r.value,
-                    })
-                    .collect(),
-                high_watermark: p.high_watermark,
-                next_offset: decoded.next_offset,
-            })
+            read_fetch_response(&resp, topic, partition, offset)
         })
     }
 
@@ -988,6 +990,63 @@ mod tests {
         // Java: toPositive(-790332482) % 3 == 1357151166 % 3 == 0
         assert_eq!(partition_for_key(b"foobar", 3), 1357151166 % 3);
         assert_eq!(partition_for_key(b"x", 0), 0);
+    }
+
+    /// A Fetch response with `partitions` (index, error code, high watermark) of topic `t`.
+    fn fetch_response(partitions: &[(i32, i16, i64)]) -> FetchResponse {
+        use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+        let mut t = FetchableTopicResponse::default();
+        t.topic = TopicName(StrBytes::from_static_str("t"));
+        t.partitions = partitions
+            .iter()
+            .map(|&(index, code, hw)| {
+                let mut p = PartitionData::default();
+                p.partition_index = index;
+                p.error_code = code;
+                p.high_watermark = hw;
+                p.log_start_offset = 0;
+                p
+            })
+            .collect();
+        let mut resp = FetchResponse::default();
+        resp.responses = vec![t];
+        resp
+    }
+
+    /// Issue 12: an answer without our partition (a newer tansu's answer to every zero-wait
+    /// fetch) is "nothing yet": no records, no high watermark, the same offset next time.
+    #[test]
+    fn a_fetch_answer_without_our_partition_is_nothing_yet() {
+        let nothing = |resp: &FetchResponse| {
+            let f = read_fetch_response(resp, "t", 1, 1000).expect("nothing yet, not an error");
+            assert!(f.records.is_empty());
+            assert_eq!((f.high_watermark, f.next_offset), (None, 1000));
+        };
+        nothing(&FetchResponse::default());
+        nothing(&fetch_response(&[]));
+        nothing(&fetch_response(&[(0, 0, 3000), (2, 0, 3000)]));
+    }
+
+    #[test]
+    fn a_fetch_answer_for_our_partition_says_where_it_ends_or_what_went_wrong() {
+        let read = |parts: &[(i32, i16, i64)], offset| {
+            read_fetch_response(&fetch_response(parts), "t", 1, offset)
+        };
+        let f = read(&[(1, 0, 3000)], 1000).expect("empty but fine");
+        assert_eq!((f.high_watermark, f.next_offset), (Some(3000), 1000));
+        assert!(f.records.is_empty());
+        // An unknown (negative) high watermark is not a number to compute lag with.
+        assert_eq!(read(&[(1, 0, -1)], 0).unwrap().high_watermark, None);
+        assert!(matches!(
+            read(&[(1, 0, 3000)], 3001),
+            Err(KafkaError::OffsetOutOfRange { offset: 3001, .. })
+        ));
+        let e = read(&[(1, NOT_LEADER_OR_FOLLOWER, -1)], 0).unwrap_err();
+        assert!(e.is_retriable() && e.stale_metadata(), "{e}");
+        let mut top = fetch_response(&[(1, 0, 3000)]);
+        top.error_code = UNKNOWN_TOPIC_ID;
+        let e = read_fetch_response(&top, "t", 1, 0).unwrap_err();
+        assert_eq!(e.to_string(), "Fetch t/1: UNKNOWN_TOPIC_ID (100)");
     }
 
     #[test]

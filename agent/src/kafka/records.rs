@@ -36,9 +36,10 @@ pub struct RecordRef<'a> {
     pub timestamp_ms: i64,
 }
 
-/// A decoded record with its absolute offset.
+/// A record read from a fetch, with its absolute offset: what the decoder makes and what
+/// [`super::Client::fetch`] returns, one type from the wire to the sink.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DecodedRecord {
+pub struct FetchedRecord {
     pub offset: i64,
     pub timestamp_ms: i64,
     pub key: Option<Vec<u8>>,
@@ -149,7 +150,7 @@ pub fn decode_batches(data: &[u8], from_offset: i64) -> Result<Decoded, KafkaErr
 /// Records of one fetch, and the offset to fetch next.
 #[derive(Debug, Default)]
 pub struct Decoded {
-    pub records: Vec<DecodedRecord>,
+    pub records: Vec<FetchedRecord>,
     /// One past the last offset covered by a complete batch (records or control).
     pub next_offset: i64,
 }
@@ -241,7 +242,7 @@ fn decode_one(batch: &[u8], from_offset: i64, out: &mut Decoded) -> Result<(), K
         if offset < from_offset {
             continue;
         }
-        out.records.push(DecodedRecord {
+        out.records.push(FetchedRecord {
             offset,
             timestamp_ms: if log_append {
                 max_ts

@@ -19,7 +19,7 @@ use super::owner::Ownership;
 use super::writer::Writer;
 use super::{SinkError, db, schema};
 use crate::config::{Config, KafkaConfig, PostgresConfig};
-use crate::kafka::{self, KafkaError};
+use crate::kafka::{self, Fetched, KafkaError};
 use crate::service::{Health, Heartbeat, Shutdown};
 
 /// How often unowned partitions are retried: the bound on takeover after a sink dies.
@@ -469,158 +469,210 @@ struct Worker {
     status: SharedStatus,
 }
 
+/// What a worker carries from one pass to the next. Every failure drops the part that failed
+/// and sets `caught_up`, so no retry repeats the failed request as it was sent (issue 12: a
+/// zero-wait fetch kept after a failure was sent again forever).
+struct WorkerState {
+    writer: Option<Writer>,
+    client: Option<kafka::Client>,
+    /// The stored offset as last read or committed: the writer's compare-and-set base.
+    from: Option<i64>,
+    /// Where to fetch next; `None` until read from PostgreSQL or, without one, from Kafka.
+    position: Option<i64>,
+    /// Whether the next fetch long-polls (see [`long_poll_next`]).
+    caught_up: bool,
+    backoff: Backoff,
+}
+
+/// Whether the fetch after `fetched` should wait for data: when it found nothing new (so a
+/// broker that keeps answering empty cannot make the loop spin, and "nothing yet" is asked
+/// again with a wait, not as it was), when it reached the high watermark, or when the broker
+/// did not say where that is.
+fn long_poll_next(fetched: &Fetched, found_records: bool) -> bool {
+    !found_records
+        || fetched
+            .high_watermark
+            .is_none_or(|hw| fetched.next_offset >= hw)
+}
+
 impl Worker {
     fn run(self) -> Result<(), SinkError> {
-        let topic = self.kafka.topic.as_str();
-        let p = self.partition;
-        let mut writer: Option<Writer> = None;
-        let mut client: Option<kafka::Client> = None;
-        // `from`: the stored offset as last read or committed; `position`: where to fetch.
-        let mut from: Option<i64> = None;
-        let mut position: Option<i64> = None;
-        let mut backoff = Backoff::new();
-        // Whether the last fetch reached the high watermark (then the next one long-polls).
-        let mut caught_up = true;
-        // About `batch_size` records of ~1 KiB per fetch (a fetch is one transaction).
-        let max_bytes = fetch_max_bytes(self.pg.batch_size);
         // Idle (never "stuck") once this worker ends, whatever the way out.
         let hb = self.hb.clone();
         let _idle_on_exit = OnDrop(move || hb.idle());
+        let mut st = WorkerState {
+            writer: None,
+            client: None,
+            from: None,
+            position: None,
+            caught_up: true,
+            backoff: Backoff::new(),
+        };
+        // About `batch_size` records of ~1 KiB per fetch (a fetch is one transaction).
+        let max_bytes = fetch_max_bytes(self.pg.batch_size);
         while !self.stop.is_triggered() {
             // Every pass is bounded (fetch wait, statement and socket timeouts, backoff ≤ 10 s).
             self.hb.beat();
-            let w = match writer.as_mut() {
-                Some(w) => w,
-                None => match self.open_writer() {
-                    Ok((w, stored)) => {
-                        from = stored;
-                        position = stored;
-                        update(&self.status, |s| {
-                            if let Some(st) = s.partitions.get_mut(&p) {
-                                st.next_offset = stored;
-                            }
-                        });
-                        writer.insert(w)
-                    }
-                    Err(e) => {
-                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
-                        self.stop.sleep(backoff.next());
-                        continue;
-                    }
-                },
-            };
-            let k = match client.as_mut() {
-                Some(k) => k,
-                None => match kafka::Client::connect(&self.kafka) {
-                    Ok(k) => client.insert(k),
-                    Err(e) => {
-                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
-                        self.stop.sleep(backoff.next());
-                        continue;
-                    }
-                },
-            };
-            let pos = match position {
-                Some(pos) => pos,
-                None => match k.earliest_offset(topic, p) {
-                    Ok(o) => *position.insert(o),
-                    Err(e) => {
-                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
-                        client = None;
-                        self.stop.sleep(backoff.next());
-                        continue;
-                    }
-                },
-            };
-            let wait = if caught_up {
-                FETCH_WAIT
-            } else {
-                Duration::ZERO
-            };
-            let fetched = match k.fetch(topic, p, pos, max_bytes, wait) {
-                Ok(f) => {
-                    log::trace!(
-                        target: "sitewatch::sink",
-                        "{topic}/{p}: fetch at {pos}: {} records {:?}..{:?}, next {}, high watermark {}",
-                        f.records.len(), f.records.first().map(|r| r.offset),
-                        f.records.last().map(|r| r.offset), f.next_offset, f.high_watermark
-                    );
-                    f
-                }
-                Err(KafkaError::OffsetOutOfRange { .. }) => {
-                    // Retention removed records we never read, or the topic was recreated.
-                    match k.earliest_offset(topic, p) {
-                        Ok(o) => {
-                            log::warn!(target: "sitewatch::sink", "{topic}/{p}: offset {pos} out of range; resuming at {o}");
-                            position = Some(o);
-                        }
-                        Err(e) => {
-                            log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; retrying");
-                            client = None;
-                            self.stop.sleep(backoff.next());
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    log::warn!(target: "sitewatch::sink", "{topic}/{p}: fetch: {e}; retrying");
-                    client = None;
-                    self.stop.sleep(backoff.next());
-                    continue;
-                }
-            };
-            update(&self.status, |s| {
-                if let Some(st) = s.partitions.get_mut(&p) {
-                    st.high_watermark = fetched.high_watermark;
-                }
-            });
-            let mut records = fetched.records;
-            records.retain(|r| r.offset >= pos);
-            // A fetch that found nothing long-polls next time even below the high watermark,
-            // so a broker that keeps answering empty cannot make this loop spin.
-            caught_up = records.is_empty() || fetched.next_offset >= fetched.high_watermark;
-            let Some(last) = records.last().map(|r| r.offset) else {
-                // Only control batches (or nothing): move past them without a write.
-                if fetched.next_offset > pos {
-                    position = Some(fetched.next_offset);
-                }
+            let Some(pos) = self.prepare(&mut st) else {
                 continue;
             };
-            // One fetch, one transaction, committed at the end of the fetch's last complete
-            // batch. Never split a fetch: resuming in the middle of a Kafka record batch is
-            // legal, but tansu then answers from the *next* batch, silently skipping the rest
-            // of the one we were in (seen in the PostgreSQL-restart test). The fetch size
-            // (from `batch_size`) bounds the transaction instead.
-            let end = fetched.next_offset.max(last + 1);
-            match w.write(from, &records, end) {
-                Ok(outcome) => {
-                    log::debug!(
-                        target: "sitewatch::sink",
-                        "{topic}/{p}: committed {from:?}..{}: {} rows, {} duplicates, {} dead letters",
-                        outcome.next_offset, outcome.inserted, outcome.duplicates, outcome.dead_letters
-                    );
-                    from = Some(outcome.next_offset);
-                    position = Some(outcome.next_offset);
-                    backoff.reset();
-                    update(&self.status, |s| {
-                        if let Some(st) = s.partitions.get_mut(&p) {
-                            st.next_offset = Some(outcome.next_offset);
-                            st.rows += outcome.inserted;
-                            st.duplicates += outcome.duplicates;
-                            st.dead_letters += outcome.dead_letters;
-                        }
-                    });
+            let Some(fetched) = self.fetch(&mut st, pos, max_bytes) else {
+                continue;
+            };
+            self.commit(&mut st, pos, fetched)?;
+        }
+        Ok(())
+    }
+
+    /// After any failure: say so, long-poll next time and wait out the backoff.
+    fn back_off(&self, st: &mut WorkerState, why: std::fmt::Arguments<'_>) {
+        log::warn!(target: "sitewatch::sink", "{}/{}: {why}", self.kafka.topic, self.partition);
+        st.caught_up = true;
+        self.stop.sleep(st.backoff.next());
+    }
+
+    fn set_status(&self, f: impl FnOnce(&mut PartitionStatus)) {
+        update(&self.status, |s| {
+            if let Some(st) = s.partitions.get_mut(&self.partition) {
+                f(st);
+            }
+        });
+    }
+
+    /// Opens what is missing (the writer, which re-reads the stored offset; the Kafka client;
+    /// the position) and returns where to fetch; `None` after a failure (already backed off).
+    fn prepare(&self, st: &mut WorkerState) -> Option<i64> {
+        if st.writer.is_none() {
+            match self.open_writer() {
+                Ok((w, stored)) => {
+                    st.writer = Some(w);
+                    st.from = stored;
+                    st.position = stored;
+                    self.set_status(|s| s.next_offset = stored);
                 }
-                Err(e @ SinkError::Fenced { .. }) => return Err(e),
                 Err(e) => {
-                    // The commit may or may not have happened: reconnect and re-read.
-                    log::warn!(target: "sitewatch::sink", "{topic}/{p}: {e}; reconnecting");
-                    writer = None;
-                    self.stop.sleep(backoff.next());
+                    self.back_off(st, format_args!("{e}; retrying"));
+                    return None;
                 }
             }
         }
-        Ok(())
+        let k = match st.client.as_mut() {
+            Some(k) => k,
+            None => match kafka::Client::connect(&self.kafka) {
+                Ok(k) => st.client.insert(k),
+                Err(e) => {
+                    self.back_off(st, format_args!("{e}; retrying"));
+                    return None;
+                }
+            },
+        };
+        if st.position.is_none() {
+            match k.earliest_offset(&self.kafka.topic, self.partition) {
+                Ok(o) => st.position = Some(o),
+                Err(e) => {
+                    st.client = None;
+                    self.back_off(st, format_args!("{e}; retrying"));
+                }
+            }
+        }
+        st.position
+    }
+
+    /// One fetch from `pos`; `None` when there is nothing to write (the position was moved,
+    /// or a failure was backed off).
+    fn fetch(&self, st: &mut WorkerState, pos: i64, max_bytes: i32) -> Option<Fetched> {
+        let (topic, p) = (self.kafka.topic.as_str(), self.partition);
+        let k = st.client.as_mut()?;
+        let wait = if st.caught_up {
+            FETCH_WAIT
+        } else {
+            Duration::ZERO
+        };
+        match k.fetch(topic, p, pos, max_bytes, wait) {
+            Ok(f) => {
+                log::trace!(
+                    target: "sitewatch::sink",
+                    "{topic}/{p}: fetch at {pos}: {} records {:?}..{:?}, next {}, high watermark {:?}",
+                    f.records.len(), f.records.first().map(|r| r.offset),
+                    f.records.last().map(|r| r.offset), f.next_offset, f.high_watermark
+                );
+                Some(f)
+            }
+            Err(KafkaError::OffsetOutOfRange { .. }) => {
+                // Retention removed records we never read, or the topic was recreated.
+                match k.earliest_offset(topic, p) {
+                    Ok(o) => {
+                        log::warn!(target: "sitewatch::sink", "{topic}/{p}: offset {pos} out of range; resuming at {o}");
+                        st.position = Some(o);
+                    }
+                    Err(e) => {
+                        st.client = None;
+                        self.back_off(st, format_args!("{e}; retrying"));
+                    }
+                }
+                None
+            }
+            Err(e) => {
+                st.client = None;
+                self.back_off(st, format_args!("fetch: {e}; retrying"));
+                None
+            }
+        }
+    }
+
+    /// Writes what a fetch from `pos` returned, with the new offset, in one transaction.
+    /// Returns an error only when this worker must end (fenced by another sink).
+    fn commit(&self, st: &mut WorkerState, pos: i64, fetched: Fetched) -> Result<(), SinkError> {
+        if let Some(hw) = fetched.high_watermark {
+            self.set_status(|s| s.high_watermark = hw);
+        }
+        let found = fetched.records.iter().any(|r| r.offset >= pos);
+        st.caught_up = long_poll_next(&fetched, found);
+        let mut records = fetched.records;
+        records.retain(|r| r.offset >= pos);
+        let Some(last) = records.last().map(|r| r.offset) else {
+            // Only control batches (or nothing): move past them without a write.
+            if fetched.next_offset > pos {
+                st.position = Some(fetched.next_offset);
+            }
+            return Ok(());
+        };
+        let Some(w) = st.writer.as_mut() else {
+            return Ok(());
+        };
+        // One fetch, one transaction, committed at the end of the fetch's last complete
+        // batch. Never split a fetch: resuming in the middle of a Kafka record batch is
+        // legal, but tansu then answers from the *next* batch, silently skipping the rest
+        // of the one we were in (seen in the PostgreSQL-restart test). The fetch size
+        // (from `batch_size`) bounds the transaction instead.
+        let end = fetched.next_offset.max(last + 1);
+        match w.write(st.from, &records, end) {
+            Ok(outcome) => {
+                log::debug!(
+                    target: "sitewatch::sink",
+                    "{}/{}: committed {:?}..{}: {} rows, {} duplicates, {} dead letters",
+                    self.kafka.topic, self.partition, st.from,
+                    outcome.next_offset, outcome.inserted, outcome.duplicates, outcome.dead_letters
+                );
+                st.from = Some(outcome.next_offset);
+                st.position = Some(outcome.next_offset);
+                st.backoff.reset();
+                self.set_status(|s| {
+                    s.next_offset = Some(outcome.next_offset);
+                    s.rows += outcome.inserted;
+                    s.duplicates += outcome.duplicates;
+                    s.dead_letters += outcome.dead_letters;
+                });
+                Ok(())
+            }
+            Err(e @ SinkError::Fenced { .. }) => Err(e),
+            Err(e) => {
+                // The commit may or may not have happened: reconnect and re-read.
+                st.writer = None;
+                self.back_off(st, format_args!("{e}; reconnecting"));
+                Ok(())
+            }
+        }
     }
 
     fn open_writer(&self) -> Result<(Writer, Option<i64>), SinkError> {
@@ -668,6 +720,30 @@ mod tests {
         check(1, 64 * 1024);
         check(5000, 5000 * 1024);
         check(100_000, 16 * 1024 * 1024);
+    }
+
+    /// Issue 12: after an answer that said nothing (no records, no high watermark) the next
+    /// fetch waits; a zero-wait fetch is sent only while records keep coming below the end.
+    #[test]
+    fn the_next_fetch_waits_unless_records_keep_coming_below_the_end() {
+        let check = |high_watermark: Option<i64>, next_offset: i64, found: bool, want: bool| {
+            let f = Fetched {
+                records: Vec::new(),
+                high_watermark,
+                next_offset,
+            };
+            assert_eq!(
+                long_poll_next(&f, found),
+                want,
+                "{high_watermark:?} {next_offset} {found}"
+            );
+        };
+        check(None, 1000, false, true);
+        check(Some(3000), 1000, false, true);
+        check(Some(3000), 1500, true, false);
+        check(Some(3000), 3000, true, true);
+        // Records, but the broker did not say where the end is: do not hammer it.
+        check(None, 1500, true, true);
     }
 
     #[test]

