@@ -538,6 +538,9 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 pub const DEFAULT_BODY_CAP: usize = 1024 * 1024;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sitewatch";
 pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
+/// The spool never holds less than this (`Spool::open` rounds a smaller bound up to it), so a
+/// smaller `spool_max` is refused rather than quietly not honoured.
+pub const MIN_SPOOL_MAX: u64 = 64 * 1024;
 pub const DEFAULT_TOPIC: &str = "sitewatch.checks";
 /// Most extra attempts per round: more would let one target's retries outlast its interval.
 pub const MAX_RETRIES: u32 = 10;
@@ -799,7 +802,15 @@ impl Validator<'_> {
             .or_else(|| raw.state_dir.as_deref().map(|p| self.path(p)))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let spool_max_bytes = match &raw.spool_max {
-            Some(v) => self.size(ctx, "spool_max", v)?,
+            Some(v) => {
+                let n = self.size(ctx, "spool_max", v)?;
+                if n < MIN_SPOOL_MAX {
+                    return Err(
+                        self.err(format!("agent: spool_max {v:?}: expected at least 64KiB"))
+                    );
+                }
+                n
+            }
             None => DEFAULT_SPOOL_MAX,
         };
         let drain_timeout = match &raw.drain_timeout {
@@ -1814,6 +1825,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn jitter_percentages_print_back_exactly() {
+        for text in ["0%", "7%", "12.5%", "33.33%", "0.1%", "49.999%", "50%"] {
+            let jitter = |text: &str| parse(&format!("[agent]\njitter = {text:?}\n")).unwrap();
+            let Jitter::Fraction(f) = jitter(text).agent.jitter else {
+                panic!("{text}")
+            };
+            assert_eq!(format_percent(f), text);
+            assert_eq!(jitter(&format_percent(f)).agent.jitter, Jitter::Fraction(f));
+        }
+    }
+
     /// A directory of its own under the system temp dir, removed on drop.
     struct Scratch(PathBuf);
 
@@ -2143,6 +2166,10 @@ mod tests {
         check(
             "[agent]\nbody_cap = \"257MiB\"\n",
             "agent: body_cap \"257MiB\": expected 1B to 256MiB",
+        );
+        check(
+            "[agent]\nspool_max = \"1KiB\"\n",
+            "agent: spool_max \"1KiB\": expected at least 64KiB",
         );
         check(
             "[agent]\ninterval = \"0s\"\n",
