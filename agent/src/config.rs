@@ -1826,6 +1826,22 @@ mod tests {
     }
 
     #[test]
+    fn toml_strings_read_back_as_written() {
+        for text in [
+            "",
+            "plain",
+            "'\"\\",
+            "\0\u{1}\t\n\r\u{1b}\u{7f}\u{85}",
+            "ü \u{2028} 🦀",
+        ] {
+            let line = format!("k = {}", toml_string(text));
+            let table: toml::Table =
+                toml::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(table["k"].as_str(), Some(text), "{line}");
+        }
+    }
+
+    #[test]
     fn jitter_percentages_print_back_exactly() {
         for text in ["0%", "7%", "12.5%", "33.33%", "0.1%", "49.999%", "50%"] {
             let jitter = |text: &str| parse(&format!("[agent]\njitter = {text:?}\n")).unwrap();
