@@ -16,7 +16,7 @@ use std::time::Duration;
 use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
-use crate::util::{format_duration, parse_duration};
+use crate::util::{UrlParts, format_duration, parse_duration, percent_decode};
 
 /// Where `sitewatch` looks when `--config` is not given: `./agent.toml`, else this.
 pub const SYSTEM_CONFIG: &str = "/etc/sitewatch/agent.toml";
@@ -160,7 +160,8 @@ pub struct RawTargetTls {
 // ---------------------------------------------------------------------------------------------
 // Typed form.
 
-#[derive(Debug, Clone)]
+/// Compared by value (`PartialEq`), secrets included: what a reload must notice.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file this came from (for messages and reload).
     pub source: PathBuf,
@@ -170,9 +171,28 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     pub rules: RulesConfig,
     pub targets: Vec<Target>,
+    /// Where the passwords came from, so `check-config` can say so without showing them.
+    pub secrets: SecretSources,
 }
 
-#[derive(Debug, Clone)]
+/// Where each secret of a [`Config`] came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretSources {
+    pub kafka_sasl_password: Option<SecretSource>,
+    pub postgres_password: Option<SecretSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// This environment variable.
+    Env(&'static str),
+    /// A `password_file` (resolved path).
+    File(PathBuf),
+    /// Written in the config file itself (`password = …`, or inside `postgres.url`).
+    Inline,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub id: String,
     pub interval: Duration,
@@ -203,6 +223,7 @@ impl Jitter {
     pub fn max_for(self, interval: Duration) -> Duration {
         match self {
             Jitter::Fraction(f) => interval.mul_f64(f),
+            // The config refuses a larger one; this bounds jitters built in code.
             Jitter::Fixed(d) => d.min(interval / 2),
         }
     }
@@ -231,6 +252,18 @@ pub enum Compression {
     Gzip,
 }
 
+impl Compression {
+    pub const ALL: [Compression; 2] = [Compression::None, Compression::Gzip];
+
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct KafkaTls {
     pub ca_file: Option<PathBuf>,
@@ -244,6 +277,23 @@ pub enum SaslMechanism {
     Plain,
     ScramSha256,
     ScramSha512,
+}
+
+impl SaslMechanism {
+    pub const ALL: [SaslMechanism; 3] = [
+        SaslMechanism::Plain,
+        SaslMechanism::ScramSha256,
+        SaslMechanism::ScramSha512,
+    ];
+
+    /// As written in the config (and named on the wire).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }
 
 #[derive(Clone, PartialEq)]
@@ -318,6 +368,27 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    pub const ALL: [SslMode; 5] = [
+        SslMode::Disable,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
+    /// As written in the config (libpq's spelling).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PostgresConfig {
     /// Connection URL with any password removed (safe to print).
@@ -330,7 +401,7 @@ pub struct PostgresConfig {
     pub batch_size: usize,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RulesConfig {
     pub dir: PathBuf,
     /// Wall-clock limit for one `evaluate` call.
@@ -346,6 +417,17 @@ pub enum IpFamily {
     V6,
 }
 
+impl IpFamily {
+    /// As written in the config (`"ipv4"` and `"ipv6"` are read too).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::Any => "any",
+            IpFamily::V4 => "v4",
+            IpFamily::V6 => "v6",
+        }
+    }
+}
+
 /// Accepted statuses: a list of single codes and inclusive ranges.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StatusSet(pub Vec<(u16, u16)>);
@@ -356,20 +438,22 @@ impl StatusSet {
     }
 }
 
+impl StatusSet {
+    /// Each entry as the config writes it: `200`, or a range `300-302`.
+    fn entries(&self) -> impl Iterator<Item = String> + '_ {
+        self.0.iter().map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+    }
+}
+
 impl fmt::Display for StatusSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self
-            .0
-            .iter()
-            .map(|&(lo, hi)| {
-                if lo == hi {
-                    lo.to_string()
-                } else {
-                    format!("{lo}-{hi}")
-                }
-            })
-            .collect();
-        f.write_str(&parts.join(","))
+        f.write_str(&self.entries().collect::<Vec<_>>().join(","))
     }
 }
 
@@ -398,6 +482,54 @@ pub struct Target {
     pub tags: Vec<String>,
 }
 
+/// By value; a regex by its pattern (the same pattern compiles to the same matcher).
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        // Destructured, so that a new field cannot be forgotten here.
+        let Target {
+            id,
+            url,
+            method,
+            headers,
+            body,
+            interval,
+            timeout,
+            expect_status,
+            regex,
+            regex_absent,
+            rule,
+            follow_redirects,
+            max_redirects,
+            ip,
+            keep_alive,
+            retries,
+            tls_ca_file,
+            tls_insecure,
+            tags,
+        } = self;
+        let pattern = |r: &Option<Arc<Regex>>| r.as_ref().map(|r| r.as_str().to_string());
+        *id == other.id
+            && *url == other.url
+            && *method == other.method
+            && *headers == other.headers
+            && *body == other.body
+            && *interval == other.interval
+            && *timeout == other.timeout
+            && *expect_status == other.expect_status
+            && pattern(regex) == pattern(&other.regex)
+            && pattern(regex_absent) == pattern(&other.regex_absent)
+            && *rule == other.rule
+            && *follow_redirects == other.follow_redirects
+            && *max_redirects == other.max_redirects
+            && *ip == other.ip
+            && *keep_alive == other.keep_alive
+            && *retries == other.retries
+            && *tls_ca_file == other.tls_ca_file
+            && *tls_insecure == other.tls_insecure
+            && *tags == other.tags
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Defaults.
 
@@ -407,7 +539,12 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 pub const DEFAULT_BODY_CAP: usize = 1024 * 1024;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sitewatch";
 pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
+/// The spool never holds less than this (`Spool::open` rounds a smaller bound up to it), so a
+/// smaller `spool_max` is refused rather than quietly not honoured.
+pub const MIN_SPOOL_MAX: u64 = 64 * 1024;
 pub const DEFAULT_TOPIC: &str = "sitewatch.checks";
+/// Most extra attempts per round: more would let one target's retries outlast its interval.
+pub const MAX_RETRIES: u32 = 10;
 /// Regexes are compiled with these limits, so a hostile pattern is a config error, not a stall
 /// or a memory blow-up at check time.
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -467,6 +604,7 @@ impl Config {
             base,
             env,
             regexes: RefCell::new(HashMap::new()),
+            secrets: RefCell::new(SecretSources::default()),
         }
         .build(raw, path)
     }
@@ -504,6 +642,8 @@ struct Validator<'a> {
     /// per-thread scratch caches. (A `Regex::clone` would get a pool of its own: one cache
     /// built and kept per target, measured with callgrind.)
     regexes: RefCell<HashMap<String, Arc<Regex>>>,
+    /// Filled in as the secrets are read.
+    secrets: RefCell<SecretSources>,
 }
 
 impl Validator<'_> {
@@ -570,6 +710,17 @@ impl Validator<'_> {
             }
             targets.push(target);
         }
+        if let Jitter::Fixed(jitter) = agent.jitter
+            && let Some(t) = targets.iter().find(|t| jitter > t.interval / 2)
+        {
+            return Err(self.err(format!(
+                "agent: jitter {:?}: more than half the interval of target {:?} ({}); \
+                 a fixed jitter may be at most half of every interval",
+                format_duration(jitter),
+                t.id,
+                format_duration(t.interval)
+            )));
+        }
         Ok(Config {
             source: path.to_path_buf(),
             agent,
@@ -577,7 +728,17 @@ impl Validator<'_> {
             postgres,
             rules,
             targets,
+            secrets: self.secrets.take(),
         })
+    }
+
+    fn retries(&self, ctx: &str, retries: u32) -> Result<u32, ConfigError> {
+        if retries > MAX_RETRIES {
+            return Err(self.err(format!(
+                "{ctx}retries {retries}: expected 0 to {MAX_RETRIES}"
+            )));
+        }
+        Ok(retries)
     }
 
     fn agent(&self, raw: &RawAgent) -> Result<AgentConfig, ConfigError> {
@@ -642,7 +803,15 @@ impl Validator<'_> {
             .or_else(|| raw.state_dir.as_deref().map(|p| self.path(p)))
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         let spool_max_bytes = match &raw.spool_max {
-            Some(v) => self.size(ctx, "spool_max", v)?,
+            Some(v) => {
+                let n = self.size(ctx, "spool_max", v)?;
+                if n < MIN_SPOOL_MAX {
+                    return Err(
+                        self.err(format!("agent: spool_max {v:?}: expected at least 64KiB"))
+                    );
+                }
+                n
+            }
             None => DEFAULT_SPOOL_MAX,
         };
         let drain_timeout = match &raw.drain_timeout {
@@ -657,7 +826,7 @@ impl Validator<'_> {
             jitter,
             body_cap,
             user_agent,
-            retries: raw.retries.unwrap_or(0).min(10),
+            retries: self.retries(ctx, raw.retries.unwrap_or(0))?,
             retry_delay,
             state_dir,
             spool_max_bytes,
@@ -731,83 +900,17 @@ impl Validator<'_> {
             Some(v) => self.positive_duration(ctx, "request_timeout", v)?,
             None => Duration::from_secs(30),
         };
-        let compression = match raw.compression.as_deref().unwrap_or("none") {
-            "none" => Compression::None,
-            "gzip" => Compression::Gzip,
-            other => {
-                return Err(self.err(format!(
-                    "kafka: compression {other:?}: expected \"none\" or \"gzip\""
-                )));
-            }
-        };
-        let raw_tls = raw.tls.clone().unwrap_or_default();
-        let ca = self
-            .env("SITEWATCH_KAFKA_CA_FILE")
-            .or(raw_tls.ca_file.clone());
-        let cert = self
-            .env("SITEWATCH_KAFKA_CERT_FILE")
-            .or(raw_tls.cert_file.clone());
-        let key = self
-            .env("SITEWATCH_KAFKA_KEY_FILE")
-            .or(raw_tls.key_file.clone());
-        let tls = if raw.tls.is_some() || ca.is_some() || cert.is_some() || key.is_some() {
-            if cert.is_some() != key.is_some() {
-                return Err(self.err("kafka: tls: cert_file and key_file go together"));
-            }
-            Some(KafkaTls {
-                ca_file: ca.as_deref().map(|p| self.path(p)),
-                cert_file: cert.as_deref().map(|p| self.path(p)),
-                key_file: key.as_deref().map(|p| self.path(p)),
-                verify_hostname: raw_tls.verify_hostname.unwrap_or(true),
-            })
-        } else {
-            None
-        };
-        let raw_sasl = raw.sasl.clone().unwrap_or_default();
-        let username = self
-            .env("SITEWATCH_KAFKA_SASL_USERNAME")
-            .or(raw_sasl.username.clone());
-        let sasl = if raw.sasl.is_some() || username.is_some() {
-            let mechanism = match self
-                .env("SITEWATCH_KAFKA_SASL_MECHANISM")
-                .or(raw_sasl.mechanism.clone())
-                .unwrap_or_else(|| "SCRAM-SHA-512".into())
-                .to_ascii_uppercase()
-                .as_str()
-            {
-                "PLAIN" => SaslMechanism::Plain,
-                "SCRAM-SHA-256" => SaslMechanism::ScramSha256,
-                "SCRAM-SHA-512" => SaslMechanism::ScramSha512,
-                other => {
-                    return Err(self.err(format!(
-                        "kafka: sasl: mechanism {other:?}: expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
-                    )));
-                }
-            };
-            let username = username.ok_or_else(|| self.err("kafka: sasl: username: missing"))?;
-            let password = match (
-                self.env("SITEWATCH_KAFKA_SASL_PASSWORD"),
-                &raw_sasl.password_file,
-                &raw_sasl.password,
-            ) {
-                (Some(p), _, _) => p,
-                (None, Some(f), _) => read_secret_file(&self.path(f))
-                    .map_err(|e| self.err(format!("kafka: sasl: password_file {f:?}: {e}")))?,
-                (None, None, Some(p)) => p.clone(),
-                (None, None, None) => {
-                    return Err(self.err(
-                        "kafka: sasl: password: missing (set SITEWATCH_KAFKA_SASL_PASSWORD or password_file)",
-                    ));
-                }
-            };
-            Some(Sasl {
-                mechanism,
-                username,
-                password: Secret(password),
-            })
-        } else {
-            None
-        };
+        let compression_text = raw.compression.as_deref().unwrap_or("none");
+        let compression = Compression::ALL
+            .into_iter()
+            .find(|c| c.as_str() == compression_text)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "kafka: compression {compression_text:?}: expected \"none\" or \"gzip\""
+                ))
+            })?;
+        let tls = self.kafka_tls(raw)?;
+        let sasl = self.kafka_sasl(raw)?;
         Ok(Some(KafkaConfig {
             brokers,
             topic,
@@ -824,6 +927,78 @@ impl Validator<'_> {
         }))
     }
 
+    fn kafka_tls(&self, raw: &RawKafka) -> Result<Option<KafkaTls>, ConfigError> {
+        let raw_tls = raw.tls.clone().unwrap_or_default();
+        let ca = self
+            .env("SITEWATCH_KAFKA_CA_FILE")
+            .or(raw_tls.ca_file.clone());
+        let cert = self
+            .env("SITEWATCH_KAFKA_CERT_FILE")
+            .or(raw_tls.cert_file.clone());
+        let key = self
+            .env("SITEWATCH_KAFKA_KEY_FILE")
+            .or(raw_tls.key_file.clone());
+        if raw.tls.is_none() && ca.is_none() && cert.is_none() && key.is_none() {
+            return Ok(None);
+        }
+        if cert.is_some() != key.is_some() {
+            return Err(self.err("kafka: tls: cert_file and key_file go together"));
+        }
+        Ok(Some(KafkaTls {
+            ca_file: ca.as_deref().map(|p| self.path(p)),
+            cert_file: cert.as_deref().map(|p| self.path(p)),
+            key_file: key.as_deref().map(|p| self.path(p)),
+            verify_hostname: raw_tls.verify_hostname.unwrap_or(true),
+        }))
+    }
+
+    fn kafka_sasl(&self, raw: &RawKafka) -> Result<Option<Sasl>, ConfigError> {
+        let raw_sasl = raw.sasl.clone().unwrap_or_default();
+        let username = self
+            .env("SITEWATCH_KAFKA_SASL_USERNAME")
+            .or(raw_sasl.username.clone());
+        if raw.sasl.is_none() && username.is_none() {
+            return Ok(None);
+        }
+        let mechanism_text = self
+            .env("SITEWATCH_KAFKA_SASL_MECHANISM")
+            .or(raw_sasl.mechanism.clone())
+            .unwrap_or_else(|| "SCRAM-SHA-512".into())
+            .to_ascii_uppercase();
+        let mechanism = SaslMechanism::ALL
+            .into_iter()
+            .find(|m| m.as_str() == mechanism_text)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "kafka: sasl: mechanism {mechanism_text:?}: expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                ))
+            })?;
+        let username = username.ok_or_else(|| self.err("kafka: sasl: username: missing"))?;
+        const ENV: &str = "SITEWATCH_KAFKA_SASL_PASSWORD";
+        let (password, source) = match (self.env(ENV), &raw_sasl.password_file, &raw_sasl.password)
+        {
+            (Some(p), _, _) => (p, SecretSource::Env(ENV)),
+            (None, Some(f), _) => {
+                let path = self.path(f);
+                let p = read_secret_file(&path)
+                    .map_err(|e| self.err(format!("kafka: sasl: password_file {f:?}: {e}")))?;
+                (p, SecretSource::File(path))
+            }
+            (None, None, Some(p)) => (p.clone(), SecretSource::Inline),
+            (None, None, None) => {
+                return Err(self.err(
+                        "kafka: sasl: password: missing (set SITEWATCH_KAFKA_SASL_PASSWORD or password_file)",
+                    ));
+            }
+        };
+        self.secrets.borrow_mut().kafka_sasl_password = Some(source);
+        Ok(Some(Sasl {
+            mechanism,
+            username,
+            password: Secret(password),
+        }))
+    }
+
     fn postgres(&self, raw: Option<&RawPostgres>) -> Result<Option<PostgresConfig>, ConfigError> {
         let env_url = self.env("SITEWATCH_PG_URL");
         if raw.is_none() && env_url.is_none() {
@@ -835,31 +1010,34 @@ impl Validator<'_> {
             .or(raw.url.clone())
             .unwrap_or_else(|| "postgres://sitewatch@127.0.0.1/sitewatch".into());
         let (url, inline_password) =
-            split_password(&url).map_err(|e| self.err(format!("postgres: url: {e}")))?;
-        let password = match (self.env("SITEWATCH_PG_PASSWORD"), &raw.password_file) {
-            (Some(p), _) => Some(p),
-            (None, Some(f)) => Some(
-                read_secret_file(&self.path(f))
-                    .map_err(|e| self.err(format!("postgres: password_file {f:?}: {e}")))?,
-            ),
-            (None, None) => inline_password,
+            split_postgres_password(&url).map_err(|e| self.err(format!("postgres: url: {e}")))?;
+        const ENV: &str = "SITEWATCH_PG_PASSWORD";
+        let password = match (self.env(ENV), &raw.password_file) {
+            (Some(p), _) => Some((p, SecretSource::Env(ENV))),
+            (None, Some(f)) => {
+                let path = self.path(f);
+                let p = read_secret_file(&path)
+                    .map_err(|e| self.err(format!("postgres: password_file {f:?}: {e}")))?;
+                Some((p, SecretSource::File(path)))
+            }
+            (None, None) => inline_password.map(|p| (p, SecretSource::Inline)),
         };
+        let password = password.map(|(p, source)| {
+            self.secrets.borrow_mut().postgres_password = Some(source);
+            Secret(p)
+        });
         let sslmode_text = self
             .env("SITEWATCH_PG_SSLMODE")
             .or(raw.sslmode.clone())
             .unwrap_or_else(|| "prefer".into());
-        let sslmode = match sslmode_text.as_str() {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(self.err(format!(
-                    "postgres: sslmode {other:?}: expected disable, prefer, require, verify-ca or verify-full"
-                )));
-            }
-        };
+        let sslmode = SslMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == sslmode_text)
+            .ok_or_else(|| {
+                self.err(format!(
+                    "postgres: sslmode {sslmode_text:?}: expected disable, prefer, require, verify-ca or verify-full"
+                ))
+            })?;
         let ca_file = self
             .env("SITEWATCH_PG_CA_FILE")
             .or(raw.ca_file.clone())
@@ -876,7 +1054,7 @@ impl Validator<'_> {
         }
         Ok(Some(PostgresConfig {
             url,
-            password: password.map(Secret),
+            password,
             sslmode,
             ca_file,
             retention,
@@ -924,7 +1102,7 @@ impl Validator<'_> {
             .url
             .clone()
             .ok_or_else(|| self.err(format!("{ctx}url: missing")))?;
-        validate_url(&url).map_err(|e| self.err(format!("{ctx}url {url:?}: {e}")))?;
+        validate_url(&url).map_err(|e| self.err(format!("{ctx}url {:?}: {e}", shown_url(&url))))?;
         let method = raw
             .method
             .clone()
@@ -936,22 +1114,7 @@ impl Validator<'_> {
                 "{ctx}method {method:?}: expected GET, HEAD, POST, PUT, PATCH, DELETE or OPTIONS"
             )));
         }
-        let mut headers = Vec::new();
-        for (name, value) in &raw.headers {
-            let name_ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
-            if !name_ok {
-                return Err(self.err(format!("{ctx}headers: {name:?}: not a valid header name")));
-            }
-            if value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0) {
-                return Err(self.err(format!(
-                    "{ctx}headers: {name:?}: value must not contain CR, LF or NUL"
-                )));
-            }
-            headers.push((name.clone(), value.clone()));
-        }
+        let headers = self.headers(&ctx, &raw.headers)?;
         let interval = match &raw.interval {
             Some(v) => self.positive_duration(&ctx, "interval", v)?,
             None => agent.interval,
@@ -1034,11 +1197,35 @@ impl Validator<'_> {
             max_redirects,
             ip,
             keep_alive: raw.keep_alive.unwrap_or(false),
-            retries: raw.retries.unwrap_or(agent.retries).min(10),
+            retries: self.retries(&ctx, raw.retries.unwrap_or(agent.retries))?,
             tls_ca_file,
             tls_insecure,
             tags: raw.tags.clone(),
         })
+    }
+
+    fn headers(
+        &self,
+        ctx: &str,
+        raw: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut headers = Vec::new();
+        for (name, value) in raw {
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+            if !name_ok {
+                return Err(self.err(format!("{ctx}headers: {name:?}: not a valid header name")));
+            }
+            if value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0) {
+                return Err(self.err(format!(
+                    "{ctx}headers: {name:?}: value must not contain CR, LF or NUL"
+                )));
+            }
+            headers.push((name.clone(), value.clone()));
+        }
+        Ok(headers)
     }
 
     fn regex(&self, ctx: &str, field: &str, pattern: &str) -> Result<Arc<Regex>, ConfigError> {
@@ -1101,16 +1288,10 @@ impl Validator<'_> {
 
 /// `http://` or `https://` with a host; nothing else is probed.
 fn validate_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
+    let parts = UrlParts::parse(url)
+        .filter(|p| p.scheme == "http" || p.scheme == "https")
         .ok_or("expected an http:// or https:// URL")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority
-        .rsplit_once('@')
-        .map(|(_, h)| h)
-        .unwrap_or(authority);
-    if host.is_empty() || host.starts_with(':') {
+    if parts.host.is_empty() || parts.host.starts_with(':') {
         return Err("missing host".into());
     }
     if url
@@ -1120,6 +1301,16 @@ fn validate_url(url: &str) -> Result<(), String> {
         return Err("must not contain spaces or control characters".into());
     }
     Ok(())
+}
+
+/// A target URL as errors and `check-config` show it: without the password of its user-info.
+fn shown_url(url: &str) -> String {
+    match UrlParts::parse(url) {
+        Some(parts) => parts.without_password(),
+        // Not cut into parts, so no telling what an `@` guards: show none of it.
+        None if url.contains('@') => "(not shown: it may hold a password)".into(),
+        None => url.to_string(),
+    }
 }
 
 /// `"1MiB"`, `"64KiB"`, `"512KB"`, `"1000"` (bytes).
@@ -1140,50 +1331,45 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-/// Splits `postgres://user:secret@host/db` into the URL without the password and the password.
-fn split_password(url: &str) -> Result<(String, Option<String>), String> {
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+/// Splits a PostgreSQL URL into the URL without its password (what is printed, and connected
+/// to) and the password, decoded. libpq and rust-postgres take a password from the user-info
+/// (`postgres://user:secret@host/db`) and from the query (`?password=secret`): both are secrets.
+fn split_postgres_password(url: &str) -> Result<(String, Option<String>), String> {
+    let parts = UrlParts::parse(url)
+        .filter(|p| p.scheme == "postgres" || p.scheme == "postgresql")
         // Never echo the value: it may hold a password.
-        return Err("expected a postgres:// or postgresql:// URL".into());
-    }
-    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, pass)) => Ok((
-                format!(
-                    "{}{user}@{host}{}",
-                    &url[..scheme_end],
-                    &rest[authority_end..]
-                ),
-                Some(percent_decode(pass)),
-            )),
-            None => Ok((url.to_string(), None)),
-        },
-        None => Ok((url.to_string(), None)),
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
+        .ok_or("expected a postgres:// or postgresql:// URL")?;
+    let (path, query) = parts.rest.split_once('?').unwrap_or((parts.rest, ""));
+    let mut kept = Vec::new();
+    let mut in_query = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("password", value)) => {
+                if in_query.replace(percent_decode(value)).is_some() {
+                    return Err("password: given more than once".into());
+                }
+            }
+            _ => kept.push(pair),
         }
-        out.push(b[i]);
-        i += 1;
     }
-    String::from_utf8_lossy(&out).into_owned()
+    let password = match (parts.password, in_query) {
+        (Some(_), Some(_)) => {
+            return Err("password: given both as user:password@ and as ?password=".into());
+        }
+        (Some(p), None) => Some(percent_decode(p)),
+        (None, in_query) => in_query,
+    };
+    let mut stripped = UrlParts {
+        password: None,
+        rest: path,
+        ..parts
+    }
+    .without_password();
+    if !kept.is_empty() {
+        stripped.push('?');
+        stripped.push_str(&kept.join("&"));
+    }
+    Ok((stripped, password))
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
@@ -1193,151 +1379,285 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The effective config, printed by `check-config` (secrets masked).
+// The effective config, printed by `check-config`: valid TOML that parses back to this config.
 
 impl Config {
-    /// The effective configuration as TOML-like text, with every default filled in and every
-    /// secret masked.
+    /// The effective configuration as TOML, with every default filled in. It parses back to the
+    /// same config, except for secrets, which are never shown: a password read from a file shows
+    /// as its `password_file`, any other as a comment saying where it came from; the password
+    /// of a target URL's user-info and the values of credential-bearing headers are left out
+    /// with a comment.
     pub fn effective(&self) -> String {
-        use std::fmt::Write;
-        let mut s = String::new();
-        let a = &self.agent;
-        let _ = writeln!(
-            s,
+        let mut out = TomlWriter(String::new());
+        out.line(format_args!(
             "# effective configuration from {}",
-            self.source.display()
-        );
-        let _ = writeln!(s, "[agent]");
-        let _ = writeln!(s, "id = {:?}", a.id);
-        let _ = writeln!(s, "interval = {:?}", format_duration(a.interval));
-        let _ = writeln!(s, "timeout = {:?}", format_duration(a.timeout));
-        let _ = writeln!(s, "concurrency = {}", a.concurrency);
-        let jitter = match a.jitter {
-            Jitter::Fraction(f) => format!("{}%", f * 100.0),
-            Jitter::Fixed(d) => format_duration(d),
-        };
-        let _ = writeln!(s, "jitter = {jitter:?}");
-        let _ = writeln!(s, "body_cap = \"{}B\"", a.body_cap);
-        let _ = writeln!(s, "user_agent = {:?}", a.user_agent);
-        let _ = writeln!(s, "retries = {}", a.retries);
-        let _ = writeln!(s, "retry_delay = {:?}", format_duration(a.retry_delay));
-        let _ = writeln!(s, "state_dir = {:?}", a.state_dir.display().to_string());
-        let _ = writeln!(s, "spool_max = \"{}B\"", a.spool_max_bytes);
-        let _ = writeln!(s, "drain_timeout = {:?}", format_duration(a.drain_timeout));
+            toml_string(&self.source.display().to_string())
+        ));
+        out.line("[agent]");
+        self.agent.write_toml(&mut out);
         if let Some(k) = &self.kafka {
-            let _ = writeln!(s, "\n[kafka]");
-            let _ = writeln!(s, "brokers = {:?}", k.brokers);
-            let _ = writeln!(s, "topic = {:?}", k.topic);
-            let _ = writeln!(s, "client_id = {:?}", k.client_id);
-            let _ = writeln!(s, "create_topic = {}", k.create_topic);
-            let _ = writeln!(s, "partitions = {}", k.partitions);
-            let _ = writeln!(s, "replication_factor = {}", k.replication_factor);
-            let _ = writeln!(s, "linger = {:?}", format_duration(k.linger));
-            let _ = writeln!(s, "batch_max = \"{}B\"", k.batch_max_bytes);
-            let _ = writeln!(
-                s,
-                "request_timeout = {:?}",
-                format_duration(k.request_timeout)
-            );
-            let c = if k.compression == Compression::Gzip {
-                "gzip"
-            } else {
-                "none"
-            };
-            let _ = writeln!(s, "compression = {c:?}");
-            if let Some(t) = &k.tls {
-                let _ = writeln!(
-                    s,
-                    "tls = {{ ca_file = {:?}, cert_file = {:?}, key_file = {:?}, verify_hostname = {} }}",
-                    t.ca_file.as_ref().map(|p| p.display().to_string()),
-                    t.cert_file.as_ref().map(|p| p.display().to_string()),
-                    t.key_file.as_ref().map(|p| p.display().to_string()),
-                    t.verify_hostname
-                );
-            }
-            if let Some(sasl) = &k.sasl {
-                let _ = writeln!(
-                    s,
-                    "sasl = {{ mechanism = \"{:?}\", username = {:?}, password = {} }}",
-                    sasl.mechanism, sasl.username, sasl.password
-                );
-            }
+            k.write_toml(&mut out, self.secrets.kafka_sasl_password.as_ref());
         }
         if let Some(p) = &self.postgres {
-            let _ = writeln!(s, "\n[postgres]");
-            let _ = writeln!(s, "url = {:?}", p.url);
-            let _ = writeln!(s, "password = {}", p.password.clone().unwrap_or_default());
-            let _ = writeln!(s, "sslmode = \"{:?}\"", p.sslmode);
-            if let Some(ca) = &p.ca_file {
-                let _ = writeln!(s, "ca_file = {:?}", ca.display().to_string());
-            }
-            let _ = writeln!(s, "retention = {:?}", format_duration(p.retention));
-            let _ = writeln!(s, "batch_size = {}", p.batch_size);
+            p.write_toml(&mut out, self.secrets.postgres_password.as_ref());
         }
-        let r = &self.rules;
-        let _ = writeln!(s, "\n[rules]");
-        let _ = writeln!(s, "dir = {:?}", r.dir.display().to_string());
-        let _ = writeln!(s, "deadline = {:?}", format_duration(r.deadline));
-        let _ = writeln!(s, "memory_limit = \"{}B\"", r.memory_limit);
-        if let Some(f) = r.fuel {
-            let _ = writeln!(s, "fuel = {f}");
-        }
+        self.rules.write_toml(&mut out);
         for t in &self.targets {
-            let _ = writeln!(s, "\n[[target]]");
-            let _ = writeln!(s, "id = {:?}", t.id);
-            let _ = writeln!(s, "url = {:?}", t.url);
-            let _ = writeln!(s, "method = {:?}", t.method);
-            for (k, v) in &t.headers {
-                // Header values often carry tokens: show only the names.
-                let masked = if is_sensitive_header(k) {
-                    "********"
-                } else {
-                    v.as_str()
-                };
-                let _ = writeln!(s, "headers.{k:?} = {masked:?}");
-            }
-            let _ = writeln!(s, "interval = {:?}", format_duration(t.interval));
-            let _ = writeln!(s, "timeout = {:?}", format_duration(t.timeout));
-            let _ = writeln!(s, "expect_status = \"{}\"", t.expect_status);
-            if let Some(re) = &t.regex {
-                let _ = writeln!(s, "regex = {:?}", re.as_str());
-            }
-            if let Some(re) = &t.regex_absent {
-                let _ = writeln!(s, "regex_absent = {:?}", re.as_str());
-            }
-            if let Some(rule) = &t.rule {
-                let _ = writeln!(s, "rule = {rule:?}");
-            }
-            let _ = writeln!(s, "follow_redirects = {}", t.follow_redirects);
-            let _ = writeln!(s, "max_redirects = {}", t.max_redirects);
-            let _ = writeln!(s, "ip = \"{:?}\"", t.ip);
-            let _ = writeln!(s, "keep_alive = {}", t.keep_alive);
-            let _ = writeln!(s, "retries = {}", t.retries);
-            if t.tls_insecure || t.tls_ca_file.is_some() {
-                let _ = writeln!(
-                    s,
-                    "tls = {{ ca_file = {:?}, insecure_skip_verify = {} }}",
-                    t.tls_ca_file.as_ref().map(|p| p.display().to_string()),
-                    t.tls_insecure
-                );
-            }
-            if !t.tags.is_empty() {
-                let _ = writeln!(s, "tags = {:?}", t.tags);
-            }
+            t.write_toml(&mut out);
         }
-        s
+        out.0
     }
 }
 
-/// Header names whose values are credentials.
+/// Lines of TOML; each value is encoded so that it parses back to itself.
+struct TomlWriter(String);
+
+impl TomlWriter {
+    fn line(&mut self, line: impl fmt::Display) {
+        use std::fmt::Write;
+        let _ = writeln!(self.0, "{line}");
+    }
+
+    fn table(&mut self, header: &str) {
+        self.line(format_args!("\n{header}"));
+    }
+
+    /// `value` is already TOML (a number, a bool, an array).
+    fn value(&mut self, key: &str, value: impl fmt::Display) {
+        self.line(format_args!("{key} = {value}"));
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.value(key, toml_string(value));
+    }
+
+    fn path(&mut self, key: &str, path: &Path) {
+        self.string(key, &path.display().to_string());
+    }
+
+    fn duration(&mut self, key: &str, d: Duration) {
+        self.string(key, &format_duration(d));
+    }
+
+    fn size(&mut self, key: &str, bytes: u64) {
+        self.string(key, &format_size(bytes));
+    }
+
+    fn strings(&mut self, key: &str, list: &[String]) {
+        let items: Vec<String> = list.iter().map(|s| toml_string(s)).collect();
+        self.value(key, format_args!("[{}]", items.join(", ")));
+    }
+
+    /// A password: its file, or a comment saying where it came from.
+    fn secret(&mut self, source: Option<&SecretSource>, env: &str) {
+        match source {
+            None => {}
+            Some(SecretSource::File(path)) => self.path("password_file", path),
+            Some(SecretSource::Env(var)) => {
+                self.line(format_args!("# password: set from {var} (not shown)"));
+            }
+            Some(SecretSource::Inline) => self.line(format_args!(
+                "# password: written in the config file (not shown); give it as {env} or password_file"
+            )),
+        }
+    }
+}
+
+impl AgentConfig {
+    fn write_toml(&self, out: &mut TomlWriter) {
+        out.string("id", &self.id);
+        out.duration("interval", self.interval);
+        out.duration("timeout", self.timeout);
+        out.value("concurrency", self.concurrency);
+        let jitter = match self.jitter {
+            Jitter::Fraction(f) => format_percent(f),
+            Jitter::Fixed(d) => format_duration(d),
+        };
+        out.string("jitter", &jitter);
+        out.size("body_cap", self.body_cap as u64);
+        out.string("user_agent", &self.user_agent);
+        out.value("retries", self.retries);
+        out.duration("retry_delay", self.retry_delay);
+        out.path("state_dir", &self.state_dir);
+        out.size("spool_max", self.spool_max_bytes);
+        out.duration("drain_timeout", self.drain_timeout);
+    }
+}
+
+impl KafkaConfig {
+    fn write_toml(&self, out: &mut TomlWriter, password: Option<&SecretSource>) {
+        out.table("[kafka]");
+        out.strings("brokers", &self.brokers);
+        out.string("topic", &self.topic);
+        out.string("client_id", &self.client_id);
+        out.value("create_topic", self.create_topic);
+        out.value("partitions", self.partitions);
+        out.value("replication_factor", self.replication_factor);
+        out.duration("linger", self.linger);
+        out.size("batch_max", self.batch_max_bytes as u64);
+        out.duration("request_timeout", self.request_timeout);
+        out.string("compression", self.compression.as_str());
+        if let Some(tls) = &self.tls {
+            out.table("[kafka.tls]");
+            for (key, path) in [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Some(path) = path {
+                    out.path(key, path);
+                }
+            }
+            out.value("verify_hostname", tls.verify_hostname);
+        }
+        if let Some(sasl) = &self.sasl {
+            out.table("[kafka.sasl]");
+            out.string("mechanism", sasl.mechanism.as_str());
+            out.string("username", &sasl.username);
+            out.secret(password, "SITEWATCH_KAFKA_SASL_PASSWORD");
+        }
+    }
+}
+
+impl PostgresConfig {
+    fn write_toml(&self, out: &mut TomlWriter, password: Option<&SecretSource>) {
+        out.table("[postgres]");
+        out.string("url", &self.url);
+        out.secret(password, "SITEWATCH_PG_PASSWORD");
+        out.string("sslmode", self.sslmode.as_str());
+        if let Some(ca) = &self.ca_file {
+            out.path("ca_file", ca);
+        }
+        out.duration("retention", self.retention);
+        out.value("batch_size", self.batch_size);
+    }
+}
+
+impl RulesConfig {
+    fn write_toml(&self, out: &mut TomlWriter) {
+        out.table("[rules]");
+        out.path("dir", &self.dir);
+        out.duration("deadline", self.deadline);
+        out.size("memory_limit", self.memory_limit as u64);
+        if let Some(fuel) = self.fuel {
+            out.value("fuel", fuel);
+        }
+    }
+}
+
+impl Target {
+    fn write_toml(&self, out: &mut TomlWriter) {
+        out.table("[[target]]");
+        out.string("id", &self.id);
+        let shown = shown_url(&self.url);
+        if shown == self.url {
+            out.string("url", &self.url);
+        } else {
+            out.line(format_args!(
+                "url = {}  # the password in this URL is not shown",
+                toml_string(&shown)
+            ));
+        }
+        out.string("method", &self.method);
+        for (name, value) in &self.headers {
+            let key = format!("headers.{}", toml_string(name));
+            if is_sensitive_header(name) {
+                out.line(format_args!("# {key} = (set, not shown)"));
+            } else {
+                out.string(&key, value);
+            }
+        }
+        if let Some(body) = &self.body {
+            out.string("body", body);
+        }
+        out.duration("interval", self.interval);
+        out.duration("timeout", self.timeout);
+        // A range is a string in TOML (`"300-302"`), a single status a number.
+        let statuses: Vec<String> = (self.expect_status.entries())
+            .map(|e| if e.contains('-') { toml_string(&e) } else { e })
+            .collect();
+        out.value("expect_status", format_args!("[{}]", statuses.join(", ")));
+        for (key, regex) in [("regex", &self.regex), ("regex_absent", &self.regex_absent)] {
+            if let Some(regex) = regex {
+                out.string(key, regex.as_str());
+            }
+        }
+        if let Some(rule) = &self.rule {
+            out.string("rule", rule);
+        }
+        out.value("follow_redirects", self.follow_redirects);
+        out.value("max_redirects", self.max_redirects);
+        out.string("ip", self.ip.as_str());
+        out.value("keep_alive", self.keep_alive);
+        out.value("retries", self.retries);
+        out.value("tls.insecure_skip_verify", self.tls_insecure);
+        if let Some(ca) = &self.tls_ca_file {
+            out.path("tls.ca_file", ca);
+        }
+        out.strings("tags", &self.tags);
+    }
+}
+
+/// A TOML basic string: quotes, backslashes and control characters escaped.
+fn toml_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `1MiB` when the size is a whole number of a binary unit, else bytes (`1000B`).
+fn format_size(bytes: u64) -> String {
+    for (unit, len) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= len && bytes.is_multiple_of(len) {
+            return format!("{}{unit}", bytes / len);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A fraction as the shortest percentage that the config reads back to the same fraction
+/// (`0.07` is `7%`, although `0.07 * 100.0` is `7.000000000000001`).
+fn format_percent(fraction: f64) -> String {
+    let pct = fraction * 100.0;
+    (0..=17)
+        .map(|places| format!("{pct:.places$}"))
+        .find(|text| text.parse::<f64>().is_ok_and(|p| p / 100.0 == fraction))
+        .unwrap_or_else(|| pct.to_string())
+        + "%"
+}
+
+/// Header values `check-config` may show: these carry no credential in any API we know of.
+/// Every other value is masked, since a custom name (`X-Password`, `Apikey`) says nothing.
+const HARMLESS_HEADERS: &[&str] = &[
+    "accept",
+    "accept-charset",
+    "accept-encoding",
+    "accept-language",
+    "cache-control",
+    "connection",
+    "content-type",
+    "host",
+    "pragma",
+    "user-agent",
+];
+
+/// Whether a header's value may be a credential: any header not known to be harmless.
 pub fn is_sensitive_header(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    n == "authorization"
-        || n == "cookie"
-        || n == "proxy-authorization"
-        || n.contains("token")
-        || n.contains("api-key")
-        || n.contains("secret")
+    !HARMLESS_HEADERS
+        .iter()
+        .any(|harmless| harmless.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -1501,5 +1821,438 @@ mod tests {
         assert_eq!(parse_size("64KiB"), Some(65536));
         assert_eq!(parse_size("100"), Some(100));
         assert_eq!(parse_size("1 parsec"), None);
+        for bytes in [0, 1, 1000, 1024, 1536, 1 << 20, 3 << 30, u64::MAX] {
+            assert_eq!(parse_size(&format_size(bytes)), Some(bytes), "{bytes}");
+        }
+    }
+
+    #[test]
+    fn toml_strings_read_back_as_written() {
+        for text in [
+            "",
+            "plain",
+            "'\"\\",
+            "\0\u{1}\t\n\r\u{1b}\u{7f}\u{85}",
+            "ü \u{2028} 🦀",
+        ] {
+            let line = format!("k = {}", toml_string(text));
+            let table: toml::Table =
+                toml::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(table["k"].as_str(), Some(text), "{line}");
+        }
+    }
+
+    #[test]
+    fn jitter_percentages_print_back_exactly() {
+        for text in ["0%", "7%", "12.5%", "33.33%", "0.1%", "49.999%", "50%"] {
+            let jitter = |text: &str| parse(&format!("[agent]\njitter = {text:?}\n")).unwrap();
+            let Jitter::Fraction(f) = jitter(text).agent.jitter else {
+                panic!("{text}")
+            };
+            assert_eq!(format_percent(f), text);
+            assert_eq!(jitter(&format_percent(f)).agent.jitter, Jitter::Fraction(f));
+        }
+    }
+
+    /// A directory of its own under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Scratch {
+            let dir = std::env::temp_dir()
+                .join(format!("sitewatch-config-{}", crate::util::new_check_id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn write(&self, name: &str, text: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Sets every key of every table (see the file's header).
+    const EVERY_KEY: &str = include_str!("../../tests/fixtures/config/every-key.toml");
+
+    fn every_key_files(dir: &Scratch) -> PathBuf {
+        dir.write("sasl-password", "sasl-secret-2\n");
+        dir.write("pg-password", "pg-secret-3\n");
+        dir.write("target-ca.pem", "not read at load");
+        let text = match cfg!(feature = "wasm") {
+            true => EVERY_KEY.to_string(),
+            // Without the rule engine a `rule` is refused, so it cannot be part of this config.
+            false => EVERY_KEY.replace("rule = \"status_ok.wasm\"\n", ""),
+        };
+        dir.write("agent.toml", &text)
+    }
+
+    /// `effective()` printed, parsed again: the same config, and the second print the same text
+    /// but for the masked headers, which are not part of the printed config.
+    fn round_trip(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> (Config, Config, String) {
+        let first = Config::load_with_env(path, env).unwrap();
+        let printed = first.effective();
+        let second = Config::parse(&printed, path, env)
+            .unwrap_or_else(|e| panic!("{e}\nin the printed config:\n{printed}"));
+        let unmasked: String = (printed.lines())
+            .filter(|l| !l.starts_with("# headers."))
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        assert_eq!(second.effective(), unmasked, "printing is stable");
+        (first, second, printed)
+    }
+
+    #[test]
+    fn effective_config_parses_back_to_the_same_config() {
+        let dir = Scratch::new();
+        let path = every_key_files(&dir);
+        let (mut first, second, printed) = round_trip(&path, &|_| None);
+        for secret in ["key-secret-1", "sasl-secret-2", "pg-secret-3"] {
+            assert!(!printed.contains(secret), "{secret} shown:\n{printed}");
+        }
+        assert!(
+            printed.contains("# headers.\"X-Api-Key\" = (set, not shown)"),
+            "{printed}"
+        );
+        // The one difference: the masked header is not part of the printed config.
+        first.targets[0]
+            .headers
+            .retain(|(name, _)| name != "X-Api-Key");
+        assert_eq!(first, second, "printed:\n{printed}");
+        assert_eq!(
+            second.kafka.unwrap().sasl.unwrap().password.expose(),
+            "sasl-secret-2"
+        );
+
+        // Every other form of each value round-trips too.
+        for (from, to) in [
+            ("jitter = \"7%\"", "jitter = \"1.25s\""),
+            ("ip = \"ipv6\"", "ip = \"v4\""),
+            ("sslmode = \"verify-full\"", "sslmode = \"verify-ca\""),
+            ("mechanism = \"scram-sha-256\"", "mechanism = \"PLAIN\""),
+            ("compression = \"gzip\"", "compression = \"none\""),
+            ("method = \"post\"", "method = \"HEAD\""),
+            ("[200, \"300-302\", 418]", "[\"100-599\"]"),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(from), "{from}");
+            let variant = dir.write("variant.toml", &text.replace(from, to));
+            let (mut first, second, printed) = round_trip(&variant, &|_| None);
+            first.targets[0]
+                .headers
+                .retain(|(name, _)| name != "X-Api-Key");
+            assert_eq!(first, second, "{to}: printed:\n{printed}");
+        }
+    }
+
+    /// The first parse's fields of each table, from serde's "expected one of" list.
+    fn fields_of(table: &str) -> Vec<String> {
+        let text = format!("{table}\nzz_not_a_key = 1\n");
+        let err = toml::from_str::<RawConfig>(&text).unwrap_err().to_string();
+        let list = err.split("expected").nth(1).unwrap_or("");
+        list.split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_every_key_config_sets_every_key() {
+        let all: toml::Table = toml::from_str(EVERY_KEY).unwrap();
+        let get = |path: &[&str]| -> toml::Table {
+            let mut v = toml::Value::Table(all.clone());
+            for key in path {
+                v = match v {
+                    toml::Value::Array(a) => a[0].get(key).unwrap().clone(),
+                    toml::Value::Table(t) => t.get(*key).unwrap().clone(),
+                    other => panic!("{other}"),
+                };
+            }
+            match v {
+                toml::Value::Array(a) => a[0].as_table().unwrap().clone(),
+                toml::Value::Table(t) => t,
+                other => panic!("{other}"),
+            }
+        };
+        for (header, path) in [
+            ("", &[][..]),
+            ("[agent]", &["agent"][..]),
+            ("[kafka]", &["kafka"]),
+            ("[kafka.tls]", &["kafka", "tls"]),
+            ("[kafka.sasl]", &["kafka", "sasl"]),
+            ("[postgres]", &["postgres"]),
+            ("[rules]", &["rules"]),
+            ("[[target]]", &["target"]),
+            ("[[target]]\n[target.tls]", &["target", "tls"]),
+        ] {
+            let fields = fields_of(header);
+            assert!(fields.len() > 1, "{header}: {fields:?}");
+            let set = get(path);
+            for field in fields {
+                // `password` is the inline form of `password_file`: see the masking tests.
+                if field == "password" {
+                    continue;
+                }
+                assert!(set.contains_key(&field), "{header} {field} is not set");
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_show_where_they_came_from_never_their_value() {
+        let dir = Scratch::new();
+        let path = every_key_files(&dir);
+        let env = |k: &str| match k {
+            "SITEWATCH_KAFKA_SASL_PASSWORD" => Some("sasl-env-secret".to_string()),
+            "SITEWATCH_PG_PASSWORD" => Some("pg-env-secret".to_string()),
+            _ => None,
+        };
+        let (first, second, printed) = round_trip(&path, &env);
+        assert!(!printed.contains("env-secret"), "{printed}");
+        for var in ["SITEWATCH_KAFKA_SASL_PASSWORD", "SITEWATCH_PG_PASSWORD"] {
+            let comment = format!("# password: set from {var} (not shown)");
+            assert!(printed.contains(&comment), "{printed}");
+        }
+        assert_eq!(first.secrets, second.secrets);
+        assert_eq!(
+            second.postgres.unwrap().password.unwrap().expose(),
+            "pg-env-secret"
+        );
+
+        // Written in the file: a comment; the printed config then needs it from elsewhere.
+        let text = "[kafka.sasl]\nusername = \"u\"\npassword = \"inline-1\"\n\
+                    [postgres]\nurl = \"postgres://u:inline-2@db/x\"\n\
+                    [[target]]\nid = \"a\"\nurl = \"http://admin:inline-3@h/x\"\n";
+        let printed = parse(text).unwrap().effective();
+        for secret in ["inline-1", "inline-2", "inline-3"] {
+            assert!(!printed.contains(secret), "{secret} shown:\n{printed}");
+        }
+        assert!(printed.contains("# password: written in the config file (not shown); give it as SITEWATCH_KAFKA_SASL_PASSWORD or password_file"), "{printed}");
+        assert!(printed.contains("# password: written in the config file (not shown); give it as SITEWATCH_PG_PASSWORD or password_file"), "{printed}");
+        assert!(
+            printed.contains("url = \"http://admin@h/x\"  # the password in this URL is not shown"),
+            "{printed}"
+        );
+        let again = parse_env(&printed, &[("SITEWATCH_KAFKA_SASL_PASSWORD", "inline-1")]);
+        assert_eq!(again.unwrap().postgres.unwrap().url, "postgres://u@db/x");
+    }
+
+    #[test]
+    fn header_values_are_masked_unless_known_harmless() {
+        let text = format!(
+            "{T}headers = {{ X-Password = \"secret-v1\", Apikey = \"secret-v2\", X-Custom-Auth = \"secret-v3\", \
+             authorization = \"secret-v4\", Accept = \"text/html\", User-Agent = \"ua/1\", \
+             Cache-Control = \"no-cache\", content-type = \"text/plain\" }}\n"
+        );
+        let printed = parse(&text).unwrap().effective();
+        for name in ["X-Password", "Apikey", "X-Custom-Auth", "authorization"] {
+            let masked = format!("# headers.\"{name}\" = (set, not shown)\n");
+            assert!(printed.contains(&masked), "{name}:\n{printed}");
+        }
+        assert!(!printed.contains("secret-v"), "{printed}");
+        for shown in [
+            "headers.\"Accept\" = \"text/html\"",
+            "headers.\"User-Agent\" = \"ua/1\"",
+            "headers.\"Cache-Control\" = \"no-cache\"",
+            "headers.\"content-type\" = \"text/plain\"",
+        ] {
+            assert!(printed.contains(shown), "{shown}:\n{printed}");
+        }
+    }
+
+    #[test]
+    fn postgres_password_in_the_query_is_a_secret() {
+        let check = |url: &str, want: Result<(&str, Option<&str>), &str>| {
+            let text = format!("[postgres]\nurl = {url:?}\n");
+            let got = parse(&text).map(|c| {
+                let p = c.postgres.unwrap();
+                (p.url, p.password.map(|s| s.expose().to_string()))
+            });
+            match (got, want) {
+                (Ok((u, p)), Ok((want_url, want_password))) => {
+                    assert_eq!(u, want_url, "{url}");
+                    assert_eq!(p.as_deref(), want_password, "{url}");
+                }
+                (Err(e), Err(want)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(want), "{url}: {e}");
+                    assert!(!e.contains("pw"), "{url}: {e}");
+                }
+                (got, want) => panic!("{url}: got {got:?}, want {want:?}"),
+            }
+        };
+        check(
+            "postgres://u@db/x?password=p%40w&sslmode=disable",
+            Ok(("postgres://u@db/x?sslmode=disable", Some("p@w"))),
+        );
+        check(
+            "postgres://u@db/x?application_name=a&password=pw",
+            Ok(("postgres://u@db/x?application_name=a", Some("pw"))),
+        );
+        check(
+            "postgres://u:p%3Aw@db",
+            Ok(("postgres://u@db", Some("p:w"))),
+        );
+        check(
+            "postgresql://db/x?user=u",
+            Ok(("postgresql://db/x?user=u", None)),
+        );
+        check(
+            "postgres://u:pw@db/x?password=pw2",
+            Err("postgres: url: password: given both as user:password@ and as ?password="),
+        );
+        check(
+            "postgres://db/x?password=pw&password=pw2",
+            Err("postgres: url: password: given more than once"),
+        );
+        check(
+            "mysql://u:pw@db/",
+            Err("expected a postgres:// or postgresql:// URL"),
+        );
+        // The environment's password wins; the URL's is still kept out of the URL.
+        let c = parse_env(
+            "[postgres]\nurl = \"postgres://u@db/x?password=in-url\"\n",
+            &[("SITEWATCH_PG_PASSWORD", "from-env")],
+        )
+        .unwrap();
+        let p = c.postgres.as_ref().unwrap();
+        assert_eq!(p.url, "postgres://u@db/x");
+        assert_eq!(p.password.as_ref().unwrap().expose(), "from-env");
+        assert!(!c.effective().contains("in-url"));
+    }
+
+    #[test]
+    fn target_url_errors_do_not_show_its_password() {
+        check_err(
+            "[[target]]\nid = \"a\"\nurl = \"http://admin:pw-1@h/a b\"\n",
+            "target \"a\": url \"http://admin@h/a b\": must not contain spaces",
+        );
+        check_err(
+            "[[target]]\nid = \"a\"\nurl = \"admin:pw-1@h/\"\n",
+            "url \"(not shown: it may hold a password)\": expected an http:// or https:// URL",
+        );
+    }
+
+    /// Each out-of-range value is refused with its table, target and field; none is clamped.
+    #[test]
+    fn out_of_range_values_are_refused_not_clamped() {
+        let check = |toml: &str, expected: &str| check_err(toml, expected);
+        check(
+            "[agent]\nretries = 11\n",
+            "agent.toml: agent: retries 11: expected 0 to 10",
+        );
+        check(
+            &format!("{T}retries = 50\n"),
+            "agent.toml: target \"shop\": retries 50: expected 0 to 10",
+        );
+        check(
+            "[agent]\nconcurrency = 0\n",
+            "agent: concurrency 0: expected 1 to 1024",
+        );
+        check(
+            "[agent]\nconcurrency = 1025\n",
+            "agent: concurrency 1025: expected 1 to 1024",
+        );
+        check(
+            "[agent]\njitter = \"51%\"\n",
+            "agent: jitter \"51%\": expected a percentage from 0% to 50%",
+        );
+        check(
+            "[agent]\njitter = \"-1%\"\n",
+            "agent: jitter \"-1%\": expected a percentage",
+        );
+        check(
+            &format!("[agent]\njitter = \"16s\"\n{T}"),
+            "agent: jitter \"16s\": more than half the interval of target \"shop\" (30s)",
+        );
+        check(
+            &format!("[agent]\njitter = \"2s\"\n{T}interval = \"3s\"\n"),
+            "agent: jitter \"2s\": more than half the interval of target \"shop\" (3s)",
+        );
+        check(
+            "[agent]\nbody_cap = \"0B\"\n",
+            "agent: body_cap \"0B\": expected 1B to 256MiB",
+        );
+        check(
+            "[agent]\nbody_cap = \"257MiB\"\n",
+            "agent: body_cap \"257MiB\": expected 1B to 256MiB",
+        );
+        check(
+            "[agent]\nspool_max = \"1KiB\"\n",
+            "agent: spool_max \"1KiB\": expected at least 64KiB",
+        );
+        check(
+            "[agent]\ninterval = \"0s\"\n",
+            "agent: interval \"0s\": must be greater than zero",
+        );
+        check(
+            &format!("{T}timeout = \"0ms\"\n"),
+            "target \"shop\": timeout \"0ms\": must be greater than zero",
+        );
+        check(
+            &format!("{T}max_redirects = 51\n"),
+            "target \"shop\": max_redirects 51: expected 0 to 50",
+        );
+        check(
+            &format!("{T}expect_status = [99]\n"),
+            "target \"shop\": expect_status: 99",
+        );
+        check(
+            &format!("{T}expect_status = [\"300-200\"]\n"),
+            "expect_status: \"300-200\"",
+        );
+        check(
+            "[kafka]\npartitions = 0\n",
+            "kafka: partitions 0: expected 1 to 10000",
+        );
+        check(
+            "[kafka]\npartitions = 10001\n",
+            "kafka: partitions 10001: expected 1 to 10000",
+        );
+        check(
+            "[kafka]\nreplication_factor = 0\n",
+            "kafka: replication_factor: must be at least 1",
+        );
+        check(
+            "[kafka]\nrequest_timeout = \"0s\"\n",
+            "kafka: request_timeout \"0s\": must be greater than zero",
+        );
+        check(
+            "[postgres]\nbatch_size = 0\n",
+            "postgres: batch_size 0: expected 1 to 100000",
+        );
+        check(
+            "[postgres]\nbatch_size = 100001\n",
+            "postgres: batch_size 100001: expected 1 to 100000",
+        );
+        check(
+            "[postgres]\nretention = \"0d\"\n",
+            "postgres: retention \"0d\": must be greater than zero",
+        );
+        check(
+            "[rules]\ndeadline = \"0s\"\n",
+            "rules: deadline \"0s\": must be greater than zero",
+        );
+        check(
+            "[agent]\ntimeout = \"10000000001s\"\n",
+            "agent: timeout \"10000000001s\": expected a duration",
+        );
+        check(
+            "[agent]\nspool_max = \"99999999999GiB\"\n",
+            "agent: spool_max \"99999999999GiB\": expected a size",
+        );
+        // Out of the field's integer type: TOML's own message, with the line.
+        check(
+            "[agent]\nretries = -1\n",
+            "line 2, column 11: invalid value: integer `-1`",
+        );
+        check("[kafka]\nreplication_factor = 40000\n", "line 2, column 22");
     }
 }

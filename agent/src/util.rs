@@ -201,49 +201,78 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// Parses `"30s"`, `"1m30s"`, `"250ms"`, `"2h"`, `"1d"`. Units are required: a bare number is
-/// ambiguous and refused.
+/// Parses `"30s"`, `"1m30s"`, `"250ms"`, `"1.5s"`, `"2h"`, `"1d"`. Units are required: a bare
+/// number is ambiguous and refused.
+///
+/// Decimal arithmetic, not `f64`: `"0.1m"` is exactly 6 s, so what `check-config` prints (see
+/// [`format_duration`]) parses back to the same value. Digits below a nanosecond are dropped.
 pub fn parse_duration(s: &str) -> Option<Duration> {
+    /// Longest duration accepted (about 317 years): far past any sensible interval, and far from
+    /// overflowing `Instant` arithmetic.
+    const MAX_NANOS: u128 = 10_000_000_000 * 1_000_000_000;
     let s = s.trim();
     if s.is_empty() {
         return None;
     }
-    let mut total = Duration::ZERO;
+    let mut total: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest
+        let number_len = rest
             .bytes()
             .take_while(|c| c.is_ascii_digit() || *c == b'.')
             .count();
-        if digits == 0 {
-            return None;
-        }
-        let value: f64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|c| c.is_ascii_alphabetic()).count();
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let secs = match unit {
-            "ms" => value / 1000.0,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
-            "d" => value * 86_400.0,
+        let (number, after) = rest.split_at(number_len);
+        let unit_len = after
+            .bytes()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .count();
+        let (unit, after) = after.split_at(unit_len);
+        rest = after;
+        let unit_nanos: u128 = match unit {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "d" => 86_400_000_000_000,
             _ => return None,
         };
-        if !secs.is_finite() || secs > 1e10 {
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
             return None;
         }
-        total += Duration::from_secs_f64(secs);
+        let mut nanos = if whole.is_empty() {
+            0
+        } else {
+            whole.parse::<u128>().ok()?.checked_mul(unit_nanos)?
+        };
+        // Each fraction digit is worth a tenth of the one before; digits finer than a
+        // nanosecond add nothing.
+        let mut place = unit_nanos;
+        for digit in fraction.bytes().take(24) {
+            place /= 10;
+            nanos += u128::from(digit - b'0') * place;
+        }
+        total = total.checked_add(nanos)?;
+        if total > MAX_NANOS {
+            return None;
+        }
     }
-    Some(total)
+    let secs = u64::try_from(total / 1_000_000_000).ok()?;
+    Some(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
-/// Formats a duration the way the config accepts it (`1m30s`, `250ms`).
+/// Formats a duration the way the config accepts it (`1m30s`, `250ms`, `1.5ms`), exactly: the
+/// text parses back to the same duration.
 pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
+    if d.is_zero() {
         return "0s".into();
+    }
+    let nanos = d.as_nanos();
+    let ms = nanos / 1_000_000;
+    let below_ms = nanos % 1_000_000;
+    if below_ms != 0 {
+        let fraction = format!("{below_ms:06}");
+        return format!("{ms}.{}ms", fraction.trim_end_matches('0'));
     }
     if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
@@ -257,6 +286,97 @@ pub fn format_duration(d: Duration) -> String {
         }
     }
     out
+}
+
+/// An absolute URL cut where sitewatch needs it: `scheme://[user[:password]@]host[:port]rest`.
+///
+/// Not a full RFC 3986 parser: the one place that knows where user-info ends, so that no
+/// module splits URLs by hand and every printer hides the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UrlParts<'a> {
+    pub scheme: &'a str,
+    pub user: Option<&'a str>,
+    /// As written (still percent-encoded).
+    pub password: Option<&'a str>,
+    /// `host[:port]`.
+    pub host: &'a str,
+    /// Path, query and fragment as written; `""` when there are none.
+    pub rest: &'a str,
+}
+
+impl<'a> UrlParts<'a> {
+    /// `None` unless `url` starts with `scheme://`.
+    pub fn parse(url: &'a str) -> Option<UrlParts<'a>> {
+        let (scheme, after) = url.split_once("://")?;
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c));
+        if !scheme_ok {
+            return None;
+        }
+        let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let (authority, rest) = after.split_at(authority_end);
+        // The last `@` ends the user-info: a password may contain an unencoded `@`.
+        let (userinfo, host) = match authority.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(userinfo), host),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo.map(|u| u.split_once(':').ok_or(u)) {
+            None => (None, None),
+            Some(Ok((user, password))) => (Some(user), Some(password)),
+            Some(Err(user)) => (Some(user), None),
+        };
+        Some(UrlParts {
+            scheme,
+            user,
+            password,
+            host,
+            rest,
+        })
+    }
+
+    /// The URL with the user (if any) but without the password: safe to print, and still the
+    /// same login name.
+    pub fn without_password(&self) -> String {
+        match self.user {
+            Some(user) => format!("{}://{user}@{}{}", self.scheme, self.host, self.rest),
+            None => self.without_userinfo(),
+        }
+    }
+
+    /// The URL without any `user:password@` part.
+    pub fn without_userinfo(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.host, self.rest)
+    }
+}
+
+/// `url` without any `user:password@` part, as records and logs show it. Text that is not an
+/// absolute URL comes back unchanged.
+pub fn redact_url(url: &str) -> String {
+    UrlParts::parse(url).map_or_else(|| url.to_string(), |p| p.without_userinfo())
+}
+
+/// Decodes `%XX` escapes (URL user-info and query values); anything else is kept as written.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        if b[i] == b'%'
+            && let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Milliseconds as f64 for the record's timings.
@@ -314,10 +434,60 @@ mod tests {
         check("5x", None);
         check("30", None);
         check("", None);
+        check("1.5.2s", None);
+        check(".s", None);
+        check("0.1m", Some(6_000));
+        check(".5s", Some(500));
+        check("10000000000s", Some(10_000_000_000_000));
+        check("10000000001s", None);
+        check("99999999999999999999999999999999999999d", None);
+        assert_eq!(
+            parse_duration("1.000001ms"),
+            Some(Duration::from_nanos(1_000_001))
+        );
         assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        // Whatever is printed parses back to the same duration, to the nanosecond.
+        for nanos in [1, 999_999, 1_500_000, 1_000_000_001, 90_061_001_000_000] {
+            let d = Duration::from_nanos(nanos);
+            assert_eq!(parse_duration(&format_duration(d)), Some(d), "{nanos} ns");
+        }
         assert_eq!(ms(Duration::from_nanos(47_831_999)).to_string(), "47.831");
         assert_eq!(ms(Duration::from_nanos(47_831)).to_string(), "0.047");
+    }
+
+    #[test]
+    fn urls_split_at_the_user_info() {
+        let check = |url: &str, without_password: Option<&str>, redacted: &str| {
+            let parts = UrlParts::parse(url);
+            assert_eq!(
+                parts.map(|p| p.without_password()).as_deref(),
+                without_password,
+                "{url}"
+            );
+            assert_eq!(redact_url(url), redacted, "{url}");
+        };
+        check(
+            "https://u:p@h:1/x?y@z",
+            Some("https://u@h:1/x?y@z"),
+            "https://h:1/x?y@z",
+        );
+        check("http://a:p@ss@h/", Some("http://a@h/"), "http://h/");
+        check("http://h/a@b", Some("http://h/a@b"), "http://h/a@b");
+        check("http://u@h", Some("http://u@h"), "http://h");
+        check(
+            "http://h?x=u:p@q",
+            Some("http://h?x=u:p@q"),
+            "http://h?x=u:p@q",
+        );
+        check("/relative", None, "/relative");
+        check("/x?next=http://u:p@h/", None, "/x?next=http://u:p@h/");
+        let p = UrlParts::parse("postgres://me:pw@db:5432/x?a=b").unwrap();
+        assert_eq!(
+            (p.scheme, p.user, p.password, p.host, p.rest),
+            ("postgres", Some("me"), Some("pw"), "db:5432", "/x?a=b")
+        );
+        assert_eq!(percent_decode("p%40ss%2"), "p@ss%2");
     }
 
     #[test]

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use std::process::{Command, Output};
 
+use sitewatch::config::Config;
 use sitewatch::result::{CheckResult, FailureReason};
 
 use crate::support::TempDir;
+use crate::support::http::fixture;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sitewatch"));
@@ -90,6 +92,11 @@ fn bad_configs_refuse_to_start_with_a_precise_message() {
         "target \"shop\": regex \"(a\": invalid regex",
     );
     check_config_error("[agent\n", "agent.toml: line 1");
+    // Out of range is refused, not clamped (config.rs lists every such key).
+    check_config_error(
+        &format!("{t}retries = 50\n"),
+        "agent.toml: target \"shop\": retries 50: expected 0 to 10",
+    );
 }
 
 #[test]
@@ -133,7 +140,9 @@ fn check_config_prints_effective_config_with_secrets_masked() {
         "agent.toml",
         "[agent]\nid = \"edge-1\"\n[postgres]\nurl = \"postgres://u:pg-secret-1@127.0.0.1/db\"\n\
          [kafka]\nbrokers = [\"127.0.0.1:9092\"]\n[kafka.sasl]\nusername = \"u\"\n\
-         [[target]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { Authorization = \"Bearer tok-secret-2\" }\n",
+         [[target]]\nid = \"a\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { Authorization = \"Bearer tok-secret-2\" }\n\
+         [[target]]\nid = \"b\"\nurl = \"http://admin:url-secret-4@127.0.0.1:1/\"\n\
+         headers = { X-Password = \"hdr-secret-5\", Apikey = \"hdr-secret-6\" }\n",
     );
     let o = bin()
         .args(["check-config", "--config", cfg.to_str().unwrap()])
@@ -142,15 +151,97 @@ fn check_config_prints_effective_config_with_secrets_masked() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-    for secret in ["pg-secret-1", "tok-secret-2", "sasl-secret-3"] {
+    for secret in [
+        "pg-secret-1",
+        "tok-secret-2",
+        "sasl-secret-3",
+        "url-secret-4",
+        "hdr-secret-5",
+        "hdr-secret-6",
+    ] {
         assert!(!all.contains(secret), "{secret} leaked:\n{all}");
     }
     assert!(all.contains("id = \"edge-1\""), "{all}");
     assert!(all.contains("url = \"postgres://u@127.0.0.1/db\""), "{all}");
+    assert!(all.contains("url = \"http://admin@127.0.0.1:1/\""), "{all}");
     assert!(
         all.contains("interval = \"30s\""),
         "defaults are shown: {all}"
     );
+}
+
+/// The every-key fixture and the files it names, in `dir`.
+fn every_key_config(dir: &TempDir) -> PathBuf {
+    write(dir, "sasl-password", "sasl-secret-2\n");
+    write(dir, "pg-password", "pg-secret-3\n");
+    write(dir, "target-ca.pem", "not read at load");
+    let mut text = std::fs::read_to_string(fixture("config/every-key.toml")).unwrap();
+    if !cfg!(feature = "wasm") {
+        // Without the rule engine a `rule` is refused.
+        text = text.replace("rule = \"status_ok.wasm\"\n", "");
+    }
+    write(dir, "agent.toml", &text)
+}
+
+#[test]
+fn check_config_output_is_a_config_that_prints_back_to_itself() {
+    let dir = TempDir::new("checkcfg-again");
+    let original = every_key_config(&dir);
+    let check_config = |path: &Path| {
+        let o = run(
+            &["check-config", "--config", path.to_str().unwrap()],
+            dir.path(),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let first = check_config(&original);
+    for secret in ["key-secret-1", "sasl-secret-2", "pg-secret-3"] {
+        assert!(!first.contains(secret), "{secret} shown:\n{first}");
+    }
+    let printed = write(&dir, "printed.toml", &first);
+    let second = check_config(&printed);
+    // The same text, but for the line naming the file and the masked header, which is a
+    // comment and so not part of the printed config.
+    let body = |text: &str| -> Vec<String> {
+        (text.lines())
+            .filter(|l| !l.starts_with("# effective configuration from "))
+            .filter(|l| !l.starts_with("# headers."))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(body(&second), body(&first));
+    // And the same values.
+    let no_env = |_: &str| None;
+    let mut want = Config::load_with_env(&original, &no_env).unwrap();
+    let got = Config::load_with_env(&printed, &no_env).unwrap();
+    want.source = got.source.clone();
+    want.targets[0]
+        .headers
+        .retain(|(name, _)| name != "X-Api-Key");
+    assert_eq!(want, got, "printed:\n{first}");
+}
+
+#[test]
+fn a_postgres_password_in_the_url_query_is_never_printed() {
+    let dir = TempDir::new("pg-query-password");
+    let port = closed_port();
+    let cfg = write(
+        &dir,
+        "agent.toml",
+        &format!(
+            "[postgres]\nurl = \"postgres://sitewatch@127.0.0.1:{port}/db?password=query-secret-7&connect_timeout=5\"\n\
+             sslmode = \"disable\"\n"
+        ),
+    );
+    let shown = format!("postgres://sitewatch@127.0.0.1:{port}/db?connect_timeout=5");
+    for (command, code) in [("check-config", 0), ("init-db", 3)] {
+        let o = run(&[command, "--config", cfg.to_str().unwrap()], dir.path());
+        let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+        assert_eq!(o.status.code(), Some(code), "{command}: {all}");
+        assert!(!all.contains("query-secret-7"), "{command}: {all}");
+        assert!(all.contains(&shown), "{command}: {all}");
+    }
 }
 
 #[test]

@@ -796,14 +796,7 @@ fn is_redirect(status: u16) -> bool {
 
 /// The URL without any `user:password@` part.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..auth_end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
-        None => url.to_string(),
-    }
+    crate::util::redact_url(url)
 }
 
 /// `scheme://authority` of an absolute URL (lower-cased), to tell whether a redirect leaves
