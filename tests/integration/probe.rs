@@ -901,3 +901,48 @@ fn timeout_while_sending_the_request_body_says_how_much_was_sent() {
     assert_eq!(r.status, None);
     assert_eq!(r.remote_ip.as_deref(), Some("127.0.0.1"));
 }
+
+/// Issue 12 item 7: `RUST_LOG=trace` made ureq-proto dump every request, headers included, to
+/// stderr. The real binary, one check with secret headers: no piece of a secret in the log.
+#[test]
+fn trace_logging_never_shows_request_header_values() {
+    let server = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let secrets = ["Zq7xK9wPvL3mT8rB", "c00kieV4lue5ecret", "ap1KeyQ8dN2sW6yH"];
+    let dir = crate::support::TempDir::new("trace-log");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[target]]\nid = \"t\"\nurl = {:?}\n[target.headers]\nAuthorization = \"Bearer {}\"\nCookie = \"session={}\"\nX-Api-Key = \"{}\"\n",
+            server.url("/private"),
+            secrets[0],
+            secrets[1],
+            secrets[2]
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        .args(["--once", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // The request went out with the headers, and verbose logging was on (ureq's own debug
+    // lines, which redact headers, stay).
+    let req = &server.requests()[0];
+    assert_eq!(req.header("x-api-key"), Some(secrets[2]));
+    assert!(stderr.contains("DEBUG ureq::run"), "{stderr}");
+    // ureq-proto dumps 16 bytes a row, so a secret can be cut in two: no 8 bytes of one may show.
+    for secret in secrets {
+        for piece in secret.as_bytes().windows(8) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !stderr.contains(piece),
+                "{piece:?} of a secret in:\n{stderr}"
+            );
+        }
+    }
+}
