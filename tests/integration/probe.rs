@@ -18,7 +18,7 @@ use crate::support::http::{
 /// Parses an agent.toml with one target and runs one check of it.
 fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
     let config = config_with(agent_extra, target_extra);
-    let prober = Prober::new(&config.agent, RuleSet::default());
+    let prober = Prober::for_config(&config, RuleSet::default());
     prober.check(&config.targets[0])
 }
 
@@ -663,7 +663,7 @@ fn keep_alive_target_reuses_its_connection_between_checks() {
             "",
             &format!("url = {:?}\nkeep_alive = {keep_alive}", server.url("/")),
         );
-        let prober = Prober::new(&config.agent, RuleSet::default());
+        let prober = Prober::for_config(&config, RuleSet::default());
         let target = &config.targets[0];
         (prober.check(target), prober.check(target))
     };
@@ -705,7 +705,7 @@ fn keep_alive_target_reuses_its_connection_between_checks() {
             server.url("/")
         ),
     );
-    let r = Prober::new(&config.agent, RuleSet::default()).check(&config.targets[0]);
+    let r = Prober::for_config(&config, RuleSet::default()).check(&config.targets[0]);
     assert_up(&r);
     let last = server.requests().pop().unwrap();
     assert_eq!(last.header("connection"), Some("keep-alive"));
@@ -945,4 +945,55 @@ fn trace_logging_never_shows_request_header_values() {
             );
         }
     }
+}
+
+/// Issue 12 item 6: building a TLS connector loads the root store (85-250 ms). It happened in
+/// the first check of each TLS setting, under a lock other checks queued behind, and in no
+/// phase. Now the config's connectors are built with the prober, and a connector a check still
+/// has to build (a prober told no targets) is inside that check's `tls` phase.
+#[test]
+fn tls_connectors_are_built_with_the_prober_and_never_hidden_from_the_phases() {
+    let server = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "ok"));
+    let plain = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let url = format!("https://localhost:{}/", server.port());
+    let config = config_with(
+        "",
+        &format!(
+            "url = {url:?}\n[target.tls]\nca_file = {:?}\n\n\
+             [[target]]\nid = \"insecure\"\nurl = {url:?}\n[target.tls]\ninsecure_skip_verify = true\n\n\
+             [[target]]\nid = \"same-as-t\"\nurl = {url:?}\n[target.tls]\nca_file = {:?}\n\n\
+             [[target]]\nid = \"plain\"\nurl = {:?}\nfollow_redirects = false\n",
+            ca_file(),
+            ca_file(),
+            plain.url("/")
+        ),
+    );
+    let prober = Prober::for_config(&config, RuleSet::default());
+    // One per distinct TLS setting; none for a target that can never reach TLS.
+    assert_eq!(prober.tls_connectors_built(), 2);
+    for target in &config.targets {
+        let r = prober.check(target);
+        assert_up(&r);
+        assert_phases(&r, target.id != "plain", true, target.id != "plain", true);
+    }
+    assert_eq!(
+        prober.tls_connectors_built(),
+        2,
+        "a check built a connector"
+    );
+
+    // Without targets up front, the first check builds its connector, and that time is in
+    // its tls phase: what no phase covers stays below what the tls phase covers (the build
+    // used to be in that gap, with only the handshake in tls).
+    let lazy = Prober::new(&config.agent, RuleSet::default());
+    let r = lazy.check(&config.targets[0]);
+    assert_up(&r);
+    assert_eq!(lazy.tls_connectors_built(), 1);
+    let t = &r.timings;
+    let phases: f64 = [t.dns, t.connect, t.tls, t.ttfb, t.transfer]
+        .iter()
+        .flatten()
+        .sum();
+    let unaccounted = t.total - phases;
+    assert!(unaccounted < t.tls.unwrap(), "{t:?}");
 }

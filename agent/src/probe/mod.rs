@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ureq::Agent;
 use ureq::http::{self, Response};
 
-use crate::config::{AgentConfig, Target};
+use crate::config::{AgentConfig, Config, Target};
 use crate::result::{CheckResult, FailureReason};
 use crate::rules::{RuleInput, RuleSet, Verdict};
 use crate::util::ms;
@@ -64,7 +64,7 @@ pub struct Prober {
     body_cap: usize,
     retry_delay: Duration,
     rules: RuleSet,
-    /// TLS connectors, built once per (CA file, insecure) and only when a check needs TLS.
+    /// TLS connectors by (CA file, insecure), built with the prober ([`Prober::for_config`]).
     tls: Arc<TlsConnectors>,
     /// ureq agents of `keep_alive` targets, so their connections outlive one check.
     kept: Mutex<HashMap<String, Arc<Client>>>,
@@ -122,6 +122,30 @@ impl Phases {
 }
 
 impl Prober {
+    /// The prober of a loaded (or reloaded) config: the TLS connectors its targets can need are
+    /// built here, once, so that no check pays for loading a root store (85-250 ms each) or
+    /// waits behind another check doing it. A target that may reach TLS is an https one or one
+    /// that follows redirects (http → https is the common case).
+    pub fn for_config(config: &Config, rules: RuleSet) -> Prober {
+        let keys = config
+            .targets
+            .iter()
+            .filter(|t| {
+                t.follow_redirects
+                    || t.url
+                        .get(..8)
+                        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            })
+            .map(|t| (t.tls_ca_file.clone(), t.tls_insecure));
+        Prober {
+            tls: Arc::new(TlsConnectors::for_keys(keys)),
+            ..Prober::new(&config.agent, rules)
+        }
+    }
+
+    /// A prober for targets it is not told about in advance: each TLS connector is built by
+    /// the first check that needs it (its time counted in that check's `tls` phase). Long-lived
+    /// agents use [`Prober::for_config`].
     pub fn new(agent: &AgentConfig, rules: RuleSet) -> Prober {
         Prober {
             agent_id: agent.id.clone(),
@@ -132,6 +156,11 @@ impl Prober {
             tls: Arc::default(),
             kept: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many TLS connectors this prober has built so far (each one loaded a root store).
+    pub fn tls_connectors_built(&self) -> usize {
+        self.tls.built()
     }
 
     /// Checks `target` once (with its retries), never panicking on anything the server sends.
