@@ -287,8 +287,45 @@ pub fn release_free_heap() -> bool {
     false
 }
 
+/// Log targets whose records can carry secrets, with the most verbose level they may log at,
+/// whatever `RUST_LOG` says. ureq-proto traces every request it writes and every response it
+/// reads as a hex and ASCII dump: the `Authorization`, `Cookie` and API-key headers of our
+/// targets. (ureq's own debug lines redact headers and paths themselves.)
+const CAPPED_TARGETS: &[(&str, log::LevelFilter)] = &[("ureq_proto", log::LevelFilter::Info)];
+
+/// Whether a record of `target` at `level` may be written, given [`CAPPED_TARGETS`].
+fn allowed(target: &str, level: log::Level) -> bool {
+    CAPPED_TARGETS.iter().all(|(capped, max)| {
+        let inside = target
+            .strip_prefix(capped)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"));
+        !inside || level <= *max
+    })
+}
+
+/// env_logger behind the [`CAPPED_TARGETS`] check: a directive in `RUST_LOG` (even
+/// `ureq_proto::client=trace`) cannot bring their records back.
+struct CappedLogger(env_logger::Logger);
+
+impl log::Log for CappedLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        allowed(metadata.target(), metadata.level()) && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if allowed(record.target(), record.level()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
 /// Sets up `env_logger` on stderr. Under systemd (`JOURNAL_STREAM` set) lines carry a syslog
 /// priority prefix (`<3>`) instead of a timestamp, which journald turns into the entry's level.
+/// Records that can carry secrets are capped ([`CAPPED_TARGETS`]).
 pub fn init_logging(default_level: &str) {
     use std::io::Write;
     let env = env_logger::Env::default().default_filter_or(default_level);
@@ -304,12 +341,29 @@ pub fn init_logging(default_level: &str) {
             writeln!(f, "<{prio}>{}: {}", record.target(), record.args())
         });
     }
-    let _ = b.try_init();
+    let logger = b.build();
+    let max = logger.filter();
+    // Already set (a second call, or a test harness): keep the first, as `try_init` did.
+    if log::set_boxed_logger(Box::new(CappedLogger(logger))).is_ok() {
+        log::set_max_level(max);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_bearing_targets_are_capped_at_info() {
+        use log::Level::{Debug, Info, Trace, Warn};
+        assert!(!allowed("ureq_proto", Trace));
+        assert!(!allowed("ureq_proto::util", Debug));
+        assert!(allowed("ureq_proto::util", Info));
+        assert!(allowed("ureq_proto", Warn));
+        assert!(allowed("ureq", Trace));
+        assert!(allowed("ureq_protocol_lookalike", Trace));
+        assert!(allowed("sitewatch::probe", Trace));
+    }
 
     #[test]
     fn freed_heap_memory_goes_back_to_the_kernel() {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use ureq::Agent;
 use ureq::http::{self, Response};
 
-use crate::config::{AgentConfig, Target};
+use crate::config::{AgentConfig, Config, Target};
 use crate::result::{CheckResult, FailureReason};
 use crate::rules::{RuleInput, RuleSet, Verdict};
 use crate::util::ms;
@@ -64,7 +64,7 @@ pub struct Prober {
     body_cap: usize,
     retry_delay: Duration,
     rules: RuleSet,
-    /// TLS connectors, built once per (CA file, insecure) and only when a check needs TLS.
+    /// TLS connectors by (CA file, insecure), built with the prober ([`Prober::for_config`]).
     tls: Arc<TlsConnectors>,
     /// ureq agents of `keep_alive` targets, so their connections outlive one check.
     kept: Mutex<HashMap<String, Arc<Client>>>,
@@ -103,7 +103,32 @@ fn add(sum: &mut Option<Duration>, part: Option<Duration>) {
     }
 }
 
+/// The address of the last connection and the TLS facts of the last TLS one, into the record.
+fn record_connection(r: &mut CheckResult, conn: Option<&ConnFacts>, tls: Option<&ConnFacts>) {
+    if let Some(conn) = conn {
+        r.remote_ip = Some(conn.remote.ip().to_string());
+    }
+    if let Some(conn) = tls {
+        r.tls_version = conn.tls_version.map(str::to_string);
+        if let Some(cert) = &conn.cert {
+            r.cert_issuer = Some(cert.issuer.clone());
+            r.cert_not_after = Some(crate::util::format_rfc3339_ms(cert.not_after_ms));
+            let left_ms = cert.not_after_ms - crate::util::unix_ms_now();
+            r.cert_days_left = Some(left_ms as f64 / 86_400_000.0);
+        }
+    }
+}
+
 impl Phases {
+    /// The phases into the record's timings, in milliseconds.
+    fn record(&self, r: &mut CheckResult) {
+        r.timings.dns = self.dns.map(ms);
+        r.timings.connect = self.connect.map(ms);
+        r.timings.tls = self.tls.map(ms);
+        r.timings.ttfb = self.ttfb.map(ms);
+        r.timings.transfer = self.transfer.map(ms);
+    }
+
     /// Adds one hop; `end` is when its body was read (or the hop gave up), if it got that far.
     fn add_hop(&mut self, log: &HopLog, end: Option<Instant>) {
         add(&mut self.dns, log.dns);
@@ -122,6 +147,30 @@ impl Phases {
 }
 
 impl Prober {
+    /// The prober of a loaded (or reloaded) config: the TLS connectors its targets can need are
+    /// built here, once, so that no check pays for loading a root store (85-250 ms each) or
+    /// waits behind another check doing it. A target that may reach TLS is an https one or one
+    /// that follows redirects (http → https is the common case).
+    pub fn for_config(config: &Config, rules: RuleSet) -> Prober {
+        let keys = config
+            .targets
+            .iter()
+            .filter(|t| {
+                t.follow_redirects
+                    || t.url
+                        .get(..8)
+                        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            })
+            .map(|t| (t.tls_ca_file.clone(), t.tls_insecure));
+        Prober {
+            tls: Arc::new(TlsConnectors::for_keys(keys)),
+            ..Prober::new(&config.agent, rules)
+        }
+    }
+
+    /// A prober for targets it is not told about in advance: each TLS connector is built by
+    /// the first check that needs it (its time counted in that check's `tls` phase). Long-lived
+    /// agents use [`Prober::for_config`].
     pub fn new(agent: &AgentConfig, rules: RuleSet) -> Prober {
         Prober {
             agent_id: agent.id.clone(),
@@ -132,6 +181,11 @@ impl Prober {
             tls: Arc::default(),
             kept: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many TLS connectors this prober has built so far (each one loaded a root store).
+    pub fn tls_connectors_built(&self) -> usize {
+        self.tls.built()
     }
 
     /// Checks `target` once (with its retries), never panicking on anything the server sends.
@@ -248,11 +302,13 @@ impl Prober {
         r.regex = target.regex.as_ref().map(|re| re.as_str().to_string());
         let client = self.client(target);
 
-        let mut url = target.url.clone();
-        let mut method = target.method.clone();
-        let mut body = target.body.clone();
-        let mut headers = target.headers.clone();
-        let mut visited = vec![url.clone()];
+        let mut hop = HopRequest {
+            url: target.url.clone(),
+            method: target.method.clone(),
+            body: target.body.clone(),
+            headers: target.headers.clone(),
+        };
+        let mut visited = vec![hop.url.clone()];
         let mut phases = Phases::default();
         let mut seen = Seen::default();
         let mut last_conn: Option<Arc<ConnFacts>> = None;
@@ -270,15 +326,7 @@ impl Prober {
                 ));
             }
             with_log(&client.log, |l| *l = HopLog::default());
-            let sent = send(
-                &client.agent,
-                &method,
-                &url,
-                &headers,
-                body.as_deref(),
-                remaining,
-                !target.keep_alive,
-            );
+            let sent = send(&client.agent, &hop, remaining, !target.keep_alive);
             let log = with_log(&client.log, |l| l.clone());
             if let Some(conn) = &log.conn {
                 last_conn = Some(conn.clone());
@@ -286,12 +334,12 @@ impl Prober {
                     last_tls = Some(conn.clone());
                 }
             }
-            r.final_url = Some(redact(&url));
+            r.final_url = Some(redact(&hop.url));
             let mut response = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
                     phases.add_hop(&log, Some(Instant::now()));
-                    let body_len = body.as_deref().map_or(0, str::len) as u64;
+                    let body_len = hop.body.as_deref().map_or(0, str::len) as u64;
                     break Some(classify(e, &log, target.timeout, body_len));
                 }
             };
@@ -314,26 +362,19 @@ impl Prober {
             {
                 // The redirect's own body is not read: the connection is dropped with it.
                 phases.add_hop(&log, None);
-                let next =
-                    match next_hop(target, &url, &location, status, &mut visited, r.redirects) {
-                        Ok(next) => next,
-                        Err(failure) => break Some(failure),
-                    };
+                let next = match next_hop(
+                    target,
+                    &hop.url,
+                    &location,
+                    status,
+                    &mut visited,
+                    r.redirects,
+                ) {
+                    Ok(next) => next,
+                    Err(failure) => break Some(failure),
+                };
                 r.redirects += 1;
-                // Like browsers: 303, and 301/302 after a POST, continue as GET without body.
-                if status == 303 || ((status == 301 || status == 302) && method == "POST") {
-                    if method != "HEAD" {
-                        method = "GET".into();
-                    }
-                    body = None;
-                }
-                if authority(&next) != authority(&url) {
-                    headers.retain(|(k, _)| {
-                        !k.eq_ignore_ascii_case("authorization")
-                            && !k.eq_ignore_ascii_case("cookie")
-                    });
-                }
-                url = next;
+                hop.redirect(next, status);
                 continue;
             }
 
@@ -349,24 +390,8 @@ impl Prober {
             });
         };
 
-        if let Some(conn) = &last_conn {
-            r.remote_ip = Some(conn.remote.ip().to_string());
-        }
-        if let Some(conn) = &last_tls {
-            r.tls_version = conn.tls_version.map(str::to_string);
-            if let Some(cert) = &conn.cert {
-                r.cert_issuer = Some(cert.issuer.clone());
-                r.cert_not_after = Some(crate::util::format_rfc3339_ms(cert.not_after_ms));
-                let left_ms = cert.not_after_ms - crate::util::unix_ms_now();
-                r.cert_days_left = Some(left_ms as f64 / 86_400_000.0);
-            }
-        }
-        r.timings.dns = phases.dns.map(ms);
-        r.timings.connect = phases.connect.map(ms);
-        r.timings.tls = phases.tls.map(ms);
-        r.timings.ttfb = phases.ttfb.map(ms);
-        r.timings.transfer = phases.transfer.map(ms);
-
+        record_connection(&mut r, last_conn.as_deref(), last_tls.as_deref());
+        phases.record(&mut r);
         self.judge(target, &mut r, &seen, failure, started);
         r.timings.total = ms(started.elapsed());
         log::debug!(
@@ -600,19 +625,46 @@ fn next_hop(
     Ok(next)
 }
 
-/// Sends one request; `body` `None` sends none (ureq refuses a body on some methods unless
-/// asked, and an empty body would still add `Content-Length: 0`). `close` asks the server to
-/// close the connection after the response (unless the target sets `Connection` itself).
+/// What one hop sends; a redirect changes it for the next.
+struct HopRequest {
+    url: String,
+    method: String,
+    body: Option<String>,
+    headers: Vec<(String, String)>,
+}
+
+impl HopRequest {
+    /// Goes on to `next` as browsers do: after a 303, or a 301/302 answering a POST, as GET
+    /// without body; `Authorization` and `Cookie` are not sent to another host.
+    fn redirect(&mut self, next: String, status: u16) {
+        if status == 303 || ((status == 301 || status == 302) && self.method == "POST") {
+            if self.method != "HEAD" {
+                self.method = "GET".into();
+            }
+            self.body = None;
+        }
+        if authority(&next) != authority(&self.url) {
+            self.headers.retain(|(k, _)| {
+                !k.eq_ignore_ascii_case("authorization") && !k.eq_ignore_ascii_case("cookie")
+            });
+        }
+        self.url = next;
+    }
+}
+
+/// Sends one request; a `body` of `None` sends none (ureq refuses a body on some methods
+/// unless asked, and an empty body would still add `Content-Length: 0`). `close` asks the
+/// server to close the connection after the response (unless the target sets `Connection`).
 fn send(
     agent: &Agent,
-    method: &str,
-    url: &str,
-    headers: &[(String, String)],
-    body: Option<&str>,
+    hop: &HopRequest,
     timeout: Duration,
     close: bool,
 ) -> Result<Response<ureq::Body>, ureq::Error> {
-    let mut builder = http::Request::builder().method(method).uri(url);
+    let headers = &hop.headers;
+    let mut builder = http::Request::builder()
+        .method(hop.method.as_str())
+        .uri(hop.url.as_str());
     for (name, value) in headers {
         builder = builder.header(name.as_str(), value.as_str());
     }
@@ -626,7 +678,7 @@ fn send(
     {
         builder = builder.header(http::header::CONNECTION, "close");
     }
-    match body {
+    match hop.body.as_deref() {
         Some(bytes) => {
             let request = builder.body(bytes.as_bytes().to_vec())?;
             let request = agent

@@ -10,10 +10,12 @@
 //! cannot stretch a check past its timeout.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -238,21 +240,58 @@ fn lookup(
 /// CA file and `insecure_skip_verify`: what a TLS connector is built from.
 pub type TlsKey = (Option<PathBuf>, bool);
 
-/// TLS connectors by [`TlsKey`], built on first use: building one loads the system roots
-/// (tens of ms), which neither every check nor a plain-HTTP-only agent should pay.
+/// TLS connectors by [`TlsKey`]. Building one loads the root store (85-250 ms measured), so the
+/// ones a config needs are built with the prober, when the config is loaded or reloaded, and
+/// are then read without a lock. A key that was not foreseen (the insecure connector that
+/// re-reads a refused certificate, a prober built without targets) is built on first use, outside
+/// the lock, and its time falls in the check's `tls` phase.
 #[derive(Default)]
 pub struct TlsConnectors {
-    cache: Mutex<HashMap<TlsKey, Result<TlsConnector, String>>>,
+    prebuilt: HashMap<TlsKey, Result<TlsConnector, String>>,
+    later: Mutex<HashMap<TlsKey, Result<TlsConnector, String>>>,
+    built: AtomicUsize,
 }
 
 impl TlsConnectors {
+    /// Builds the connector of every key in `keys` now.
+    pub fn for_keys(keys: impl IntoIterator<Item = TlsKey>) -> TlsConnectors {
+        let connectors = TlsConnectors::default();
+        let mut prebuilt = HashMap::new();
+        for key in keys {
+            if let Entry::Vacant(slot) = prebuilt.entry(key) {
+                let built = connectors.build(slot.key());
+                slot.insert(built);
+            }
+        }
+        TlsConnectors {
+            prebuilt,
+            ..connectors
+        }
+    }
+
     /// The connector for `key`, or why it cannot be built (a bad CA file).
     pub fn get(&self, key: &TlsKey) -> Result<TlsConnector, String> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache
-            .entry(key.clone())
-            .or_insert_with(|| build_tls(key.0.as_deref(), key.1))
-            .clone()
+        if let Some(found) = self.prebuilt.get(key) {
+            return found.clone();
+        }
+        let lock = || self.later.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = lock().get(key) {
+            return found.clone();
+        }
+        // Built without the lock, so checks needing other keys do not queue behind it; two
+        // checks racing here may both build, and one result is kept.
+        let built = self.build(key);
+        lock().entry(key.clone()).or_insert(built).clone()
+    }
+
+    /// How many connectors were built so far.
+    pub fn built(&self) -> usize {
+        self.built.load(Ordering::Relaxed)
+    }
+
+    fn build(&self, key: &TlsKey) -> Result<TlsConnector, String> {
+        self.built.fetch_add(1, Ordering::Relaxed);
+        build_tls(key.0.as_deref(), key.1)
     }
 }
 
@@ -373,10 +412,17 @@ impl ProbeConnector {
             tls_version: None,
             cert: None,
         };
+        // The phase starts before the connector is fetched: should it have to be built here,
+        // that time is the check's too, and belongs in no other phase.
+        let tls_started = Instant::now();
         let connector = match self.tls.get(&self.tls_key) {
             Ok(c) => c,
             Err(text) => {
-                with_log(&self.log, |l| l.conn = Some(Arc::new(bare)));
+                let tls_time = tls_started.elapsed();
+                with_log(&self.log, |l| {
+                    l.tls = Some(tls_time);
+                    l.conn = Some(Arc::new(bare));
+                });
                 self.fail(FailureReason::Tls, text);
                 return Err(ureq::Error::Tls("TLS setup failed"));
             }
@@ -384,7 +430,6 @@ impl ProbeConnector {
         let host = host_port(details.uri).map(|h| h.0).unwrap_or_default();
         stream.deadline = deadline;
         stream.sniff = Some(Vec::new());
-        let tls_started = Instant::now();
         let result = connector.connect(&host, stream);
         let expired = deadline.is_some_and(|d| Instant::now() >= d);
         let failure = match result {
