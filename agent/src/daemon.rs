@@ -197,7 +197,7 @@ fn run_agent(
         return Err(missing(path, NEEDS_KAFKA));
     };
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
-    let prober = Arc::new(Prober::new(&cfg.agent, rules.clone()));
+    let prober = Arc::new(Prober::for_config(&cfg, rules.clone()));
     let publisher = Publisher::start(&kafka, &cfg.agent).map_err(DaemonError::Publisher)?;
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
@@ -280,7 +280,7 @@ impl Reloader {
             log::warn!("reload: [{section}] changed; restart to apply it");
         }
         self.rules.reload(&rule_names(&new));
-        let prober = Arc::new(Prober::new(&new.agent, self.rules.clone()));
+        let prober = Arc::new(Prober::for_config(&new, self.rules.clone()));
         self.current = new.clone();
         Ok(Reload {
             config: new,

@@ -123,7 +123,7 @@ fn once(config: Option<&Path>, format: Option<Format>) -> Result<u8, Failure> {
         )));
     }
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
-    let prober = Arc::new(Prober::new(&cfg.agent, rules));
+    let prober = Arc::new(Prober::for_config(&cfg, rules));
     let stdout = std::io::stdout();
     let format = format.unwrap_or(if stdout.is_terminal() {
         Format::Table
