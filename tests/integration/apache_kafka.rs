@@ -1,14 +1,15 @@
 //! Our Kafka client, and `sitewatch agent`, against Apache Kafka itself (4.x, KRaft, from the
 //! jars `scripts/setup-kafka` caches): records cross both ways with Kafka's own console
 //! producer and consumer; TLS with a required client certificate; SASL_SSL with SCRAM-SHA-512,
-//! SCRAM-SHA-256 and PLAIN; the refusals each say what is wrong.
+//! SCRAM-SHA-256 and PLAIN; the refusals each say what is wrong; `sitewatch agent` and
+//! `sitewatch sink` over TLS with a client certificate.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use sitewatch::config::{Compression, KafkaConfig, KafkaTls, Sasl, SaslMechanism, Secret};
+use sitewatch::config::{Compression, Config, KafkaConfig, KafkaTls, Sasl, SaslMechanism, Secret};
 use sitewatch::kafka::{Client, KafkaError, ProduceRecord, partition_for_key};
 use sitewatch::result::CheckResult;
 
@@ -16,6 +17,7 @@ use crate::kafka::{check_topic_content, fetch_all, record};
 use crate::support::apache_kafka::{ApacheKafka, Options, java, run_ok, tls_fixture};
 use crate::support::broker::kafka_config;
 use crate::support::http::{HttpServer, Reply};
+use crate::support::pg::TestDb;
 use crate::support::{TempDir, wait_for};
 
 /// One record as Kafka's console consumer prints it with timestamp, partition, headers, key.
@@ -297,12 +299,13 @@ fn sasl_ssl_scram_and_plain_against_apache_kafka() {
     }
 }
 
-/// `sitewatch agent` publishing over TLS with a client certificate; the records are read back
-/// over the plaintext listener.
+/// `sitewatch agent` publishes and `sitewatch sink` consumes, both over TLS with a client
+/// certificate: every check the agent made is a row in PostgreSQL exactly once.
 #[test]
-fn agent_publishes_to_apache_kafka_over_tls_client_certificate() {
+fn agent_and_sink_over_tls_client_certificate_against_apache_kafka() {
     let kafka = ApacheKafka::start(Options { tls: true });
     let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let db = TestDb::create();
     let dir = TempDir::new("agent-apache-kafka");
     let config = dir.path().join("agent.toml");
     let text = format!(
@@ -311,15 +314,20 @@ fn agent_publishes_to_apache_kafka_over_tls_client_certificate() {
          [kafka]\nbrokers = [\"localhost:{port}\"]\ntopic = \"checks.ak\"\npartitions = 2\n\
          linger = \"20ms\"\n\
          [kafka.tls]\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+         [postgres]\nurl = \"{pg}\"\nsslmode = \"disable\"\n\
          [[target]]\nid = \"up\"\nurl = \"{url}\"\n",
         state = dir.path().join("state").display(),
         port = kafka.ssl_port.unwrap(),
         ca = tls_fixture("ca.pem").display(),
         cert = tls_fixture("client.pem").display(),
         key = tls_fixture("client.key").display(),
+        pg = db.url(),
         url = up.url("/"),
     );
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, &text).unwrap();
+    let parsed = Config::parse(&text, &config, &|_| None).expect("config");
+    sitewatch::sink::init_db(&parsed).expect("init-db");
+
     let agent = crate::agent::start_agent(&config);
     let reader = kafka_config(vec![kafka.addr()], "checks.ak");
     let count = || -> usize {
@@ -340,6 +348,7 @@ fn agent_publishes_to_apache_kafka_over_tls_client_certificate() {
     eprintln!("first three checks arrived after {:?}", t.elapsed());
     let stderr = crate::agent::stop_agent(agent, Duration::from_secs(20));
     let made = crate::agent::checks_made(&stderr);
+    assert!(!stderr.contains("Kafka unavailable"), "{stderr}");
     let mut c = Client::connect(&reader).expect("connect");
     let mut ids = BTreeSet::new();
     for recs in fetch_all(&mut c, "checks.ak").values() {
@@ -353,7 +362,37 @@ fn agent_publishes_to_apache_kafka_over_tls_client_certificate() {
     assert_eq!(
         ids.len(),
         made,
-        "every check arrived once per check_id\n{stderr}"
+        "every check arrived, once per check_id\n{stderr}"
     );
-    assert!(!stderr.contains("Kafka unavailable"), "{stderr}");
+
+    let sink_log = dir.path().join("sink.log");
+    let log = std::fs::File::create(&sink_log).expect("sink log");
+    let mut sink = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        .args(["sink", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "sitewatch=info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start sitewatch sink");
+    let mut pg = db.client();
+    let rows = |pg: &mut postgres::Client| -> i64 {
+        pg.query_one("SELECT count(*) FROM checks", &[])
+            .expect("count")
+            .get(0)
+    };
+    wait_for(
+        "every check stored by the sink",
+        Duration::from_secs(60),
+        || rows(&mut pg) >= made as i64,
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let stored = crate::sink::stored_records(&mut pg);
+    let stored_ids: BTreeSet<String> = stored.iter().map(|r| r.check_id.clone()).collect();
+    assert_eq!(stored.len(), made, "one row per check");
+    assert_eq!(stored_ids, ids, "the rows are the checks in the topic");
+    let log = std::fs::read_to_string(&sink_log).unwrap_or_default();
+    assert!(!log.contains("Kafka unavailable"), "{log}");
 }
