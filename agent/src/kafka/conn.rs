@@ -201,7 +201,17 @@ impl Conn {
             None => Stream::Plain(tcp),
             Some(connector) => {
                 let tls = connector.connect(host, tcp).map_err(|e| {
-                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {e}"))
+                    let text = e.to_string();
+                    // OpenSSL ends with "(hostname mismatch)" / "(IP address mismatch)".
+                    let hint = if text.contains("mismatch)") {
+                        format!(
+                            "; the broker's certificate does not name {host} \
+                             (kafka.tls.verify_hostname is on)"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {text}{hint}"))
                 })?;
                 Stream::Tls(Box::new(tls))
             }
