@@ -22,7 +22,7 @@ use crate::support::http::{HttpServer, Reply, closed_port};
 use crate::support::proxy::Proxy;
 use crate::support::{TempDir, wait_for};
 
-fn start_agent(config: &std::path::Path) -> Child {
+pub(crate) fn start_agent(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sitewatch"))
         .args(["agent", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -33,7 +33,7 @@ fn start_agent(config: &std::path::Path) -> Child {
 }
 
 /// SIGTERM, then wait (bounded) for a clean exit; returns stderr.
-fn stop_agent(mut child: Child, within: Duration) -> String {
+pub(crate) fn stop_agent(mut child: Child, within: Duration) -> String {
     let pid = child.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
@@ -60,7 +60,7 @@ fn stop_agent(mut child: Child, within: Duration) -> String {
 }
 
 /// "agent stopped after N checks" from the agent's log.
-fn checks_made(stderr: &str) -> usize {
+pub(crate) fn checks_made(stderr: &str) -> usize {
     let line = stderr
         .lines()
         .find(|l| l.contains("agent stopped after"))

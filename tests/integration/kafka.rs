@@ -15,7 +15,7 @@ use crate::support::wait_for;
 
 /// Reads every record of `topic` from the earliest offset up to the high watermark, per
 /// partition, following `next_offset`.
-fn fetch_all(client: &mut Client, topic: &str) -> HashMap<i32, Vec<FetchedRecord>> {
+pub(crate) fn fetch_all(client: &mut Client, topic: &str) -> HashMap<i32, Vec<FetchedRecord>> {
     let mut out = HashMap::new();
     for p in client.partitions(topic).expect("partitions") {
         let mut offset = client.earliest_offset(topic, p).expect("earliest");
@@ -40,7 +40,7 @@ fn fetch_all(client: &mut Client, topic: &str) -> HashMap<i32, Vec<FetchedRecord
     out
 }
 
-fn record(i: usize) -> ProduceRecord {
+pub(crate) fn record(i: usize) -> ProduceRecord {
     ProduceRecord {
         key: format!("target-{}", i % 97).into_bytes(),
         value: format!("{{\"n\":{i},\"body\":\"{}\"}}", "v".repeat(i % 40)).into_bytes(),
@@ -50,7 +50,11 @@ fn record(i: usize) -> ProduceRecord {
 
 /// Checks that `got` (partition → records) holds exactly records `0..n` as made by
 /// `record`, each in the partition murmur2 gives its key, in order within a key.
-fn check_topic_content(got: &HashMap<i32, Vec<FetchedRecord>>, n: usize, partitions: i32) {
+pub(crate) fn check_topic_content(
+    got: &HashMap<i32, Vec<FetchedRecord>>,
+    n: usize,
+    partitions: i32,
+) {
     let mut seen = vec![false; n];
     for (p, recs) in got {
         let mut last_per_key: HashMap<Vec<u8>, usize> = HashMap::new();

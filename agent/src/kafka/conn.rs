@@ -201,7 +201,17 @@ impl Conn {
             None => Stream::Plain(tcp),
             Some(connector) => {
                 let tls = connector.connect(host, tcp).map_err(|e| {
-                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {e}"))
+                    let text = e.to_string();
+                    // OpenSSL ends with "(hostname mismatch)" / "(IP address mismatch)".
+                    let hint = if text.contains("mismatch)") {
+                        format!(
+                            "; the broker's certificate does not name {host} \
+                             (kafka.tls.verify_hostname is on)"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {text}{hint}"))
                 })?;
                 Stream::Tls(Box::new(tls))
             }
@@ -221,8 +231,29 @@ impl Conn {
             // refusal arrives on the first read as an OpenSSL error (ErrorKind::Other).
             KafkaError::Io { broker, error } if tls && error.kind() == io::ErrorKind::Other => {
                 KafkaError::Tls(format!(
-                    "broker {broker}: refused after the TLS handshake (client certificate?): {error}"
+                    "broker {broker}: refused after the TLS handshake ({}): {error}",
+                    client_cert_refusal(&error.to_string())
                 ))
+            }
+            // A TLS listener takes our plaintext request for a broken handshake and hangs up
+            // without a word; say the likely cause instead of "failed to fill whole buffer".
+            KafkaError::Io { broker, error }
+                if !tls
+                    && matches!(
+                        error.kind(),
+                        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+                    ) =>
+            {
+                KafkaError::Io {
+                    broker,
+                    error: io::Error::new(
+                        error.kind(),
+                        format!(
+                            "closed by the broker on our first request ({error}); \
+                             is it a TLS listener? (then set [kafka.tls])"
+                        ),
+                    ),
+                }
             }
             e => e,
         })?;
@@ -425,6 +456,19 @@ impl Conn {
     }
 }
 
+/// What the TLS alert a broker sends after the handshake says about our client certificate.
+/// Java sends `bad certificate` (OpenSSL: `certificate required`) when we sent none, and
+/// `certificate unknown` (OpenSSL: `unknown ca`) for one it does not trust.
+fn client_cert_refusal(alert: &str) -> &'static str {
+    if alert.contains("certificate required") || alert.contains("bad certificate") {
+        "the broker requires a client certificate: none sent? set kafka.tls cert_file and key_file"
+    } else if alert.contains("certificate unknown") || alert.contains("unknown ca") {
+        "the broker does not trust our client certificate: signed by a CA it does not know?"
+    } else {
+        "client certificate?"
+    }
+}
+
 /// `host:port` or `[v6]:port` → (host without brackets, port).
 pub fn split_host_port(addr: &str) -> Result<(&str, u16), KafkaError> {
     let bad = || KafkaError::Config(format!("broker address {addr:?}: expected host:port"));
@@ -460,6 +504,25 @@ mod tests {
         assert!(v.pick(API_LIST_OFFSETS, "b").is_err());
         v.broker.insert(API_FETCH, (4, 17));
         assert_eq!(v.fetch("b").unwrap(), 17);
+    }
+
+    #[test]
+    fn client_certificate_refusals_say_which() {
+        for (alert, want) in [
+            (
+                "ssl3_read_bytes:sslv3 alert bad certificate:..:SSL alert number 42",
+                "none sent",
+            ),
+            ("tls alert certificate required ... number 116", "none sent"),
+            (
+                "sslv3 alert certificate unknown ... number 46",
+                "does not trust",
+            ),
+            ("tlsv1 alert unknown ca ... number 48", "does not trust"),
+            ("tlsv1 alert internal error", "client certificate?"),
+        ] {
+            assert!(client_cert_refusal(alert).contains(want), "{alert}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Test harness: servers and helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod apache_kafka;
 pub mod broker;
 pub mod http;
 pub mod pg;

@@ -1,0 +1,402 @@
+//! Our Kafka client, and `sitewatch agent`, against Apache Kafka itself (4.x, KRaft, from the
+//! jars `scripts/setup-kafka` caches): records cross both ways with Kafka's own console
+//! producer and consumer; TLS with a required client certificate; SASL_SSL with SCRAM-SHA-512,
+//! SCRAM-SHA-256 and PLAIN; the refusals each say what is wrong; `sitewatch agent` and
+//! `sitewatch sink` over TLS with a client certificate.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sitewatch::config::{Compression, Config, KafkaConfig, KafkaTls, Sasl, SaslMechanism, Secret};
+use sitewatch::kafka::{Client, KafkaError, ProduceRecord, partition_for_key};
+use sitewatch::result::CheckResult;
+
+use crate::kafka::{check_topic_content, fetch_all, record};
+use crate::support::apache_kafka::{ApacheKafka, Options, java, run_ok, tls_fixture};
+use crate::support::broker::kafka_config;
+use crate::support::http::{HttpServer, Reply};
+use crate::support::pg::TestDb;
+use crate::support::{TempDir, wait_for};
+
+/// One record as Kafka's console consumer prints it with timestamp, partition, headers, key.
+#[derive(Debug)]
+struct ConsoleRecord {
+    timestamp_ms: i64,
+    partition: i32,
+    headers: String,
+    key: String,
+    value: String,
+}
+
+/// Reads `n` records of `topic` from the beginning with Kafka's ConsoleConsumer.
+fn java_consume(bootstrap: &str, topic: &str, n: usize) -> Vec<ConsoleRecord> {
+    let out = run_ok(
+        "ConsoleConsumer",
+        java("org.apache.kafka.tools.consumer.ConsoleConsumer")
+            .args(["--bootstrap-server", bootstrap, "--topic", topic])
+            .args(["--from-beginning", "--max-messages", &n.to_string()])
+            .args(["--timeout-ms", "60000"])
+            .args(["--property", "print.timestamp=true"])
+            .args(["--property", "print.partition=true"])
+            .args(["--property", "print.headers=true"])
+            .args(["--property", "print.key=true"]),
+    );
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(5, '\t').collect();
+            assert_eq!(f.len(), 5, "{l}");
+            ConsoleRecord {
+                timestamp_ms: f[0].strip_prefix("CreateTime:").expect(l).parse().unwrap(),
+                partition: f[1].strip_prefix("Partition:").expect(l).parse().unwrap(),
+                headers: f[2].to_string(),
+                key: f[3].to_string(),
+                value: f[4].to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Produces `headers \t key \t value` lines with Kafka's ConsoleProducer.
+fn java_produce(bootstrap: &str, topic: &str, lines: &str, gzip: bool) {
+    let mut cmd = java("org.apache.kafka.tools.ConsoleProducer");
+    cmd.args(["--bootstrap-server", bootstrap, "--topic", topic])
+        .args(["--property", "parse.key=true"])
+        .args(["--property", "parse.headers=true"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if gzip {
+        cmd.args(["--compression-codec", "gzip"]);
+    }
+    let mut child = cmd.spawn().expect("start ConsoleProducer");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .expect("feed ConsoleProducer");
+    let out = child.wait_with_output().expect("ConsoleProducer");
+    assert!(
+        out.status.success(),
+        "ConsoleProducer: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn index_of(value: &str) -> usize {
+    value[5..value.find(',').unwrap()].parse().unwrap()
+}
+
+#[test]
+fn records_cross_both_ways_with_kafkas_own_console_clients() {
+    let kafka = ApacheKafka::start(Options::default());
+    let addr = kafka.addr();
+    let mut c = Client::connect(&kafka_config(vec![addr.clone()], "x")).expect("connect");
+    let mut versions: Vec<_> = c.broker_versions().unwrap().into_iter().collect();
+    versions.sort();
+    eprintln!("Apache Kafka advertises (api key, (min, max)): {versions:?}");
+    let n = 500;
+    for (topic, codec) in [
+        ("ours-plain", Compression::None),
+        ("ours-gzip", Compression::Gzip),
+    ] {
+        let mut cfg = kafka_config(vec![addr.clone()], topic);
+        cfg.compression = codec;
+        let mut ours = Client::connect(&cfg).expect("connect");
+        ours.ensure_topic(topic, 3, 1).expect("create");
+        let recs: Vec<ProduceRecord> = (0..n).map(record).collect();
+        for chunk in recs.chunks(100) {
+            ours.produce(topic, chunk).expect("produce");
+        }
+        check_topic_content(&fetch_all(&mut ours, topic), n, 3);
+        let mut seen = BTreeSet::new();
+        for r in java_consume(&addr, topic, n) {
+            let i = index_of(&r.value);
+            let want = record(i);
+            assert_eq!(r.key.as_bytes(), &want.key[..], "{topic}: key of {i}");
+            assert_eq!(r.value.as_bytes(), &want.value[..], "{topic}: value of {i}");
+            assert_eq!(r.timestamp_ms, want.timestamp_ms, "{topic}: timestamp");
+            assert_eq!(r.partition, partition_for_key(&want.key, 3), "{topic}");
+            // We write no headers, and Kafka reads none.
+            assert_eq!(r.headers, "NO_HEADERS", "{topic}");
+            assert!(seen.insert(i), "{topic}: {i} twice");
+        }
+        assert_eq!(seen.len(), n, "{topic}: the console consumer read all");
+    }
+
+    // The other way: Kafka's producer (its default partitioner is murmur2 on the key, as
+    // ours), with headers, which our decoder must step over to reach key and value.
+    let input: String = (0..n)
+        .map(|i| {
+            let r = record(i);
+            format!(
+                "trace:t{i},origin:java\t{}\t{}\n",
+                String::from_utf8(r.key).unwrap(),
+                String::from_utf8(r.value).unwrap()
+            )
+        })
+        .collect();
+    for (topic, gzip) in [("theirs-plain", false), ("theirs-gzip", true)] {
+        c.ensure_topic(topic, 3, 1).expect("create");
+        java_produce(&addr, topic, &input, gzip);
+        let got = fetch_all(&mut c, topic);
+        let mut seen = BTreeSet::new();
+        for (p, recs) in &got {
+            for r in recs {
+                let key = r.key.clone().expect("key");
+                let value = String::from_utf8(r.value.clone().expect("value")).unwrap();
+                let i = index_of(&value);
+                assert_eq!(key, record(i).key, "{topic}");
+                assert_eq!(value.as_bytes(), &record(i).value[..], "{topic}");
+                assert_eq!(partition_for_key(&key, 3), *p, "{topic}: Java's partition");
+                assert!(seen.insert(i), "{topic}: {i} twice");
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            n,
+            "{topic}: we read all the Java producer wrote"
+        );
+    }
+}
+
+fn tls(cert: Option<(&str, &str)>) -> KafkaTls {
+    KafkaTls {
+        ca_file: Some(tls_fixture("ca.pem")),
+        cert_file: cert.map(|c| tls_fixture(c.0)),
+        key_file: cert.map(|c| tls_fixture(c.1)),
+        verify_hostname: true,
+    }
+}
+
+fn connect_err(cfg: &KafkaConfig) -> KafkaError {
+    match Client::connect(cfg) {
+        Err(e) => e,
+        Ok(_) => panic!("connected, but expected a refusal"),
+    }
+}
+
+/// Creates `topic`, produces 200 records and reads them back, all over `cfg`'s connection.
+fn round_trip(cfg: &KafkaConfig, topic: &str) {
+    let mut c = Client::connect(cfg).unwrap_or_else(|e| panic!("connect: {e}"));
+    c.ensure_topic(topic, 2, 1).expect("create");
+    let recs: Vec<ProduceRecord> = (0..200).map(record).collect();
+    c.produce(topic, &recs).expect("produce");
+    check_topic_content(&fetch_all(&mut c, topic), 200, 2);
+}
+
+#[test]
+fn tls_client_certificate_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options { tls: true });
+    let ssl = kafka.ssl_port.unwrap();
+    let at = |host: &str, t: KafkaTls| {
+        let mut cfg = kafka_config(vec![format!("{host}:{ssl}")], "tls");
+        cfg.tls = Some(t);
+        cfg.request_timeout = Duration::from_secs(10);
+        cfg
+    };
+    // PKCS#8 and PKCS#1 keys, hostname checked (the broker advertises localhost).
+    for (key, topic) in [("client.key", "tls-pkcs8"), ("client-rsa.key", "tls-pkcs1")] {
+        round_trip(&at("localhost", tls(Some(("client.pem", key)))), topic);
+    }
+
+    let mut refusals = Vec::new();
+    // Hostname verification is on by default: the certificate names localhost, not 127.0.0.1.
+    let err = connect_err(&at("127.0.0.1", tls(Some(("client.pem", "client.key")))));
+    refusals.push(("hostname", err.to_string()));
+    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("certificate does not name 127.0.0.1"),
+        "{err}"
+    );
+    // A client certificate from another CA.
+    let err = connect_err(&at(
+        "localhost",
+        tls(Some(("other-client.pem", "other-client.key"))),
+    ));
+    refusals.push(("other CA", err.to_string()));
+    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does not trust our client certificate"),
+        "{err}"
+    );
+    // No client certificate and key at all.
+    let err = connect_err(&at("localhost", tls(None)));
+    refusals.push(("no client certificate", err.to_string()));
+    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(
+        err.to_string().contains("requires a client certificate"),
+        "{err}"
+    );
+    // A certificate without its key: refused before any connection.
+    let mut half = tls(Some(("client.pem", "client.key")));
+    half.key_file = None;
+    let err = connect_err(&at("localhost", half));
+    refusals.push(("no key_file", err.to_string()));
+    assert!(err.to_string().contains("key_file"), "{err}");
+    // A key file that is not there: named.
+    let err = connect_err(&at(
+        "localhost",
+        tls(Some(("client.pem", "no-such-client.key"))),
+    ));
+    refusals.push(("key file missing", err.to_string()));
+    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("no-such-client.key"), "{err}");
+    // Plaintext against the TLS listener.
+    let mut plain = at("localhost", tls(None));
+    plain.tls = None;
+    let err = connect_err(&plain);
+    refusals.push(("plaintext to TLS", err.to_string()));
+    assert!(err.to_string().contains("TLS listener"), "{err}");
+    for (case, text) in refusals {
+        eprintln!("{case}: {text}");
+    }
+}
+
+fn sasl(mechanism: SaslMechanism, user: &str, password: &str) -> Sasl {
+    Sasl {
+        mechanism,
+        username: user.into(),
+        password: Secret(password.into()),
+    }
+}
+
+#[test]
+fn sasl_ssl_scram_and_plain_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options { tls: true });
+    let port = kafka.sasl_ssl_port.unwrap();
+    let at = |s: Sasl| {
+        let mut cfg = kafka_config(vec![format!("localhost:{port}")], "sasl");
+        cfg.tls = Some(tls(None));
+        cfg.sasl = Some(s);
+        cfg.request_timeout = Duration::from_secs(10);
+        cfg
+    };
+    use SaslMechanism::{Plain, ScramSha256, ScramSha512};
+    for (mechanism, user) in [
+        (ScramSha512, "alice"),
+        (ScramSha256, "bob"),
+        (Plain, "alice"),
+    ] {
+        let topic = format!("sasl-{mechanism:?}").to_lowercase();
+        round_trip(
+            &at(sasl(mechanism, user, &format!("{user}-secret"))),
+            &topic,
+        );
+        let wrong = "not-the-password-42";
+        let err = connect_err(&at(sasl(mechanism, user, wrong)));
+        let text = err.to_string();
+        eprintln!("{mechanism:?} wrong password: {text}");
+        assert!(
+            matches!(err, KafkaError::Auth(_)) && !err.is_retriable(),
+            "{mechanism:?}: {text}"
+        );
+        assert!(text.contains("authentication failed"), "{text}");
+        assert!(!text.contains(wrong) && !format!("{err:?}").contains(wrong));
+    }
+}
+
+/// `sitewatch agent` publishes and `sitewatch sink` consumes, both over TLS with a client
+/// certificate: every check the agent made is a row in PostgreSQL exactly once.
+#[test]
+fn agent_and_sink_over_tls_client_certificate_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options { tls: true });
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let db = TestDb::create();
+    let dir = TempDir::new("agent-apache-kafka");
+    let config = dir.path().join("agent.toml");
+    let text = format!(
+        "[agent]\nid = \"ak\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         drain_timeout = \"10s\"\nstate_dir = \"{state}\"\n\
+         [kafka]\nbrokers = [\"localhost:{port}\"]\ntopic = \"checks.ak\"\npartitions = 2\n\
+         linger = \"20ms\"\n\
+         [kafka.tls]\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+         [postgres]\nurl = \"{pg}\"\nsslmode = \"disable\"\n\
+         [[target]]\nid = \"up\"\nurl = \"{url}\"\n",
+        state = dir.path().join("state").display(),
+        port = kafka.ssl_port.unwrap(),
+        ca = tls_fixture("ca.pem").display(),
+        cert = tls_fixture("client.pem").display(),
+        key = tls_fixture("client.key").display(),
+        pg = db.url(),
+        url = up.url("/"),
+    );
+    std::fs::write(&config, &text).unwrap();
+    let parsed = Config::parse(&text, &config, &|_| None).expect("config");
+    sitewatch::sink::init_db(&parsed).expect("init-db");
+
+    let agent = crate::agent::start_agent(&config);
+    let reader = kafka_config(vec![kafka.addr()], "checks.ak");
+    let count = || -> usize {
+        let Ok(mut c) = Client::connect(&reader) else {
+            return 0;
+        };
+        if c.partitions("checks.ak").is_err() {
+            return 0;
+        }
+        fetch_all(&mut c, "checks.ak").values().map(Vec::len).sum()
+    };
+    let t = Instant::now();
+    wait_for(
+        "three checks in Apache Kafka",
+        Duration::from_secs(60),
+        || count() >= 3,
+    );
+    eprintln!("first three checks arrived after {:?}", t.elapsed());
+    let stderr = crate::agent::stop_agent(agent, Duration::from_secs(20));
+    let made = crate::agent::checks_made(&stderr);
+    assert!(!stderr.contains("Kafka unavailable"), "{stderr}");
+    let mut c = Client::connect(&reader).expect("connect");
+    let mut ids = BTreeSet::new();
+    for recs in fetch_all(&mut c, "checks.ak").values() {
+        for r in recs {
+            let rec = CheckResult::from_json(r.value.as_deref().unwrap()).expect("JSON");
+            assert_eq!(r.key.as_deref(), Some(&b"up"[..]));
+            assert!(rec.up && rec.status == Some(200), "{rec:?}");
+            ids.insert(rec.check_id);
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        made,
+        "every check arrived, once per check_id\n{stderr}"
+    );
+
+    let sink_log = dir.path().join("sink.log");
+    let log = std::fs::File::create(&sink_log).expect("sink log");
+    let mut sink = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        .args(["sink", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "sitewatch=info")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start sitewatch sink");
+    let mut pg = db.client();
+    let rows = |pg: &mut postgres::Client| -> i64 {
+        pg.query_one("SELECT count(*) FROM checks", &[])
+            .expect("count")
+            .get(0)
+    };
+    wait_for(
+        "every check stored by the sink",
+        Duration::from_secs(60),
+        || rows(&mut pg) >= made as i64,
+    );
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let stored = crate::sink::stored_records(&mut pg);
+    let stored_ids: BTreeSet<String> = stored.iter().map(|r| r.check_id.clone()).collect();
+    assert_eq!(stored.len(), made, "one row per check");
+    assert_eq!(stored_ids, ids, "the rows are the checks in the topic");
+    let log = std::fs::read_to_string(&sink_log).unwrap_or_default();
+    assert!(!log.contains("Kafka unavailable"), "{log}");
+}
