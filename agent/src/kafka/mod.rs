@@ -37,14 +37,17 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use crate::backoff::Backoff;
 use crate::config::{Compression, KafkaConfig};
 use conn::{Conn, ConnSettings};
 use records::{Codec, RecordRef};
 
 /// Tries per request (the first plus retries) before a retriable error is returned.
 pub const MAX_ATTEMPTS: u32 = 4;
-/// Backoff before the first retry; doubles each time.
+/// Backoff before the first retry; doubles each time (200, 400, 800 ms within
+/// [`MAX_ATTEMPTS`]; the cap is never reached).
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Kafka error codes we branch on.
 const OFFSET_OUT_OF_RANGE: i16 = 1;
@@ -624,13 +627,14 @@ impl Client {
             pending.push((p, Bytes::from(records::encode_batch(&refs, self.codec)?)));
         }
         let mut attempt = 0;
+        let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
         loop {
             attempt += 1;
             match self.produce_once(topic, &mut pending) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retriable() && attempt < MAX_ATTEMPTS => {
                     log::debug!(target: "sitewatch::kafka", "produce {topic}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
-                    self.backoff(attempt);
+                    std::thread::sleep(backoff.next_delay());
                     if e.stale_metadata() {
                         // Ignore errors here: the next attempt reports them.
                         let _ = self.refresh_metadata(&[topic]);
@@ -726,10 +730,6 @@ impl Client {
         i32::try_from(self.settings.request_timeout.as_millis()).unwrap_or(i32::MAX)
     }
 
-    fn backoff(&self, attempt: u32) {
-        std::thread::sleep(RETRY_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1)));
-    }
-
     /// Cached metadata of `topic`, fetched when missing.
     fn topic(&mut self, topic: &str) -> Result<TopicMeta, KafkaError> {
         if let Some(t) = self.topics.get(topic) {
@@ -751,6 +751,7 @@ impl Client {
         mut f: impl FnMut(&mut Conn, &TopicMeta) -> Result<T, KafkaError>,
     ) -> Result<T, KafkaError> {
         let mut attempt = 0;
+        let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
         loop {
             attempt += 1;
             let result = self.topic(topic).and_then(|meta| {
@@ -780,7 +781,7 @@ impl Client {
             match result {
                 Err(e) if e.is_retriable() && attempt < MAX_ATTEMPTS => {
                     log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
-                    self.backoff(attempt);
+                    std::thread::sleep(backoff.next_delay());
                     if e.stale_metadata() {
                         let _ = self.refresh_metadata(&[topic]);
                     }
