@@ -4,7 +4,7 @@
 //! batch's data is the problem".
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use native_tls::{Certificate, TlsConnector};
 use postgres::Client;
@@ -146,6 +146,15 @@ pub fn describe(e: &postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+/// Unix milliseconds as the value of a `timestamptz` parameter (before 1970 too).
+pub(super) fn system_time(unix_ms: i64) -> SystemTime {
+    if unix_ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(unix_ms.unsigned_abs())
     }
 }
 

@@ -99,7 +99,7 @@ pub fn maintain(
     for day in today - 1..=today + DAYS_AHEAD {
         ensure_partition(client, day)?;
     }
-    let cutoff = super::writer::system_time(now_ms.saturating_sub(retention.as_millis() as i64));
+    let cutoff = super::db::system_time(now_ms.saturating_sub(retention.as_millis() as i64));
     let dropped = client
         .query("SELECT sitewatch_drop_check_partitions($1)", &[&cutoff])
         .map_err(db_error)?

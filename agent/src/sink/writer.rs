@@ -12,13 +12,13 @@
 //! record per savepoint, so the one bad record is found and dead-lettered.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 
 use super::SinkError;
-use super::db::{describe, is_data_error};
+use super::db::{describe, is_data_error, system_time};
 use super::db_error;
 use super::schema::{ensure_partition, load_offset};
 use crate::result::CheckResult;
@@ -158,14 +158,6 @@ fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
         return Some("rule_extra");
     }
     None
-}
-
-pub(super) fn system_time(unix_ms: i64) -> SystemTime {
-    if unix_ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(unix_ms.unsigned_abs())
-    }
 }
 
 fn truncate_chars(s: &str, max: usize) -> String {
