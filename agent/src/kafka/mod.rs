@@ -102,8 +102,11 @@ pub enum KafkaError {
     },
     /// The topic does not exist (and was not created).
     UnknownTopic(String),
-    /// None of the bootstrap brokers could be reached.
-    NoBroker { tried: Vec<String>, last: String },
+    /// None of the bootstrap brokers could be reached; `last` is why the last one failed.
+    NoBroker {
+        tried: Vec<String>,
+        last: Option<Box<KafkaError>>,
+    },
     /// Invalid client settings.
     Config(String),
 }
@@ -222,18 +225,26 @@ impl fmt::Display for KafkaError {
             ),
             KafkaError::UnknownTopic(t) => write!(f, "topic {t:?} does not exist"),
             KafkaError::NoBroker { tried, last } => {
-                write!(
-                    f,
-                    "no Kafka broker reachable (tried {}): {last}",
-                    tried.join(", ")
-                )
+                write!(f, "no Kafka broker reachable (tried {})", tried.join(", "))?;
+                match last {
+                    Some(e) => write!(f, ": {e}"),
+                    None => Ok(()),
+                }
             }
             KafkaError::Config(m) => write!(f, "Kafka config: {m}"),
         }
     }
 }
 
-impl std::error::Error for KafkaError {}
+impl std::error::Error for KafkaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KafkaError::Io { error, .. } => Some(error),
+            KafkaError::NoBroker { last: Some(e), .. } => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
 
 /// `NOT_LEADER_OR_FOLLOWER`-style name of a Kafka error code.
 pub fn error_name(code: i16) -> String {
@@ -857,7 +868,7 @@ impl Client {
             if self.conns.is_empty() {
                 return Err(KafkaError::NoBroker {
                     tried: self.bootstrap.clone(),
-                    last: last.map(|e| e.to_string()).unwrap_or_default(),
+                    last: last.map(Box::new),
                 });
             }
         }
@@ -1068,6 +1079,31 @@ mod tests {
             .is_retriable()
         );
         assert!(KafkaError::Timeout { broker: "b".into() }.is_retriable());
+        // Causes are kept: the I/O error, and why the last bootstrap broker failed.
+        use std::error::Error;
+        let refused = || KafkaError::io("b:1", std::io::ErrorKind::ConnectionRefused.into());
+        let io_kind = |e: &KafkaError| {
+            e.source()
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map(|e| e.kind())
+        };
+        assert_eq!(
+            io_kind(&refused()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        let none = KafkaError::NoBroker {
+            tried: vec!["b:1".into()],
+            last: Some(Box::new(refused())),
+        };
+        let last = none.source().and_then(|s| s.downcast_ref::<KafkaError>());
+        assert_eq!(
+            last.and_then(io_kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(
+            none.to_string()
+                .starts_with("no Kafka broker reachable (tried b:1): broker b:1:")
+        );
         assert!(!KafkaError::Auth("x".into()).is_retriable());
     }
 }

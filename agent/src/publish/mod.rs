@@ -64,7 +64,15 @@ impl fmt::Display for PublishError {
     }
 }
 
-impl std::error::Error for PublishError {}
+impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Displayed as the spool error itself: its cause comes next, not itself again.
+            PublishError::Spool(e) => std::error::Error::source(e),
+            PublishError::Thread(e) => Some(e),
+        }
+    }
+}
 
 impl From<SpoolError> for PublishError {
     fn from(e: SpoolError) -> Self {

@@ -134,7 +134,7 @@ impl Sink {
             .ok_or(SinkError::NotConfigured { section: "kafka" })?;
         match db::connect(&pg, "sitewatch sink") {
             Ok(mut client) => schema::require(&mut client, &pg.url)?,
-            Err(e @ SinkError::Tls { .. }) => return Err(e),
+            Err(e @ (SinkError::Tls { .. } | SinkError::CaFile { .. })) => return Err(e),
             Err(e) => log::warn!(target: "sitewatch::sink", "{e}; retrying"),
         }
         let status = Arc::new(Mutex::new(SinkStatus {
@@ -154,9 +154,7 @@ impl Sink {
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
-            .map_err(|e| SinkError::Internal {
-                message: format!("cannot start the sink thread: {e}"),
-            })?;
+            .map_err(|source| SinkError::Thread { source })?;
         Ok(Sink {
             coordinator: thread,
             status,
@@ -178,11 +176,7 @@ impl Sink {
 
     /// Waits until the sink stops (after the shutdown it was started with is triggered).
     pub fn join(self) -> Result<(), SinkError> {
-        self.coordinator.join().unwrap_or_else(|_| {
-            Err(SinkError::Internal {
-                message: "the sink thread panicked".into(),
-            })
-        })
+        self.coordinator.join().unwrap_or(Err(SinkError::Panicked))
     }
 }
 
