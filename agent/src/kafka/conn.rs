@@ -200,8 +200,14 @@ impl Conn {
         let stream = match &s.tls {
             None => Stream::Plain(tcp),
             Some(connector) => {
-                let tls = connector.connect(host, tcp).map_err(|e| {
-                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {e}"))
+                let tls = connector.connect(host, tcp).map_err(|e| match e {
+                    native_tls::HandshakeError::Failure(e) => {
+                        KafkaError::tls(format!("broker {addr}: TLS handshake failed"), e)
+                    }
+                    // The socket's timeout ended the handshake half-way.
+                    e @ native_tls::HandshakeError::WouldBlock(_) => {
+                        KafkaError::tls_refused(format!("broker {addr}: TLS handshake failed: {e}"))
+                    }
                 })?;
                 Stream::Tls(Box::new(tls))
             }
@@ -220,9 +226,12 @@ impl Conn {
             // Under TLS 1.3 the server checks our certificate after the handshake, so its
             // refusal arrives on the first read as an OpenSSL error (ErrorKind::Other).
             KafkaError::Io { broker, error } if tls && error.kind() == io::ErrorKind::Other => {
-                KafkaError::Tls(format!(
-                    "broker {broker}: refused after the TLS handshake (client certificate?): {error}"
-                ))
+                KafkaError::tls(
+                    format!(
+                        "broker {broker}: refused after the TLS handshake (client certificate?)"
+                    ),
+                    error,
+                )
             }
             e => e,
         })?;

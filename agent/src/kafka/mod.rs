@@ -73,7 +73,12 @@ pub enum KafkaError {
     /// No answer within the request timeout.
     Timeout { broker: String },
     /// TLS setup or handshake failed (bad CA, hostname mismatch, unreadable key).
-    Tls(String),
+    Tls {
+        /// What failed, naming the broker or the file.
+        what: String,
+        /// The TLS library's or the file system's error, when there is one.
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// SASL refused or failed.
     Auth(String),
     /// The broker sent something we cannot decode, or we could not encode a request.
@@ -124,6 +129,22 @@ impl KafkaError {
                 error,
             }
         }
+    }
+
+    /// A TLS failure: `what` names the broker or file, `source` is the underlying error.
+    pub(crate) fn tls(
+        what: String,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> KafkaError {
+        KafkaError::Tls {
+            what,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A TLS failure found by us (no PEM block, a key format we do not take).
+    pub(crate) fn tls_refused(what: String) -> KafkaError {
+        KafkaError::Tls { what, source: None }
     }
 
     pub(crate) fn broker(api: i16, code: i16, context: &str, message: Option<String>) -> Self {
@@ -183,7 +204,13 @@ impl fmt::Display for KafkaError {
         match self {
             KafkaError::Io { broker, error } => write!(f, "broker {broker}: {error}"),
             KafkaError::Timeout { broker } => write!(f, "broker {broker}: request timed out"),
-            KafkaError::Tls(m) => write!(f, "TLS: {m}"),
+            KafkaError::Tls { what, source } => {
+                write!(f, "TLS: {what}")?;
+                match source {
+                    Some(e) => write!(f, ": {e}"),
+                    None => Ok(()),
+                }
+            }
             KafkaError::Auth(m) => write!(f, "SASL: {m}"),
             KafkaError::Protocol(m) => write!(f, "Kafka protocol: {m}"),
             KafkaError::Broker {
@@ -240,6 +267,9 @@ impl std::error::Error for KafkaError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             KafkaError::Io { error, .. } => Some(error),
+            KafkaError::Tls {
+                source: Some(e), ..
+            } => Some(e.as_ref()),
             KafkaError::NoBroker { last: Some(e), .. } => Some(e.as_ref()),
             _ => None,
         }
@@ -854,7 +884,7 @@ impl Client {
                     }
                     // Misconfiguration is the same on every broker: report it as it is.
                     Err(
-                        e @ (KafkaError::Tls(_)
+                        e @ (KafkaError::Tls { .. }
                         | KafkaError::Auth(_)
                         | KafkaError::BrokerTooOld { .. }
                         | KafkaError::Config(_)),
