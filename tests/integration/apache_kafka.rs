@@ -209,7 +209,7 @@ fn tls_client_certificate_against_apache_kafka() {
     // Hostname verification is on by default: the certificate names localhost, not 127.0.0.1.
     let err = connect_err(&at("127.0.0.1", tls(Some(("client.pem", "client.key")))));
     refusals.push(("hostname", err.to_string()));
-    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(matches!(err, KafkaError::Tls { .. }), "{err}");
     assert!(
         err.to_string()
             .contains("certificate does not name 127.0.0.1"),
@@ -221,7 +221,7 @@ fn tls_client_certificate_against_apache_kafka() {
         tls(Some(("other-client.pem", "other-client.key"))),
     ));
     refusals.push(("other CA", err.to_string()));
-    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(matches!(err, KafkaError::Tls { .. }), "{err}");
     assert!(
         err.to_string()
             .contains("does not trust our client certificate"),
@@ -230,7 +230,7 @@ fn tls_client_certificate_against_apache_kafka() {
     // No client certificate and key at all.
     let err = connect_err(&at("localhost", tls(None)));
     refusals.push(("no client certificate", err.to_string()));
-    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(matches!(err, KafkaError::Tls { .. }), "{err}");
     assert!(
         err.to_string().contains("requires a client certificate"),
         "{err}"
@@ -247,7 +247,7 @@ fn tls_client_certificate_against_apache_kafka() {
         tls(Some(("client.pem", "no-such-client.key"))),
     ));
     refusals.push(("key file missing", err.to_string()));
-    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(matches!(err, KafkaError::Tls { .. }), "{err}");
     assert!(err.to_string().contains("no-such-client.key"), "{err}");
     // Plaintext against the TLS listener.
     let mut plain = at("localhost", tls(None));

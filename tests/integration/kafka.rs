@@ -569,7 +569,7 @@ fn tls_refusals_are_clear() {
             .unwrap();
         let text = err.to_string();
         assert!(
-            (matches!(err, KafkaError::Tls(_)) && text.contains(alert))
+            (matches!(err, KafkaError::Tls { .. }) && text.contains(alert))
                 || text.contains("reset by peer")
                 || text.contains("Broken pipe"),
             "{text}"
@@ -598,7 +598,7 @@ fn tls_refusals_are_clear() {
     )
     .err()
     .unwrap();
-    assert!(matches!(err, KafkaError::Tls(_)), "{err}");
+    assert!(matches!(err, KafkaError::Tls { .. }), "{err}");
     let missing = check_tls(
         &proxy,
         "localhost",
@@ -606,7 +606,14 @@ fn tls_refusals_are_clear() {
         Some("no-such-ca.pem"),
     )
     .err();
-    assert!(matches!(missing, Some(KafkaError::Tls(_))));
+    assert!(matches!(missing, Some(KafkaError::Tls { .. })));
+    // The cause is kept: a missing file, not a TLS problem.
+    let kind = missing
+        .as_ref()
+        .and_then(std::error::Error::source)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind());
+    assert_eq!(kind, Some(std::io::ErrorKind::NotFound));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -716,9 +716,7 @@ fn sslmodes_against_a_tls_only_server() {
                     "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
                     &[],
                 )
-                .map_err(|e| SinkError::Database {
-                    message: e.to_string(),
-                })?
+                .map_err(SinkError::from)?
                 .get(0);
             assert!(on, "{host} {mode:?}: connected without TLS");
             Ok(())

@@ -200,18 +200,23 @@ impl Conn {
         let stream = match &s.tls {
             None => Stream::Plain(tcp),
             Some(connector) => {
-                let tls = connector.connect(host, tcp).map_err(|e| {
-                    let text = e.to_string();
-                    // OpenSSL ends with "(hostname mismatch)" / "(IP address mismatch)".
-                    let hint = if text.contains("mismatch)") {
-                        format!(
-                            "; the broker's certificate does not name {host} \
-                             (kafka.tls.verify_hostname is on)"
-                        )
-                    } else {
-                        String::new()
-                    };
-                    KafkaError::Tls(format!("broker {addr}: TLS handshake failed: {text}{hint}"))
+                let tls = connector.connect(host, tcp).map_err(|e| match e {
+                    native_tls::HandshakeError::Failure(e) => {
+                        // OpenSSL ends with "(hostname mismatch)" / "(IP address mismatch)".
+                        let hint = if e.to_string().contains("mismatch)") {
+                            format!(
+                                " (the broker's certificate does not name {host}; \
+                                 kafka.tls.verify_hostname is on)"
+                            )
+                        } else {
+                            String::new()
+                        };
+                        KafkaError::tls(format!("broker {addr}: TLS handshake failed{hint}"), e)
+                    }
+                    // The socket's timeout ended the handshake half-way.
+                    e @ native_tls::HandshakeError::WouldBlock(_) => {
+                        KafkaError::tls_refused(format!("broker {addr}: TLS handshake failed: {e}"))
+                    }
                 })?;
                 Stream::Tls(Box::new(tls))
             }
@@ -230,10 +235,13 @@ impl Conn {
             // Under TLS 1.3 the server checks our certificate after the handshake, so its
             // refusal arrives on the first read as an OpenSSL error (ErrorKind::Other).
             KafkaError::Io { broker, error } if tls && error.kind() == io::ErrorKind::Other => {
-                KafkaError::Tls(format!(
-                    "broker {broker}: refused after the TLS handshake ({}): {error}",
-                    client_cert_refusal(&error.to_string())
-                ))
+                KafkaError::tls(
+                    format!(
+                        "broker {broker}: refused after the TLS handshake ({})",
+                        client_cert_refusal(&error.to_string())
+                    ),
+                    error,
+                )
             }
             // A TLS listener takes our plaintext request for a broken handshake and hangs up
             // without a word; say the likely cause instead of "failed to fill whole buffer".

@@ -37,14 +37,17 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
+use crate::backoff::Backoff;
 use crate::config::{Compression, KafkaConfig};
 use conn::{Conn, ConnSettings};
 use records::{Codec, RecordRef};
 
 /// Tries per request (the first plus retries) before a retriable error is returned.
 pub const MAX_ATTEMPTS: u32 = 4;
-/// Backoff before the first retry; doubles each time.
+/// Backoff before the first retry; doubles each time (200, 400, 800 ms within
+/// [`MAX_ATTEMPTS`]; the cap is never reached).
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Kafka error codes we branch on.
 const OFFSET_OUT_OF_RANGE: i16 = 1;
@@ -70,7 +73,12 @@ pub enum KafkaError {
     /// No answer within the request timeout.
     Timeout { broker: String },
     /// TLS setup or handshake failed (bad CA, hostname mismatch, unreadable key).
-    Tls(String),
+    Tls {
+        /// What failed, naming the broker or the file.
+        what: String,
+        /// The TLS library's or the file system's error, when there is one.
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// SASL refused or failed.
     Auth(String),
     /// The broker sent something we cannot decode, or we could not encode a request.
@@ -99,8 +107,11 @@ pub enum KafkaError {
     },
     /// The topic does not exist (and was not created).
     UnknownTopic(String),
-    /// None of the bootstrap brokers could be reached.
-    NoBroker { tried: Vec<String>, last: String },
+    /// None of the bootstrap brokers could be reached; `last` is why the last one failed.
+    NoBroker {
+        tried: Vec<String>,
+        last: Option<Box<KafkaError>>,
+    },
     /// Invalid client settings.
     Config(String),
 }
@@ -118,6 +129,22 @@ impl KafkaError {
                 error,
             }
         }
+    }
+
+    /// A TLS failure: `what` names the broker or file, `source` is the underlying error.
+    pub(crate) fn tls(
+        what: String,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> KafkaError {
+        KafkaError::Tls {
+            what,
+            source: Some(source.into()),
+        }
+    }
+
+    /// A TLS failure found by us (no PEM block, a key format we do not take).
+    pub(crate) fn tls_refused(what: String) -> KafkaError {
+        KafkaError::Tls { what, source: None }
     }
 
     pub(crate) fn broker(api: i16, code: i16, context: &str, message: Option<String>) -> Self {
@@ -177,7 +204,13 @@ impl fmt::Display for KafkaError {
         match self {
             KafkaError::Io { broker, error } => write!(f, "broker {broker}: {error}"),
             KafkaError::Timeout { broker } => write!(f, "broker {broker}: request timed out"),
-            KafkaError::Tls(m) => write!(f, "TLS: {m}"),
+            KafkaError::Tls { what, source } => {
+                write!(f, "TLS: {what}")?;
+                match source {
+                    Some(e) => write!(f, ": {e}"),
+                    None => Ok(()),
+                }
+            }
             KafkaError::Auth(m) => write!(f, "SASL: {m}"),
             KafkaError::Protocol(m) => write!(f, "Kafka protocol: {m}"),
             KafkaError::Broker {
@@ -219,18 +252,29 @@ impl fmt::Display for KafkaError {
             ),
             KafkaError::UnknownTopic(t) => write!(f, "topic {t:?} does not exist"),
             KafkaError::NoBroker { tried, last } => {
-                write!(
-                    f,
-                    "no Kafka broker reachable (tried {}): {last}",
-                    tried.join(", ")
-                )
+                write!(f, "no Kafka broker reachable (tried {})", tried.join(", "))?;
+                match last {
+                    Some(e) => write!(f, ": {e}"),
+                    None => Ok(()),
+                }
             }
             KafkaError::Config(m) => write!(f, "Kafka config: {m}"),
         }
     }
 }
 
-impl std::error::Error for KafkaError {}
+impl std::error::Error for KafkaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KafkaError::Io { error, .. } => Some(error),
+            KafkaError::Tls {
+                source: Some(e), ..
+            } => Some(e.as_ref()),
+            KafkaError::NoBroker { last: Some(e), .. } => Some(e.as_ref()),
+            _ => None,
+        }
+    }
+}
 
 /// `NOT_LEADER_OR_FOLLOWER`-style name of a Kafka error code.
 pub fn error_name(code: i16) -> String {
@@ -624,13 +668,14 @@ impl Client {
             pending.push((p, Bytes::from(records::encode_batch(&refs, self.codec)?)));
         }
         let mut attempt = 0;
+        let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
         loop {
             attempt += 1;
             match self.produce_once(topic, &mut pending) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_retriable() && attempt < MAX_ATTEMPTS => {
                     log::debug!(target: "sitewatch::kafka", "produce {topic}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
-                    self.backoff(attempt);
+                    std::thread::sleep(backoff.next_delay());
                     if e.stale_metadata() {
                         // Ignore errors here: the next attempt reports them.
                         let _ = self.refresh_metadata(&[topic]);
@@ -726,10 +771,6 @@ impl Client {
         i32::try_from(self.settings.request_timeout.as_millis()).unwrap_or(i32::MAX)
     }
 
-    fn backoff(&self, attempt: u32) {
-        std::thread::sleep(RETRY_BACKOFF * 2u32.saturating_pow(attempt.saturating_sub(1)));
-    }
-
     /// Cached metadata of `topic`, fetched when missing.
     fn topic(&mut self, topic: &str) -> Result<TopicMeta, KafkaError> {
         if let Some(t) = self.topics.get(topic) {
@@ -751,6 +792,7 @@ impl Client {
         mut f: impl FnMut(&mut Conn, &TopicMeta) -> Result<T, KafkaError>,
     ) -> Result<T, KafkaError> {
         let mut attempt = 0;
+        let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
         loop {
             attempt += 1;
             let result = self.topic(topic).and_then(|meta| {
@@ -780,7 +822,7 @@ impl Client {
             match result {
                 Err(e) if e.is_retriable() && attempt < MAX_ATTEMPTS => {
                     log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
-                    self.backoff(attempt);
+                    std::thread::sleep(backoff.next_delay());
                     if e.stale_metadata() {
                         let _ = self.refresh_metadata(&[topic]);
                     }
@@ -842,7 +884,7 @@ impl Client {
                     }
                     // Misconfiguration is the same on every broker: report it as it is.
                     Err(
-                        e @ (KafkaError::Tls(_)
+                        e @ (KafkaError::Tls { .. }
                         | KafkaError::Auth(_)
                         | KafkaError::BrokerTooOld { .. }
                         | KafkaError::Config(_)),
@@ -856,7 +898,7 @@ impl Client {
             if self.conns.is_empty() {
                 return Err(KafkaError::NoBroker {
                     tried: self.bootstrap.clone(),
-                    last: last.map(|e| e.to_string()).unwrap_or_default(),
+                    last: last.map(Box::new),
                 });
             }
         }
@@ -1067,6 +1109,31 @@ mod tests {
             .is_retriable()
         );
         assert!(KafkaError::Timeout { broker: "b".into() }.is_retriable());
+        // Causes are kept: the I/O error, and why the last bootstrap broker failed.
+        use std::error::Error;
+        let refused = || KafkaError::io("b:1", std::io::ErrorKind::ConnectionRefused.into());
+        let io_kind = |e: &KafkaError| {
+            e.source()
+                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                .map(|e| e.kind())
+        };
+        assert_eq!(
+            io_kind(&refused()),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        let none = KafkaError::NoBroker {
+            tried: vec!["b:1".into()],
+            last: Some(Box::new(refused())),
+        };
+        let last = none.source().and_then(|s| s.downcast_ref::<KafkaError>());
+        assert_eq!(
+            last.and_then(io_kind),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(
+            none.to_string()
+                .starts_with("no Kafka broker reachable (tried b:1): broker b:1:")
+        );
         assert!(!KafkaError::Auth("x".into()).is_retriable());
     }
 }

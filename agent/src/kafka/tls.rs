@@ -24,14 +24,14 @@ pub fn connector(tls: &KafkaTls) -> Result<native_tls::TlsConnector, KafkaError>
         let pem = read(ca)?;
         let certs = pem_blocks(&pem, "CERTIFICATE");
         if certs.is_empty() {
-            return Err(KafkaError::Tls(format!(
+            return Err(KafkaError::tls_refused(format!(
                 "{}: no PEM CERTIFICATE block",
                 ca.display()
             )));
         }
         for der in certs {
             let cert = native_tls::Certificate::from_der(&der)
-                .map_err(|e| KafkaError::Tls(format!("{}: bad certificate: {e}", ca.display())))?;
+                .map_err(|e| KafkaError::tls(format!("{}: bad certificate", ca.display()), e))?;
             b.add_root_certificate(cert);
         }
     }
@@ -40,11 +40,14 @@ pub fn connector(tls: &KafkaTls) -> Result<native_tls::TlsConnector, KafkaError>
             let cert_pem = read(cert)?;
             let key_pem = pkcs8_pem(&read(key)?, key)?;
             let id = native_tls::Identity::from_pkcs8(&cert_pem, &key_pem).map_err(|e| {
-                KafkaError::Tls(format!(
-                    "client certificate {} / key {}: {e}",
-                    cert.display(),
-                    key.display()
-                ))
+                KafkaError::tls(
+                    format!(
+                        "client certificate {} / key {}",
+                        cert.display(),
+                        key.display()
+                    ),
+                    e,
+                )
             })?;
             b.identity(id);
         }
@@ -59,11 +62,11 @@ pub fn connector(tls: &KafkaTls) -> Result<native_tls::TlsConnector, KafkaError>
         b.danger_accept_invalid_hostnames(true);
     }
     b.build()
-        .map_err(|e| KafkaError::Tls(format!("TLS setup: {e}")))
+        .map_err(|e| KafkaError::tls("TLS setup".into(), e))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, KafkaError> {
-    std::fs::read(path).map_err(|e| KafkaError::Tls(format!("{}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| KafkaError::tls(path.display().to_string(), e))
 }
 
 /// The DER contents of every `-----BEGIN {label}-----` block.
@@ -97,7 +100,7 @@ pub fn pkcs8_pem(pem: &[u8], path: &Path) -> Result<Vec<u8>, KafkaError> {
     }
     if let Some(pkcs1) = pem_blocks(pem, "RSA PRIVATE KEY").into_iter().next() {
         if text.contains("ENCRYPTED") {
-            return Err(KafkaError::Tls(format!(
+            return Err(KafkaError::tls_refused(format!(
                 "{}: encrypted keys are not supported; {convert_hint}",
                 path.display()
             )));
@@ -123,7 +126,7 @@ pub fn pkcs8_pem(pem: &[u8], path: &Path) -> Result<Vec<u8>, KafkaError> {
     } else {
         "no PEM private key found"
     };
-    Err(KafkaError::Tls(format!(
+    Err(KafkaError::tls_refused(format!(
         "{}: {what}; {convert_hint}",
         path.display()
     )))

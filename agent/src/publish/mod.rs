@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::config::{AgentConfig, KafkaConfig};
 use crate::kafka::{Client, KafkaError, ProduceRecord};
 use crate::output::{Output, OutputError};
@@ -63,7 +64,15 @@ impl fmt::Display for PublishError {
     }
 }
 
-impl std::error::Error for PublishError {}
+impl std::error::Error for PublishError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // Displayed as the spool error itself: its cause comes next, not itself again.
+            PublishError::Spool(e) => std::error::Error::source(e),
+            PublishError::Thread(e) => Some(e),
+        }
+    }
+}
 
 impl From<SpoolError> for PublishError {
     fn from(e: SpoolError) -> Self {
@@ -162,7 +171,7 @@ impl Publisher {
             batch_bytes: 0,
             batch_since: None,
             next_connect: Instant::now(),
-            backoff: BACKOFF_MIN,
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         };
         let thread = std::thread::Builder::new()
             .name("kafka-publisher".into())
@@ -351,7 +360,7 @@ struct Sender {
     batch_bytes: usize,
     batch_since: Option<Instant>,
     next_connect: Instant,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 /// How a send went.
@@ -473,7 +482,7 @@ impl Sender {
                     self.spool_len()
                 );
                 self.client = Some(c);
-                self.backoff = BACKOFF_MIN;
+                self.backoff.reset();
                 self.shared.connected.store(true, Ordering::Relaxed);
             }
             Err(e) => self.disconnected(&e),
@@ -484,13 +493,11 @@ impl Sender {
     fn disconnected(&mut self, e: &KafkaError) {
         let was = self.client.take().is_some();
         self.shared.connected.store(false, Ordering::Relaxed);
+        let first = self.backoff.is_reset();
+        let delay = self.backoff.next_delay();
         // Misconfiguration (TLS, auth, too old) will not fix itself soon: retry slowly.
-        let backoff = if e.is_retriable() {
-            self.backoff
-        } else {
-            BACKOFF_MAX
-        };
-        if was || self.backoff == BACKOFF_MIN {
+        let backoff = if e.is_retriable() { delay } else { BACKOFF_MAX };
+        if was || first {
             log::warn!(
                 target: "sitewatch::publish",
                 "Kafka unavailable ({e}); spooling, retry in {backoff:?}"
@@ -499,7 +506,6 @@ impl Sender {
             log::debug!(target: "sitewatch::publish", "Kafka still unavailable ({e}); retry in {backoff:?}");
         }
         self.next_connect = Instant::now() + backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
     /// Sends `recs`; a batch Kafka refuses as invalid is split to find and drop the bad

@@ -62,7 +62,11 @@ impl fmt::Display for SpoolError {
     }
 }
 
-impl std::error::Error for SpoolError {}
+impl std::error::Error for SpoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
 
 /// Where a peek ended: pass it to [`Spool::ack`] once Kafka has the records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

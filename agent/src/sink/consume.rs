@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::owner::Ownership;
 use super::writer::Writer;
 use super::{SinkError, db, schema};
+use crate::backoff::Backoff;
 use crate::config::{Config, KafkaConfig, PostgresConfig};
 use crate::kafka::{self, Fetched, KafkaError};
 use crate::service::{Health, Heartbeat, Shutdown};
@@ -41,6 +42,8 @@ const FETCH_WAIT: Duration = Duration::from_millis(500);
 pub fn fetch_max_bytes(batch_size: usize) -> i32 {
     (batch_size.saturating_mul(1024)).clamp(64 * 1024, 16 * 1024 * 1024) as i32
 }
+
+/// Retry delays of the coordinator and the workers (PostgreSQL or Kafka down).
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -131,7 +134,7 @@ impl Sink {
             .ok_or(SinkError::NotConfigured { section: "kafka" })?;
         match db::connect(&pg, "sitewatch sink") {
             Ok(mut client) => schema::require(&mut client, &pg.url)?,
-            Err(e @ SinkError::Tls { .. }) => return Err(e),
+            Err(e @ (SinkError::Tls { .. } | SinkError::CaFile { .. })) => return Err(e),
             Err(e) => log::warn!(target: "sitewatch::sink", "{e}; retrying"),
         }
         let status = Arc::new(Mutex::new(SinkStatus {
@@ -151,9 +154,7 @@ impl Sink {
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
-            .map_err(|e| SinkError::Internal {
-                message: format!("cannot start the sink thread: {e}"),
-            })?;
+            .map_err(|source| SinkError::Thread { source })?;
         Ok(Sink {
             coordinator: thread,
             status,
@@ -175,11 +176,7 @@ impl Sink {
 
     /// Waits until the sink stops (after the shutdown it was started with is triggered).
     pub fn join(self) -> Result<(), SinkError> {
-        self.coordinator.join().unwrap_or_else(|_| {
-            Err(SinkError::Internal {
-                message: "the sink thread panicked".into(),
-            })
-        })
+        self.coordinator.join().unwrap_or(Err(SinkError::Panicked))
     }
 }
 
@@ -194,25 +191,6 @@ struct OnDrop<F: FnMut()>(F);
 impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)()
-    }
-}
-
-/// Exponential backoff between retries, reset after a success.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Backoff {
-        Backoff(BACKOFF_MIN)
-    }
-
-    fn next(&mut self) -> Duration {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.0 = BACKOFF_MIN;
     }
 }
 
@@ -241,7 +219,7 @@ impl Coordinator {
         let mut partitions: Vec<i32> = Vec::new();
         let mut partitions_at: Option<Instant> = None;
         let mut maintained_at: Option<Instant> = None;
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         while !self.shutdown.is_triggered() {
             self.hb.beat();
             self.reap(&mut owner);
@@ -261,7 +239,7 @@ impl Coordinator {
                     }
                     Err(e) => {
                         log::warn!(target: "sitewatch::sink", "lock session: {e}");
-                        self.shutdown.sleep(backoff.next());
+                        self.shutdown.sleep(backoff.next_delay());
                         continue;
                     }
                 },
@@ -271,7 +249,7 @@ impl Coordinator {
                 log::warn!(target: "sitewatch::sink", "lock session lost ({e}); stopping workers");
                 self.stop_all();
                 owner = None;
-                self.shutdown.sleep(backoff.next());
+                self.shutdown.sleep(backoff.next_delay());
                 continue;
             }
             if partitions_at.is_none_or(|t| t.elapsed() >= PARTITIONS_REFRESH) {
@@ -506,7 +484,7 @@ impl Worker {
             from: None,
             position: None,
             caught_up: true,
-            backoff: Backoff::new(),
+            backoff: Backoff::new(BACKOFF_MIN, BACKOFF_MAX),
         };
         // About `batch_size` records of ~1 KiB per fetch (a fetch is one transaction).
         let max_bytes = fetch_max_bytes(self.pg.batch_size);
@@ -528,7 +506,7 @@ impl Worker {
     fn back_off(&self, st: &mut WorkerState, why: std::fmt::Arguments<'_>) {
         log::warn!(target: "sitewatch::sink", "{}/{}: {why}", self.kafka.topic, self.partition);
         st.caught_up = true;
-        self.stop.sleep(st.backoff.next());
+        self.stop.sleep(st.backoff.next_delay());
     }
 
     fn set_status(&self, f: impl FnOnce(&mut PartitionStatus)) {
@@ -744,14 +722,5 @@ mod tests {
         check(Some(3000), 3000, true, true);
         // Records, but the broker did not say where the end is: do not hammer it.
         check(None, 1500, true, true);
-    }
-
-    #[test]
-    fn backoff_doubles_to_a_cap_and_resets() {
-        let mut b = Backoff::new();
-        let seen: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
-        assert_eq!(seen, vec![250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000]);
-        b.reset();
-        assert_eq!(b.next(), BACKOFF_MIN);
     }
 }

@@ -4,7 +4,7 @@
 //! batch's data is the problem".
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use native_tls::{Certificate, TlsConnector};
 use postgres::Client;
@@ -80,9 +80,9 @@ pub fn tls_policy(mode: SslMode, has_ca_file: bool) -> TlsPolicy {
 /// Opens one connection with the configured URL, password and TLS policy. `application_name`
 /// shows in `pg_stat_activity`, which is how operators (and the tests) find the sink's sessions.
 pub fn connect(cfg: &PostgresConfig, application_name: &str) -> Result<Client, SinkError> {
-    let mut pg = postgres::Config::from_str(&cfg.url).map_err(|e| SinkError::Connect {
+    let mut pg = postgres::Config::from_str(&cfg.url).map_err(|source| SinkError::Connect {
         url: cfg.url.clone(),
-        message: format!("invalid url: {e}"),
+        source,
     })?;
     if let Some(password) = &cfg.password {
         pg.password(password.expose());
@@ -103,9 +103,9 @@ pub fn connect(cfg: &PostgresConfig, application_name: &str) -> Result<Client, S
     } else {
         pg.connect(MakeTlsConnector::new(tls_connector(cfg, policy)?))
     };
-    result.map_err(|e| SinkError::Connect {
+    result.map_err(|source| SinkError::Connect {
         url: cfg.url.clone(),
-        message: describe(&e),
+        source,
     })
 }
 
@@ -115,16 +115,20 @@ fn tls_connector(cfg: &PostgresConfig, policy: TlsPolicy) -> Result<TlsConnector
         .danger_accept_invalid_certs(policy.accept_invalid_certs)
         .danger_accept_invalid_hostnames(policy.accept_invalid_hostnames);
     if let Some(path) = &cfg.ca_file {
-        let ca_error = |message: String| SinkError::Tls {
-            message: format!("ca_file {}: {message}", path.display()),
-        };
-        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-        let cert = Certificate::from_pem(&pem).map_err(|e| ca_error(e.to_string()))?;
+        let pem = std::fs::read(path).map_err(|source| SinkError::CaFile {
+            path: path.clone(),
+            source,
+        })?;
+        let cert = Certificate::from_pem(&pem).map_err(|source| SinkError::Tls {
+            ca_file: Some(path.clone()),
+            source,
+        })?;
         builder.add_root_certificate(cert);
         builder.disable_built_in_roots(policy.only_ca_file);
     }
-    builder.build().map_err(|e| SinkError::Tls {
-        message: e.to_string(),
+    builder.build().map_err(|source| SinkError::Tls {
+        ca_file: None,
+        source,
     })
 }
 
@@ -146,6 +150,15 @@ pub fn describe(e: &postgres::Error) -> String {
             }
             text
         }
+    }
+}
+
+/// Unix milliseconds as the value of a `timestamptz` parameter (before 1970 too).
+pub(super) fn system_time(unix_ms: i64) -> SystemTime {
+    if unix_ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(unix_ms.unsigned_abs())
     }
 }
 
@@ -208,8 +221,33 @@ mod tests {
         let Err(err) = connect(&cfg, "test") else {
             panic!("connected without a CA file");
         };
+        // The cause is kept, typed: a caller can tell "missing" from "unreadable".
+        let cause = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .map(|e| e.kind());
+        assert_eq!(cause, Some(std::io::ErrorKind::NotFound), "{err:?}");
         let err = err.to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_url_is_a_connect_error_that_keeps_the_postgres_error() {
+        let cfg = PostgresConfig {
+            url: "postgres://u@127.0.0.1:1/db?sslmode=sometimes".into(),
+            password: None,
+            sslmode: SslMode::Disable,
+            ca_file: None,
+            retention: Duration::from_secs(86_400),
+            batch_size: 10,
+        };
+        let Err(err) = connect(&cfg, "test") else {
+            panic!("connected with a bad URL");
+        };
+        assert!(matches!(err, SinkError::Connect { .. }), "{err:?}");
+        let cause = std::error::Error::source(&err).expect("a cause");
+        assert!(cause.is::<postgres::Error>(), "{cause:?}");
+        assert!(!err.is_data_error());
+        assert!(err.to_string().contains("sslmode"), "{err}");
     }
 }

@@ -14,6 +14,7 @@ pub mod schema;
 pub mod writer;
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::config::{Config, PostgresConfig};
 
@@ -21,18 +22,36 @@ pub use consume::{PartitionStatus, Sink, SinkStatus, run};
 pub use writer::{BatchOutcome, Message, Writer};
 
 /// Everything that can stop the sink or a sink operation. Messages name the database by its
-/// password-free URL and never carry a secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// password-free URL and never carry a secret. Variants wrap the real cause (`source()`), so
+/// callers branch on kinds ([`SinkError::is_data_error`], the variant), never on text.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum SinkError {
     /// The config lacks a section the sink needs (`[postgres]` or `[kafka]`).
     NotConfigured { section: &'static str },
-    /// Could not open a connection (server down, auth, TLS handshake).
-    Connect { url: String, message: String },
-    /// The TLS setup itself (CA file unreadable or not PEM).
-    Tls { message: String },
-    /// A statement failed; usually the connection broke. The sink reconnects and retries.
-    Database { message: String },
+    /// Could not open a connection (invalid URL, server down, auth, TLS handshake).
+    Connect {
+        url: String,
+        source: postgres::Error,
+    },
+    /// The CA file cannot be read.
+    CaFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The TLS setup itself: the CA file is not a PEM certificate, or no connector could be
+    /// built.
+    Tls {
+        ca_file: Option<PathBuf>,
+        source: native_tls::Error,
+    },
+    /// A statement failed; usually the connection broke (the sink reconnects and retries), or
+    /// the server rejected the data ([`SinkError::is_data_error`]).
+    Database {
+        /// What the sink was doing, when more than a routine statement (`applying schema.sql`).
+        doing: Option<&'static str>,
+        source: postgres::Error,
+    },
     /// The database has no (or an older) sitewatch schema.
     SchemaMissing { url: String },
     /// The stored offset of a partition moved under this writer: another sink owns it now.
@@ -41,8 +60,28 @@ pub enum SinkError {
         partition: i32,
         expected: Option<i64>,
     },
-    /// The sink's own machinery failed (a thread could not start, or panicked).
-    Internal { message: String },
+    /// A sink thread could not start.
+    Thread { source: std::io::Error },
+    /// The sink thread panicked.
+    Panicked,
+}
+
+impl SinkError {
+    /// True when PostgreSQL refused the rows we sent (a bad value, a constraint, no partition
+    /// for a row) rather than failing as a server or connection: retrying the same batch on a
+    /// new connection cannot help, isolating the bad record can.
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, SinkError::Database { source, .. } if db::is_data_error(source))
+    }
+}
+
+impl From<postgres::Error> for SinkError {
+    fn from(source: postgres::Error) -> SinkError {
+        SinkError::Database {
+            doing: None,
+            source,
+        }
+    }
 }
 
 impl fmt::Display for SinkError {
@@ -51,11 +90,40 @@ impl fmt::Display for SinkError {
             SinkError::NotConfigured { section } => {
                 write!(f, "the config has no [{section}] section")
             }
-            SinkError::Connect { url, message } => {
-                write!(f, "cannot connect to PostgreSQL at {url}: {message}")
+            SinkError::Connect { url, source } => {
+                write!(
+                    f,
+                    "cannot connect to PostgreSQL at {url}: {}",
+                    db::describe(source)
+                )
             }
-            SinkError::Tls { message } => write!(f, "PostgreSQL TLS setup: {message}"),
-            SinkError::Database { message } => write!(f, "PostgreSQL: {message}"),
+            SinkError::CaFile { path, source } => {
+                write!(
+                    f,
+                    "PostgreSQL TLS setup: ca_file {}: {source}",
+                    path.display()
+                )
+            }
+            SinkError::Tls {
+                ca_file: Some(path),
+                source,
+            } => write!(
+                f,
+                "PostgreSQL TLS setup: ca_file {}: {source}",
+                path.display()
+            ),
+            SinkError::Tls {
+                ca_file: None,
+                source,
+            } => write!(f, "PostgreSQL TLS setup: {source}"),
+            SinkError::Database {
+                doing: Some(doing),
+                source,
+            } => write!(f, "PostgreSQL: {doing}: {}", db::describe(source)),
+            SinkError::Database {
+                doing: None,
+                source,
+            } => write!(f, "PostgreSQL: {}", db::describe(source)),
             SinkError::SchemaMissing { url } => write!(
                 f,
                 "the database at {url} has no sitewatch schema (or an older one): \
@@ -75,16 +143,23 @@ impl fmt::Display for SinkError {
                     "{topic}/{partition}: another sink stored a first offset: it owns the partition"
                 ),
             },
-            SinkError::Internal { message } => write!(f, "sink: {message}"),
+            SinkError::Thread { source } => write!(f, "cannot start a sink thread: {source}"),
+            SinkError::Panicked => f.write_str("sink: the sink thread panicked"),
         }
     }
 }
 
-impl std::error::Error for SinkError {}
-
-pub(crate) fn db_error(e: postgres::Error) -> SinkError {
-    SinkError::Database {
-        message: db::describe(&e),
+impl std::error::Error for SinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SinkError::Connect { source, .. } | SinkError::Database { source, .. } => Some(source),
+            SinkError::CaFile { source, .. } | SinkError::Thread { source } => Some(source),
+            SinkError::Tls { source, .. } => Some(source),
+            SinkError::NotConfigured { .. }
+            | SinkError::SchemaMissing { .. }
+            | SinkError::Fenced { .. }
+            | SinkError::Panicked => None,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use postgres::Client;
 
-use super::{SinkError, db_error};
+use super::SinkError;
 
 /// The lock session and the partitions it holds.
 pub struct Ownership {
@@ -41,12 +41,10 @@ impl Ownership {
     /// Joins the group of sinks consuming the topic (idempotent for this session).
     pub fn join_group(&mut self) -> Result<(), SinkError> {
         if !self.member {
-            self.client
-                .execute(
-                    "SELECT pg_advisory_lock_shared(hashtext($1), -1)",
-                    &[&self.topic],
-                )
-                .map_err(db_error)?;
+            self.client.execute(
+                "SELECT pg_advisory_lock_shared(hashtext($1), -1)",
+                &[&self.topic],
+            )?;
             self.member = true;
         }
         Ok(())
@@ -54,16 +52,13 @@ impl Ownership {
 
     /// How many sink sessions consume the topic (on this database), this one included.
     pub fn members(&mut self) -> Result<i64, SinkError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT count(DISTINCT pid) FROM pg_locks \
+        let row = self.client.query_one(
+            "SELECT count(DISTINCT pid) FROM pg_locks \
                  WHERE locktype = 'advisory' AND granted \
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND classid = hashtext($1)::oid AND objid = (-1)::oid AND objsubid = 2",
-                &[&self.topic],
-            )
-            .map_err(db_error)?;
+            &[&self.topic],
+        )?;
         Ok(row.get(0))
     }
 
@@ -77,8 +72,7 @@ impl Ownership {
             .query_one(
                 "SELECT pg_try_advisory_lock(hashtext($1), $2)",
                 &[&self.topic, &partition],
-            )
-            .map_err(db_error)?
+            )?
             .get(0);
         if got {
             self.held.insert(partition);
@@ -89,19 +83,17 @@ impl Ownership {
     /// Gives `partition` up (a worker failed and must start over, or shutdown).
     pub fn release(&mut self, partition: i32) -> Result<(), SinkError> {
         if self.held.remove(&partition) {
-            self.client
-                .execute(
-                    "SELECT pg_advisory_unlock(hashtext($1), $2)",
-                    &[&self.topic, &partition],
-                )
-                .map_err(db_error)?;
+            self.client.execute(
+                "SELECT pg_advisory_unlock(hashtext($1), $2)",
+                &[&self.topic, &partition],
+            )?;
         }
         Ok(())
     }
 
     /// Fails when the session is gone (killed, server restarted): every lock is lost then.
     pub fn check_alive(&mut self) -> Result<(), SinkError> {
-        self.client.simple_query("SELECT 1").map_err(db_error)?;
+        self.client.simple_query("SELECT 1")?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use postgres::Client;
 
-use super::{SinkError, db_error};
+use super::SinkError;
 use crate::util::format_rfc3339_ms;
 
 /// The schema, compiled in so the installed binary and the schema never disagree.
@@ -24,34 +24,31 @@ const DAY_MS: i64 = 86_400_000;
 /// Applies `schema.sql` in one transaction under an advisory lock: two concurrent `init-db`
 /// runs serialize, and a failure leaves the database as it was.
 pub fn apply(client: &mut Client) -> Result<(), SinkError> {
-    let mut tx = client.transaction().map_err(db_error)?;
+    let mut tx = client.transaction()?;
     // Quiet the "already exists, skipping" notices of a second run.
     tx.batch_execute(
         "SET LOCAL client_min_messages = warning; \
          SELECT pg_advisory_xact_lock(hashtext('sitewatch.init_db'));",
-    )
-    .map_err(db_error)?;
+    )?;
     tx.batch_execute(SCHEMA_SQL)
-        .map_err(|e| SinkError::Database {
-            message: format!("applying schema.sql: {}", super::db::describe(&e)),
+        .map_err(|source| SinkError::Database {
+            doing: Some("applying schema.sql"),
+            source,
         })?;
-    tx.commit().map_err(db_error)
+    tx.commit().map_err(SinkError::from)
 }
 
 /// Fails with [`SinkError::SchemaMissing`] unless `init-db` has run (at this version or later).
 pub fn require(client: &mut Client, url: &str) -> Result<(), SinkError> {
-    let row = client
-        .query_one(
-            "SELECT to_regclass('sitewatch_schema') IS NOT NULL AND \
+    let row = client.query_one(
+        "SELECT to_regclass('sitewatch_schema') IS NOT NULL AND \
              to_regclass('checks') IS NOT NULL",
-            &[],
-        )
-        .map_err(db_error)?;
+        &[],
+    )?;
     let present: bool = row.get(0);
     let version: Option<i32> = if present {
         client
-            .query_one("SELECT max(version) FROM sitewatch_schema", &[])
-            .map_err(db_error)?
+            .query_one("SELECT max(version) FROM sitewatch_schema", &[])?
             .get(0)
     } else {
         None
@@ -67,12 +64,10 @@ pub fn require(client: &mut Client, url: &str) -> Result<(), SinkError> {
 /// Creates the partition of `checks` for `day` (days since the epoch, UTC) unless it exists.
 pub fn ensure_partition(client: &mut Client, day: i64) -> Result<(), SinkError> {
     let date = format_rfc3339_ms(day * DAY_MS)[..10].to_string();
-    client
-        .execute(
-            "SELECT sitewatch_ensure_check_partition($1::text::date)",
-            &[&date],
-        )
-        .map_err(db_error)?;
+    client.execute(
+        "SELECT sitewatch_ensure_check_partition($1::text::date)",
+        &[&date],
+    )?;
     Ok(())
 }
 
@@ -92,29 +87,22 @@ pub fn maintain(
     retention: Duration,
     now_ms: i64,
 ) -> Result<Maintenance, SinkError> {
-    client
-        .batch_execute("SET lock_timeout = '5s'")
-        .map_err(db_error)?;
+    client.batch_execute("SET lock_timeout = '5s'")?;
     let today = now_ms.div_euclid(DAY_MS);
     for day in today - 1..=today + DAYS_AHEAD {
         ensure_partition(client, day)?;
     }
-    let cutoff = super::writer::system_time(now_ms.saturating_sub(retention.as_millis() as i64));
+    let cutoff = super::db::system_time(now_ms.saturating_sub(retention.as_millis() as i64));
     let dropped = client
-        .query("SELECT sitewatch_drop_check_partitions($1)", &[&cutoff])
-        .map_err(db_error)?
+        .query("SELECT sitewatch_drop_check_partitions($1)", &[&cutoff])?
         .iter()
         .map(|r| r.get::<_, String>(0))
         .collect();
-    let dead_letters_deleted = client
-        .execute(
-            "DELETE FROM dead_letters WHERE received_at < $1",
-            &[&cutoff],
-        )
-        .map_err(db_error)?;
-    client
-        .batch_execute("RESET lock_timeout")
-        .map_err(db_error)?;
+    let dead_letters_deleted = client.execute(
+        "DELETE FROM dead_letters WHERE received_at < $1",
+        &[&cutoff],
+    )?;
+    client.batch_execute("RESET lock_timeout")?;
     Ok(Maintenance {
         dropped_partitions: dropped,
         dead_letters_deleted,
@@ -127,11 +115,9 @@ pub fn load_offset(
     topic: &str,
     partition: i32,
 ) -> Result<Option<i64>, SinkError> {
-    let row = client
-        .query_opt(
-            "SELECT next_offset FROM sink_offsets WHERE topic = $1 AND partition = $2",
-            &[&topic, &partition],
-        )
-        .map_err(db_error)?;
+    let row = client.query_opt(
+        "SELECT next_offset FROM sink_offsets WHERE topic = $1 AND partition = $2",
+        &[&topic, &partition],
+    )?;
     Ok(row.map(|r| r.get(0)))
 }

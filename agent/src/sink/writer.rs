@@ -12,14 +12,13 @@
 //! record per savepoint, so the one bad record is found and dead-lettered.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 
 use super::SinkError;
-use super::db::{describe, is_data_error};
-use super::db_error;
+use super::db::{describe, is_data_error, system_time};
 use super::schema::{ensure_partition, load_offset};
 use crate::result::CheckResult;
 use crate::util::parse_rfc3339_ms;
@@ -158,14 +157,6 @@ fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
         return Some("rule_extra");
     }
     None
-}
-
-pub(super) fn system_time(unix_ms: i64) -> SystemTime {
-    if unix_ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_millis(unix_ms.unsigned_abs())
-    }
 }
 
 fn truncate_chars(s: &str, max: usize) -> String {
@@ -432,7 +423,7 @@ impl Writer {
         partition: i32,
         retention: Duration,
     ) -> Result<Writer, SinkError> {
-        let prepare = |client: &mut Client, sql: &str| client.prepare(sql).map_err(db_error);
+        let prepare = |client: &mut Client, sql: &str| client.prepare(sql).map_err(SinkError::from);
         let insert_checks = prepare(&mut client, &insert_checks_sql())?;
         let insert_dead = prepare(&mut client, INSERT_DEAD_LETTERS)?;
         let upsert_targets = prepare(&mut client, UPSERT_TARGETS)?;
@@ -492,7 +483,7 @@ impl Writer {
         }
         self.ensure_partitions(&rows)?;
         match self.commit(from, next_offset, &rows, &dead, false) {
-            Err(Failure::Data(e)) => {
+            Err(e) if e.is_data_error() => {
                 log::warn!(
                     target: "sitewatch::sink",
                     "{}/{}: batch at offset {} rejected ({e}); retrying record by record",
@@ -501,13 +492,9 @@ impl Writer {
                 // A partition may have been dropped under us: forget what we knew.
                 self.days_ready.clear();
                 self.ensure_partitions(&rows)?;
-                match self.commit(from, next_offset, &rows, &dead, true) {
-                    Ok(outcome) => Ok(outcome),
-                    Err(Failure::Data(e)) | Err(Failure::Other(e)) => Err(e),
-                }
+                self.commit(from, next_offset, &rows, &dead, true)
             }
-            Err(Failure::Other(e)) => Err(e),
-            Ok(outcome) => Ok(outcome),
+            other => other,
         }
     }
 
@@ -533,9 +520,9 @@ impl Writer {
         rows: &[Row],
         dead: &[DeadLetter],
         isolate: bool,
-    ) -> Result<BatchOutcome, Failure> {
+    ) -> Result<BatchOutcome, SinkError> {
         let p = &self.prepared;
-        let mut tx = self.client.transaction().map_err(Failure::from)?;
+        let mut tx = self.client.transaction()?;
         // The offset first: it takes the row lock that serializes writers of this partition,
         // and it fences a writer that lost ownership before it writes anything.
         let advanced = match from {
@@ -544,14 +531,13 @@ impl Writer {
                 &[&p.topic, &p.partition, &next_offset, &old],
             ),
             None => tx.execute(FIRST_OFFSET, &[&p.topic, &p.partition, &next_offset]),
-        }
-        .map_err(Failure::from)?;
+        }?;
         if advanced != 1 {
-            return Err(Failure::Other(SinkError::Fenced {
+            return Err(SinkError::Fenced {
                 topic: p.topic.clone(),
                 partition: p.partition,
                 expected: from,
-            }));
+            });
         }
         let partition = p.partition;
         let mut late_dead: Vec<DeadLetter> = Vec::new();
@@ -559,28 +545,26 @@ impl Writer {
         let mut landed: Vec<&Row> = Vec::with_capacity(rows.len());
         if !isolate {
             let columns = CheckColumns::from_rows(rows);
-            inserted = tx
-                .execute(&p.insert_checks, &columns.params(&partition))
-                .map_err(Failure::from)?;
+            inserted = tx.execute(&p.insert_checks, &columns.params(&partition))?;
             landed.extend(rows);
         } else {
             for (i, row) in rows.iter().enumerate() {
-                let mut sp = tx.savepoint(format!("r{i}")).map_err(Failure::from)?;
+                let mut sp = tx.savepoint(format!("r{i}"))?;
                 let columns = CheckColumns::from_rows([row]);
                 match sp.execute(&p.insert_checks, &columns.params(&partition)) {
                     Ok(n) => {
-                        sp.commit().map_err(Failure::from)?;
+                        sp.commit()?;
                         inserted += n;
                         landed.push(row);
                     }
                     Err(e) if is_data_error(&e) => {
-                        sp.rollback().map_err(Failure::from)?;
+                        sp.rollback()?;
                         late_dead.push(DeadLetter {
                             message: row.message,
                             error: format!("rejected by PostgreSQL: {}", describe(&e)),
                         });
                     }
-                    Err(e) => return Err(Failure::from(e)),
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -589,7 +573,7 @@ impl Writer {
             p.insert_dead_letters(&mut tx, &all_dead)?;
         }
         p.upsert_targets(&mut tx, &landed)?;
-        tx.commit().map_err(Failure::from)?;
+        tx.commit()?;
         Ok(BatchOutcome {
             inserted,
             duplicates: landed.len() as u64 - inserted,
@@ -613,7 +597,7 @@ impl Prepared {
         &self,
         tx: &mut Transaction,
         dead: &[&DeadLetter],
-    ) -> Result<(), Failure> {
+    ) -> Result<(), SinkError> {
         let keep = |b: &Option<Vec<u8>>| {
             b.as_ref()
                 .map(|b| b[..b.len().min(DEAD_LETTER_KEEP_BYTES)].to_vec())
@@ -650,8 +634,7 @@ impl Prepared {
                 &lens,
                 &errors,
             ],
-        )
-        .map_err(Failure::from)?;
+        )?;
         for d in dead {
             log::warn!(
                 target: "sitewatch::sink",
@@ -664,7 +647,7 @@ impl Prepared {
 
     /// One row per target seen in the batch: its latest record's url, time and agent. Sorted
     /// by id so two sinks touching the same targets lock them in the same order.
-    fn upsert_targets(&self, tx: &mut Transaction, rows: &[&Row]) -> Result<(), Failure> {
+    fn upsert_targets(&self, tx: &mut Transaction, rows: &[&Row]) -> Result<(), SinkError> {
         let mut latest: BTreeMap<&str, &Row> = BTreeMap::new();
         for row in rows {
             let entry = latest.entry(&row.record.target).or_insert(row);
@@ -679,26 +662,8 @@ impl Prepared {
         let urls: Vec<&str> = latest.values().map(|r| r.record.url.as_str()).collect();
         let seen: Vec<SystemTime> = latest.values().map(|r| system_time(r.started_ms)).collect();
         let agents: Vec<&str> = latest.values().map(|r| r.record.agent.as_str()).collect();
-        tx.execute(&self.upsert_targets, &[&ids, &urls, &seen, &agents])
-            .map_err(Failure::from)?;
+        tx.execute(&self.upsert_targets, &[&ids, &urls, &seen, &agents])?;
         Ok(())
-    }
-}
-
-/// Why a commit failed: the data (retry record by record) or anything else (the caller
-/// reconnects or re-reads the offset).
-enum Failure {
-    Data(SinkError),
-    Other(SinkError),
-}
-
-impl From<postgres::Error> for Failure {
-    fn from(e: postgres::Error) -> Failure {
-        if is_data_error(&e) {
-            Failure::Data(db_error(e))
-        } else {
-            Failure::Other(db_error(e))
-        }
     }
 }
 

