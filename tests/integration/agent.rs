@@ -18,12 +18,12 @@ use sitewatch::schedule::{self, Mode, Reload, Run};
 use sitewatch::service::{Health, Shutdown};
 
 use crate::support::broker::{Broker, kpeer};
-use crate::support::http::{HttpServer, Reply, closed_port};
+use crate::support::http::{HttpServer, Reply};
 use crate::support::proxy::Proxy;
 use crate::support::{TempDir, wait_for};
 
 pub(crate) fn start_agent(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+    crate::support::sitewatch()
         .args(["agent", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -140,7 +140,7 @@ fn three_targets(up: &HttpServer, down: &HttpServer) -> String {
          [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{}/\"\n",
         up.url("/"),
         down.url("/missing"),
-        closed_port()
+        crate::support::free_port()
     )
 }
 
@@ -212,8 +212,8 @@ fn agent_publishes_every_check_read_back_by_librdkafka() {
 fn broker_outage_loses_nothing() {
     // The agent talks to the broker through a proxy we can cut, so the broker (memory storage)
     // keeps what it acknowledged while the agent sees a dead broker.
-    let proxy_port = crate::support::broker::free_port();
-    let broker_port = crate::support::broker::free_port();
+    let proxy_port = crate::support::free_port();
+    let broker_port = crate::support::free_port();
     let broker = Broker::start_with(broker_port, format!("127.0.0.1:{proxy_port}"), &[]);
     let mut proxy = Proxy::start_on(proxy_port, broker.port);
     let up = HttpServer::start(|_, _| Reply::status(200, "hello"));

@@ -371,7 +371,7 @@ fn agent_and_sink_over_tls_client_certificate_against_apache_kafka() {
 
     let sink_log = dir.path().join("sink.log");
     let log = std::fs::File::create(&sink_log).expect("sink log");
-    let mut sink = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+    let mut sink = crate::support::sitewatch()
         .args(["sink", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "sitewatch=info")
         .env_remove("NOTIFY_SOCKET")

@@ -3,28 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use sitewatch::config::Config;
 use sitewatch::result::{CheckResult, FailureReason};
 
-use crate::support::TempDir;
 use crate::support::http::fixture;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sitewatch"));
-    // Keep the developer's environment from changing what the tests see.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SITEWATCH_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("RUST_LOG", "warn");
-    c
-}
+use crate::support::{TempDir, free_port, sitewatch};
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    bin().args(args).current_dir(dir).output().unwrap()
+    sitewatch().args(args).current_dir(dir).output().unwrap()
 }
 
 fn once_json(cfg: &Path, dir: &Path) -> Output {
@@ -42,12 +30,6 @@ fn once_json(cfg: &Path, dir: &Path) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A port on 127.0.0.1 with nothing listening (bound, then released).
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 fn records(o: &Output) -> Vec<CheckResult> {
@@ -144,7 +126,7 @@ fn check_config_prints_effective_config_with_secrets_masked() {
          [[target]]\nid = \"b\"\nurl = \"http://admin:url-secret-4@127.0.0.1:1/\"\n\
          headers = { X-Password = \"hdr-secret-5\", Apikey = \"hdr-secret-6\" }\n",
     );
-    let o = bin()
+    let o = sitewatch()
         .args(["check-config", "--config", cfg.to_str().unwrap()])
         .env("SITEWATCH_KAFKA_SASL_PASSWORD", "sasl-secret-3")
         .output()
@@ -225,7 +207,7 @@ fn check_config_output_is_a_config_that_prints_back_to_itself() {
 #[test]
 fn a_postgres_password_in_the_url_query_is_never_printed() {
     let dir = TempDir::new("pg-query-password");
-    let port = closed_port();
+    let port = free_port();
     let cfg = write(
         &dir,
         "agent.toml",
@@ -247,7 +229,7 @@ fn a_postgres_password_in_the_url_query_is_never_printed() {
 #[test]
 fn once_all_down_exits_2_with_a_full_failure_record() {
     let dir = TempDir::new("once-down");
-    let port = closed_port();
+    let port = free_port();
     let cfg = write(
         &dir,
         "agent.toml",
@@ -285,8 +267,8 @@ fn once_goes_straight_to_the_target_whatever_proxy_the_environment_names() {
         ),
     );
     // A proxy that does not exist: a check that used it would fail.
-    let proxy = format!("http://127.0.0.1:{}", closed_port());
-    let mut cmd = bin();
+    let proxy = format!("http://127.0.0.1:{}", free_port());
+    let mut cmd = sitewatch();
     cmd.args([
         "--once",
         "--config",
@@ -318,7 +300,7 @@ fn once_goes_straight_to_the_target_whatever_proxy_the_environment_names() {
 #[test]
 fn once_table_format_is_readable() {
     let dir = TempDir::new("once-table");
-    let port = closed_port();
+    let port = free_port();
     let cfg = write(
         &dir,
         "agent.toml",

@@ -11,9 +11,7 @@ use sitewatch::probe::Prober;
 use sitewatch::result::{CheckResult, FailureReason};
 use sitewatch::rules::RuleSet;
 
-use crate::support::http::{
-    Cert, DeafServer, HttpServer, OpensslServer, Reply, closed_port, fixture,
-};
+use crate::support::http::{Cert, DeafServer, HttpServer, OpensslServer, Reply, fixture};
 
 /// Parses an agent.toml with one target and runs one check of it.
 fn probe_with(agent_extra: &str, target_extra: &str) -> CheckResult {
@@ -258,7 +256,7 @@ fn server_that_never_answers_times_out_within_the_timeout() {
 
 #[test]
 fn closed_port_is_a_connect_failure() {
-    let port = closed_port();
+    let port = crate::support::free_port();
     let r = probe(&format!("url = \"http://127.0.0.1:{port}/\""));
     assert_down(&r, FailureReason::Connect, &format!("127.0.0.1:{port}"));
     assert_eq!(r.status, None);
@@ -647,7 +645,7 @@ fn a_rule_that_cannot_run_is_a_rule_failure_but_never_hides_a_transport_failure(
     assert_eq!(r.rule_verdict.as_deref(), Some("error"));
     assert!(r.rule_ms.is_some());
 
-    let port = closed_port();
+    let port = crate::support::free_port();
     let r = probe(&format!(
         "url = \"http://127.0.0.1:{port}/\"\nrule = \"status_ok.wasm\""
     ));
@@ -921,7 +919,7 @@ fn trace_logging_never_shows_request_header_values() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+    let out = crate::support::sitewatch()
         .args(["--once", "--config"])
         .arg(&config)
         .env("RUST_LOG", "trace")

@@ -20,7 +20,7 @@ use sitewatch::config::RulesConfig;
 use sitewatch::rules::cli::rule_test_main;
 use sitewatch::rules::{RuleInput, RuleOutcome, RuleSet, Verdict};
 
-use crate::support::http::{HttpServer, Reply, closed_port};
+use crate::support::http::{HttpServer, Reply};
 
 const DEADLINE: Duration = Duration::from_millis(200);
 /// Room for a loaded 2-core machine on top of the deadline; containment, not speed, is tested.
@@ -564,7 +564,7 @@ fn rule_test_command_on_real_and_offline_responses() {
     let looping = fixtures.join("loop.wat");
     let looping = looping.to_str().expect("utf-8 path");
     let server = test_server();
-    let closed = closed_port();
+    let closed = crate::support::free_port();
     let body = TempDir::new("cli");
     body.write("body.html", b"<p>Example Domain</p>");
     let body_file = body.0.join("body.html");

@@ -80,7 +80,7 @@ fn sd_notify_reload_and_stop() {
     // systemd sets WATCHDOG_PID to the service's own pid; `exec` keeps the shell's pid.
     let mut child = Command::new("sh")
         .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" agent --config \"$1\""])
-        .arg(env!("CARGO_BIN_EXE_sitewatch"))
+        .arg(crate::support::BIN)
         .arg(&cfg_path)
         .env("NOTIFY_SOCKET", &sock_path)
         .env("WATCHDOG_USEC", "1000000")

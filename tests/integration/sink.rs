@@ -830,8 +830,8 @@ impl Pipeline {
     /// A pipeline whose clients reach the broker through a proxy that can be cut: the broker
     /// advertises the proxy's port.
     fn behind_proxy(partitions: i32) -> (Pipeline, crate::support::proxy::Proxy) {
-        let proxy_port = crate::support::broker::free_port();
-        let broker_port = crate::support::broker::free_port();
+        let proxy_port = crate::support::free_port();
+        let broker_port = crate::support::free_port();
         let broker = crate::support::broker::Broker::start_with(
             broker_port,
             format!("127.0.0.1:{proxy_port}"),
@@ -1270,7 +1270,7 @@ impl SinkProcess {
             .append(true)
             .open(log)
             .expect("sink log");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        let child = crate::support::sitewatch()
             .arg("sink")
             .arg("--config")
             .arg(config)
@@ -1448,7 +1448,7 @@ fn topic_records(p: &Pipeline) -> Vec<CheckResult> {
 
 #[test]
 fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
-    use crate::support::http::{HttpServer, Reply, closed_port};
+    use crate::support::http::{HttpServer, Reply};
     let p = Pipeline::new(3);
     let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
     let missing = HttpServer::start(|_, _| Reply::status(404, "nope"));
@@ -1464,12 +1464,12 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
         pipeline = p.config_text(),
         up = up.url("/"),
         missing = missing.url("/missing"),
-        closed = closed_port(),
+        closed = crate::support::free_port(),
     );
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, text).unwrap();
     let log = dir.path().join("run.log");
-    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+    let mut run = crate::support::sitewatch()
         .args(["run", "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "sitewatch=info")
         .stdin(std::process::Stdio::null())
@@ -1571,7 +1571,7 @@ fn a_sink_started_while_postgres_is_down_waits_then_refuses_a_database_without_s
     cluster.stop_server("fast");
     let text = format!(
         "[kafka]\nbrokers = [\"127.0.0.1:{}\"]\n[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n",
-        crate::support::http::closed_port(),
+        crate::support::free_port(),
         db.url()
     );
     let cfg = Config::parse(&text, std::path::Path::new("test.toml"), &|_| None).unwrap();
@@ -1608,7 +1608,7 @@ fn init_db_command_runs_twice_and_reports_an_unreachable_database_without_the_pa
             format!("[postgres]\nurl = \"{url}\"\nsslmode = \"disable\"\n"),
         )
         .unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+        let out = crate::support::sitewatch()
             .args(["init-db", "--config", config.to_str().unwrap()])
             .env("SITEWATCH_PG_PASSWORD", "pw-never-printed")
             .output()
@@ -1624,7 +1624,7 @@ fn init_db_command_runs_twice_and_reports_an_unreachable_database_without_the_pa
         assert!(stderr.contains("schema is up to date"), "{stderr}");
     }
     schema::require(&mut db.client(), &db.url()).expect("schema");
-    let closed = crate::support::http::closed_port();
+    let closed = crate::support::free_port();
     let (code, stderr) = init_db(&format!("postgres://sitewatch@127.0.0.1:{closed}/x"));
     assert_ne!(code, Some(0), "{stderr}");
     assert!(

@@ -10,13 +10,15 @@
 //! `/opt/sitewatch-venv/bin/python`.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sitewatch::config::{Compression, KafkaConfig};
+
+pub use super::free_port;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -85,14 +87,6 @@ pub fn tansu_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default();
     home.join(".cargo/bin/tansu")
-}
-
-/// A port nobody listens on right now (bind 0, read, close).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// Waits until something accepts TCP connections on `port`.

@@ -386,14 +386,6 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A port on 127.0.0.1 where nothing listens (bound, then released).
-pub fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    drop(l);
-    port
-}
-
 /// A server on 127.0.0.1 that accepts connections and never reads from them: a client's
 /// writes block once the socket buffers are full. The connections are held until it is dropped.
 pub struct DeafServer {
@@ -455,7 +447,7 @@ pub struct OpensslServer {
 
 impl OpensslServer {
     pub fn start() -> OpensslServer {
-        let port = closed_port();
+        let port = super::free_port();
         let child = std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-tls1_3", "-accept"])
             .arg(format!("127.0.0.1:{port}"))

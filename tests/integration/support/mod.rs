@@ -9,6 +9,31 @@ pub mod proxy;
 
 pub use broker::TempDir;
 
+/// The `sitewatch` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_sitewatch");
+
+/// A command running the `sitewatch` binary, with the developer's `SITEWATCH_*` and
+/// `RUST_LOG` variables removed, so they cannot change what a test sees: the binary logs at its
+/// own default level (warn for one-shot commands, info for daemons) unless the test sets one.
+pub fn sitewatch() -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SITEWATCH_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// A port on 127.0.0.1 where nothing listens right now (bound to port 0, read, released): for
+/// a server to start on, or for a connection that must be refused.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
