@@ -829,6 +829,16 @@ fn the_watcher_picks_up_a_changed_file() {
     let input = example_input(&headers, b"Example Domain");
     let first = check_verdict(&rules, "rule.wat", &input, Verdict::Up, Some("found"));
 
+    // A broken file, read by a reload pass (the one SIGHUP runs, on this thread, so the test
+    // knows it happened), never replaces the serving rule.
+    dir.write("rule.wat", b"(module (func $broken");
+    rules.reload(&["rule.wat"]);
+    let still = check_verdict(&rules, "rule.wat", &input, Verdict::Up, Some("found"));
+    assert_eq!(
+        still.hash, first.hash,
+        "a broken file never replaces a serving rule"
+    );
+
     let stop = Arc::new(AtomicBool::new(false));
     let watcher = rules
         .watch(
@@ -837,29 +847,15 @@ fn the_watcher_picks_up_a_changed_file() {
             stop.clone(),
         )
         .expect("spawn watcher");
-    dir.write("rule.wat", b"(module (func $broken");
-    std::thread::sleep(Duration::from_millis(200));
-    let still = check_verdict(&rules, "rule.wat", &input, Verdict::Up, Some("found"));
-    assert_eq!(
-        still.hash, first.hash,
-        "a broken file never replaces a serving rule"
-    );
-
     // Write to a temp name and rename, as deploy tools do, so the watcher never sees half a file.
     dir.write("rule.wat.tmp", &other);
     std::fs::rename(dir.0.join("rule.wat.tmp"), dir.0.join("rule.wat")).expect("rename");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let changed = loop {
-        let outcome = rules.evaluate("rule.wat", &input).expect("serving");
-        if outcome.hash != first.hash {
-            break outcome;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the watcher did not reload within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    crate::support::wait_for(
+        "the watcher to reload the changed file",
+        Duration::from_secs(30),
+        || rules.loaded("rule.wat").is_ok_and(|hash| hash != first.hash),
+    );
+    let changed = rules.evaluate("rule.wat", &input).expect("serving");
     assert_eq!(changed.verdict, Verdict::Down);
     assert_eq!(
         changed.reason.as_deref(),
