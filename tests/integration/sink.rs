@@ -1244,9 +1244,13 @@ fn postgres_restarting_mid_stream_loses_nothing() {
     });
     let cluster = server.cluster.as_ref().expect("throwaway");
     cluster.stop_server("immediate");
-    // Records keep arriving while the database is down.
+    // Records keep arriving while the database is down; the sink fails and retries (twice
+    // per partition at least) before it comes back.
+    let retries = sink.status().retries;
     p.produce(&records[3000..]);
-    std::thread::sleep(Duration::from_secs(3));
+    crate::support::wait_for("the sink retrying", Duration::from_secs(60), || {
+        sink.status().retries >= retries + 4
+    });
     cluster.start_server();
     p.wait_rows(6000, Duration::from_secs(300));
     p.wait_offsets_at_end();
@@ -1578,7 +1582,9 @@ fn a_sink_started_while_postgres_is_down_waits_then_refuses_a_database_without_s
     let shutdown = sitewatch::service::Shutdown::new();
     // Down is not an error: the sink retries.
     let sink = sink::Sink::start(&cfg, &shutdown).expect("starts while the database is down");
-    std::thread::sleep(Duration::from_secs(1));
+    crate::support::wait_for("the sink retrying", Duration::from_secs(60), || {
+        sink.status().retries >= 1
+    });
     cluster.start_server();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1645,8 +1651,11 @@ fn kafka_unreachable_mid_stream_loses_nothing() {
     crate::support::wait_for("some rows", Duration::from_secs(120), || {
         count(&mut p.db.client(), "SELECT count(*) FROM checks") > 0
     });
+    let retries = sink.status().retries;
     proxy.cut();
-    std::thread::sleep(Duration::from_secs(4));
+    crate::support::wait_for("the sink retrying", Duration::from_secs(60), || {
+        sink.status().retries >= retries + 2
+    });
     proxy.resume();
     p.produce(&records[3000..]);
     p.wait_rows(6000, Duration::from_secs(300));

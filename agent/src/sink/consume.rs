@@ -65,6 +65,9 @@ pub struct SinkStatus {
     pub topic: String,
     /// Owned partitions.
     pub partitions: BTreeMap<i32, PartitionStatus>,
+    /// Passes that failed and were retried after a backoff (database or Kafka unreachable,
+    /// a lost lock session), by the coordinator and every worker since start.
+    pub retries: u64,
 }
 
 impl SinkStatus {
@@ -239,6 +242,7 @@ impl Coordinator {
                     }
                     Err(e) => {
                         log::warn!(target: "sitewatch::sink", "lock session: {e}");
+                        update(&self.status, |s| s.retries += 1);
                         self.shutdown.sleep(backoff.next_delay());
                         continue;
                     }
@@ -247,6 +251,7 @@ impl Coordinator {
             if let Err(e) = session.check_alive() {
                 // Every lock went with the session: another sink may own our partitions now.
                 log::warn!(target: "sitewatch::sink", "lock session lost ({e}); stopping workers");
+                update(&self.status, |s| s.retries += 1);
                 self.stop_all();
                 owner = None;
                 self.shutdown.sleep(backoff.next_delay());
@@ -505,6 +510,7 @@ impl Worker {
     /// After any failure: say so, long-poll next time and wait out the backoff.
     fn back_off(&self, st: &mut WorkerState, why: std::fmt::Arguments<'_>) {
         log::warn!(target: "sitewatch::sink", "{}/{}: {why}", self.kafka.topic, self.partition);
+        update(&self.status, |s| s.retries += 1);
         st.caught_up = true;
         self.stop.sleep(st.backoff.next_delay());
     }
