@@ -7,6 +7,7 @@ mod support;
 mod agent;
 mod cli;
 mod kafka;
+mod llhttp;
 mod probe;
 mod rules;
 mod service;
