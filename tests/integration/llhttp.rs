@@ -285,6 +285,10 @@ fn short(v: &Verdict) -> String {
 fn llhttp_response_cases_agree_except_the_known_differences() {
     let cases = load_cases();
     assert!(cases.len() >= 80, "only {} cases parsed", cases.len());
+    let mut names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), cases.len(), "case names must be unique");
     let (mut skipped, mut agree, mut differ) = (0, 0, Vec::new());
     let mut table = String::new();
     for case in &cases {
