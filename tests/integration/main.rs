@@ -9,6 +9,7 @@ mod apache_kafka;
 mod bench;
 mod cli;
 mod kafka;
+mod llhttp;
 mod probe;
 mod rules;
 mod service;

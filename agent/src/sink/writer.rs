@@ -116,6 +116,12 @@ fn decode(message: &Message, now_ms: i64, retention: Duration) -> Result<Row<'_>
     })
 }
 
+/// [`decode`] for the fuzz target in `fuzz/` (the row type stays private).
+#[doc(hidden)]
+pub fn decode_for_fuzzing(m: &Message, now_ms: i64, retention: Duration) -> Result<(), String> {
+    decode(m, now_ms, retention).map(drop)
+}
+
 /// The name of the first text field holding U+0000 (PostgreSQL refuses it in text and jsonb).
 fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
     let texts: [(&'static str, Option<&str>); 20] = [
