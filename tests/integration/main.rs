@@ -8,6 +8,7 @@ mod agent;
 mod apache_kafka;
 mod bench;
 mod cli;
+mod cluster;
 mod kafka;
 mod llhttp;
 mod probe;

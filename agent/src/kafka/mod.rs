@@ -11,7 +11,9 @@
 //! both our range ([`conn::OUR_VERSIONS`]) and the broker's. Retries: a request that fails
 //! because leadership moved (NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION, ...) or the
 //! connection dropped refreshes the metadata and is tried again, [`MAX_ATTEMPTS`] times in all
-//! with growing backoff; after that the error goes to the caller.
+//! with growing backoff; after that the error goes to the caller. Fetch and ListOffsets then
+//! also wait (bounded by the request timeout) for a partition whose leader died to get a new
+//! one, as long as some broker answers (see `Client::with_leader_retry`).
 
 pub mod conn;
 pub mod records;
@@ -48,6 +50,9 @@ pub const MAX_ATTEMPTS: u32 = 4;
 /// [`MAX_ATTEMPTS`]; the cap is never reached).
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(200);
 const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often a request whose partition lost its leader asks the cluster again, after the
+/// quick tries (see `Client::with_leader_retry`).
+pub const LEADER_POLL: Duration = Duration::from_millis(250);
 
 /// Kafka error codes we branch on.
 const OFFSET_OUT_OF_RANGE: i16 = 1;
@@ -59,6 +64,15 @@ const NOT_CONTROLLER: i16 = 41;
 const FENCED_LEADER_EPOCH: i16 = 74;
 const UNKNOWN_LEADER_EPOCH: i16 = 75;
 const UNKNOWN_TOPIC_ID: i16 = 100;
+const OFFSET_NOT_AVAILABLE: i16 = 78;
+
+/// True while a partition's leadership is moving: the metadata may still name a leader that
+/// is gone, or the new leader does not yet know its high watermark (OFFSET_NOT_AVAILABLE
+/// right after an election). Waiting and asking again is the cure for both.
+fn leader_in_transition(e: &KafkaError) -> bool {
+    e.stale_metadata()
+        || matches!(e, KafkaError::Broker { code, .. } if *code == OFFSET_NOT_AVAILABLE)
+}
 
 /// Everything that can go wrong talking to Kafka. Texts name the broker, API and topic; they
 /// never hold a password or key material.
@@ -526,10 +540,14 @@ impl Client {
         })?;
         for r in &resp.topics {
             if r.error_code != 0 && r.error_code != TOPIC_ALREADY_EXISTS {
+                // Name what was asked for: the broker's reason alone (e.g. "only 3 broker(s)
+                // are registered") does not say which setting to change.
                 return Err(KafkaError::broker(
                     conn::API_CREATE_TOPICS,
                     r.error_code,
-                    topic,
+                    &format!(
+                        "{topic} ({partitions} partitions, replication factor {replication_factor})"
+                    ),
                     r.error_message.as_ref().map(|m| m.to_string()),
                 ));
             }
@@ -784,7 +802,16 @@ impl Client {
     }
 
     /// Runs `f` on the partition leader's connection, refreshing metadata and retrying on
-    /// leadership changes and connection loss.
+    /// leadership changes and connection loss: [`MAX_ATTEMPTS`] quick tries, then, while the
+    /// partition's leader is gone but some broker answers, a metadata poll every
+    /// [`LEADER_POLL`] until the cluster names a leader that answers, bounded by the request
+    /// timeout.
+    ///
+    /// Why the poll: a leader that dies without a word (kill -9, a crash, a lost host) stays
+    /// in the metadata until the cluster notices (`broker.session.timeout.ms`, 9 s by
+    /// default), longer than the quick tries. Giving up then made the sink drop its client
+    /// and start over with its own backoff, which had grown by the time the new leader was
+    /// there: 8 to 10 s more before it followed (measured against a 3-node Apache Kafka).
     fn with_leader_retry<T>(
         &mut self,
         topic: &str,
@@ -793,6 +820,7 @@ impl Client {
     ) -> Result<T, KafkaError> {
         let mut attempt = 0;
         let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
+        let deadline = Instant::now() + self.settings.request_timeout;
         loop {
             attempt += 1;
             let result = self.topic(topic).and_then(|meta| {
@@ -819,15 +847,27 @@ impl Client {
                 }
                 self.with_conn(Some(leader), |c| f(c, &meta))
             });
-            match result {
-                Err(e) if e.is_retriable() && attempt < MAX_ATTEMPTS => {
-                    log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
-                    std::thread::sleep(backoff.next_delay());
-                    if e.stale_metadata() {
-                        let _ = self.refresh_metadata(&[topic]);
-                    }
-                }
+            let e = match result {
+                Err(e) if e.is_retriable() => e,
                 other => return other,
+            };
+            if attempt < MAX_ATTEMPTS {
+                log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: {e}; retrying ({attempt}/{MAX_ATTEMPTS})");
+                std::thread::sleep(backoff.next_delay());
+                if e.stale_metadata() {
+                    let _ = self.refresh_metadata(&[topic]);
+                }
+                continue;
+            }
+            // Out of quick tries: wait for a new leader only while the cluster answers (a
+            // refresh that fails means no broker is there: report that now).
+            if !(leader_in_transition(&e) && Instant::now() + LEADER_POLL < deadline) {
+                return Err(e);
+            }
+            log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: {e}; waiting for a new leader");
+            std::thread::sleep(LEADER_POLL);
+            if self.refresh_metadata(&[topic]).is_err() {
+                return Err(e);
             }
         }
     }
@@ -911,6 +951,11 @@ impl Client {
     /// Reads brokers and the given topics' partitions and leaders. A topic the broker does
     /// not know is dropped from the cache and reported as `UnknownTopic`.
     fn refresh_metadata(&mut self, topics: &[&str]) -> Result<(), KafkaError> {
+        self.refresh_metadata_answer(topics).map(|_| ())
+    }
+
+    /// [`Client::refresh_metadata`], returning the broker's answer too.
+    fn refresh_metadata_answer(&mut self, topics: &[&str]) -> Result<MetadataResponse, KafkaError> {
         let mut req = MetadataRequest::default();
         req.allow_auto_topic_creation = false;
         req.topics = Some(
@@ -990,9 +1035,42 @@ impl Client {
         }
         match missing {
             Some(t) => Err(KafkaError::UnknownTopic(t)),
-            None => Ok(()),
+            None => Ok(resp),
         }
     }
+
+    /// Who leads, replicates and is in sync for each partition of `topic`, read fresh from
+    /// the cluster (and kept as the new leaders). For operators' diagnostics and the tests
+    /// that kill leaders.
+    pub fn describe_topic(&mut self, topic: &str) -> Result<Vec<PartitionInfo>, KafkaError> {
+        let resp = self.refresh_metadata_answer(&[topic])?;
+        let ids = |v: &[BrokerId]| v.iter().map(|b| b.0).collect::<Vec<i32>>();
+        let mut out: Vec<PartitionInfo> = resp
+            .topics
+            .iter()
+            .filter(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic))
+            .flat_map(|t| t.partitions.iter())
+            .map(|p| PartitionInfo {
+                partition: p.partition_index,
+                leader: p.leader_id.0,
+                replicas: ids(&p.replica_nodes),
+                in_sync: ids(&p.isr_nodes),
+            })
+            .collect();
+        out.sort_by_key(|p| p.partition);
+        Ok(out)
+    }
+}
+
+/// One partition as the cluster describes it ([`Client::describe_topic`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: i32,
+    /// The leader's broker id; negative while there is none.
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    /// The in-sync replicas.
+    pub in_sync: Vec<i32>,
 }
 
 #[cfg(test)]
@@ -1089,6 +1167,29 @@ mod tests {
         top.error_code = UNKNOWN_TOPIC_ID;
         let e = read_fetch_response(&top, "t", 1, 0).unwrap_err();
         assert_eq!(e.to_string(), "Fetch t/1: UNKNOWN_TOPIC_ID (100)");
+    }
+
+    /// Found against a 3-node Apache Kafka: right after an election the new leader answers
+    /// ListOffsets with OFFSET_NOT_AVAILABLE until it knows its high watermark; that, like a
+    /// leader that is gone, is worth waiting out. No broker at all is not.
+    #[test]
+    fn leadership_moving_is_told_apart_from_no_cluster() {
+        let broker = |api, code| KafkaError::broker(api, code, "t/0", None);
+        assert!(leader_in_transition(&broker(conn::API_LIST_OFFSETS, 78)));
+        assert!(leader_in_transition(&broker(
+            conn::API_FETCH,
+            NOT_LEADER_OR_FOLLOWER
+        )));
+        assert!(leader_in_transition(&KafkaError::io(
+            "b:1",
+            std::io::ErrorKind::ConnectionRefused.into()
+        )));
+        assert!(!leader_in_transition(&broker(conn::API_FETCH, 10)));
+        let nobody = KafkaError::NoBroker {
+            tried: vec!["b:1".into()],
+            last: None,
+        };
+        assert!(!leader_in_transition(&nobody));
     }
 
     #[test]

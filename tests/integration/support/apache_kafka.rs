@@ -22,7 +22,7 @@ use super::broker::{TempDir, free_port};
 pub const SASL_USERS: &[&str] = &["alice", "bob"];
 
 /// How long a broker may take to format and start on a loaded 2-core machine.
-const START_DEADLINE: Duration = Duration::from_secs(120);
+const START_DEADLINE: Duration = Duration::from_secs(240);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
@@ -109,7 +109,7 @@ impl ApacheKafka {
             (None, None)
         };
         let tls_ports = ssl_port.zip(sasl_ssl_port);
-        let mut props = base_properties(dir.path(), controller_port);
+        let mut props = base_properties(dir.path(), 1, &voter(1, controller_port), 1);
         props.push_str(&listeners(plaintext_port, controller_port, tls_ports));
         if tls_ports.is_some() {
             props.push_str(&tls_properties(dir.path()));
@@ -117,13 +117,7 @@ impl ApacheKafka {
         let props_file = dir.path().join("server.properties");
         std::fs::write(&props_file, props).expect("write server.properties");
         format_storage(&props_file, opts.tls);
-        let log = std::fs::File::create(dir.path().join("broker.log")).expect("broker log");
-        let child = java("kafka.Kafka")
-            .arg(&props_file)
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("start java (a JDK 17+ is needed)");
+        let child = spawn_broker(&props_file, &dir.path().join("broker.log"));
         let mut k = ApacheKafka {
             plaintext_port,
             ssl_port,
@@ -138,41 +132,13 @@ impl ApacheKafka {
         k
     }
 
-    /// Waits for the broker's "Kafka Server started" line (it accepts TCP earlier than it
-    /// answers requests) and for every listener to accept.
     fn wait_started(&mut self, deadline: Instant) {
         let ports: Vec<u16> = [Some(self.plaintext_port), self.ssl_port, self.sasl_ssl_port]
             .into_iter()
             .flatten()
             .collect();
-        loop {
-            let started = self.log().contains("Kafka Server started");
-            if started
-                && ports.iter().all(|p| {
-                    TcpStream::connect_timeout(&([127, 0, 0, 1], *p).into(), Duration::from_secs(1))
-                        .is_ok()
-                })
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "Apache Kafka exited ({status}) while starting; log tail:\n{}",
-                    tail(&self.log(), 60)
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "Apache Kafka did not start within {START_DEADLINE:?}; log tail:\n{}",
-                    tail(&self.log(), 60)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let log = self.dir.path().join("broker.log");
+        wait_started(self.child.as_mut(), &log, &ports, deadline);
     }
 
     /// `127.0.0.1:PORT` of the PLAINTEXT listener.
@@ -198,22 +164,70 @@ impl Drop for ApacheKafka {
     }
 }
 
-/// One combined broker + controller (node 1, a static one-voter quorum), sized for tests:
-/// replication factor 1 for the internal topics, no rebalance delay, two network and I/O
-/// threads, no automatic topic creation (our CreateTopics is what creates topics).
-fn base_properties(dir: &Path, controller: u16) -> String {
+/// `java kafka.Kafka PROPS`, its output to `log`.
+fn spawn_broker(props: &Path, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("broker log");
+    java("kafka.Kafka")
+        .arg(props)
+        .stdout(out.try_clone().expect("log fd"))
+        .stderr(out)
+        .spawn()
+        .expect("start java (a JDK 17+ is needed)")
+}
+
+/// Waits for the broker's "Kafka Server started" line in `log` (it accepts TCP earlier than
+/// it answers requests) and for every port in `ports` to accept; panics with the log's tail
+/// when the process exits first or `deadline` passes.
+fn wait_started(mut child: Option<&mut Child>, log: &Path, ports: &[u16], deadline: Instant) {
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    loop {
+        if read().contains("Kafka Server started")
+            && ports.iter().all(|p| {
+                TcpStream::connect_timeout(&([127, 0, 0, 1], *p).into(), Duration::from_secs(1))
+                    .is_ok()
+            })
+        {
+            return;
+        }
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!(
+                "Apache Kafka ({}) exited ({status}) while starting; log tail:\n{}",
+                log.display(),
+                tail(&read(), 60)
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "Apache Kafka ({}) did not start within {START_DEADLINE:?}; log tail:\n{}",
+                log.display(),
+                tail(&read(), 60)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ID@127.0.0.1:PORT`, one entry of `controller.quorum.voters`.
+fn voter(id: u32, controller_port: u16) -> String {
+    format!("{id}@127.0.0.1:{controller_port}")
+}
+
+/// One combined broker + controller (node `id` of the static quorum `voters`), sized for
+/// tests: internal topics replicated `replicas` times, no rebalance delay, two network and
+/// I/O threads, no automatic topic creation (our CreateTopics is what creates topics).
+fn base_properties(dir: &Path, id: u32, voters: &str, replicas: usize) -> String {
     format!(
         "process.roles=broker,controller\n\
-         node.id=1\n\
-         controller.quorum.voters=1@127.0.0.1:{controller}\n\
+         node.id={id}\n\
+         controller.quorum.voters={voters}\n\
          controller.listener.names=CONTROLLER\n\
          inter.broker.listener.name=PLAINTEXT\n\
          log.dirs={data}\n\
-         offsets.topic.replication.factor=1\n\
+         offsets.topic.replication.factor={replicas}\n\
          offsets.topic.num.partitions=3\n\
-         transaction.state.log.replication.factor=1\n\
+         transaction.state.log.replication.factor={replicas}\n\
          transaction.state.log.min.isr=1\n\
-         share.coordinator.state.topic.replication.factor=1\n\
+         share.coordinator.state.topic.replication.factor={replicas}\n\
          share.coordinator.state.topic.min.isr=1\n\
          group.initial.rebalance.delay.ms=0\n\
          auto.create.topics.enable=false\n\
@@ -295,4 +309,206 @@ fn format_storage(props: &Path, scram_users: bool) {
         }
     }
     run_ok("kafka.tools.StorageTool format", &mut cmd);
+}
+
+/// How quickly the cluster notices a node that died without a word (kill -9). The default
+/// session timeout (9 s) alone would keep a dead leader in the metadata for 9 s: longer than
+/// the 5 s our resumption goal allows. 3 s of silence (six missed 500 ms heartbeats) is
+/// still far above the pauses a loaded 2-core machine makes.
+/// Also: records carry the time the leader appended them (LogAppendTime), so a test can
+/// read from the log itself how long a partition took no records.
+const CLUSTER_LIVENESS: &str = "broker.session.timeout.ms=3000\n\
+     broker.heartbeat.interval.ms=500\n\
+     controller.quorum.fetch.timeout.ms=2000\n\
+     controller.quorum.election.timeout.ms=1000\n\
+     log.message.timestamp.type=LogAppendTime\n";
+
+/// One node of an [`ApacheKafkaCluster`]: broker and controller in one process, its own data
+/// dir and ports, which stay the same across restarts.
+pub struct ClusterNode {
+    pub id: i32,
+    pub port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// How many times it was started: each start logs to its own `broker-N.log`.
+    starts: u32,
+}
+
+impl ClusterNode {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("broker-{}.log", self.starts))
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} is running", self.id);
+        self.starts += 1;
+        self.child = Some(spawn_broker(
+            &self.dir.join("server.properties"),
+            &self.log_path(),
+        ));
+    }
+
+    fn wait_started(&mut self, deadline: Instant) {
+        let log = self.log_path();
+        let ports = [self.port, self.controller_port];
+        wait_started(self.child.as_mut(), &log, &ports, deadline);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `127.0.0.1:PORT` of the PLAINTEXT listener.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(
+            &std::fs::read_to_string(self.log_path()).unwrap_or_default(),
+            60,
+        )
+    }
+}
+
+/// A KRaft cluster of `n` nodes, each broker and controller, one static quorum of all of
+/// them, topics replicated `n` times by default with `min.insync.replicas = n - 1`. Nodes
+/// can be killed (SIGKILL), stopped (SIGTERM: a controlled shutdown that hands leadership
+/// over) and started again on the same ports and data. All killed on drop.
+pub struct ApacheKafkaCluster {
+    pub nodes: Vec<ClusterNode>,
+    pub dir: TempDir,
+    pub startup: Duration,
+}
+
+impl ApacheKafkaCluster {
+    pub fn start(n: usize) -> ApacheKafkaCluster {
+        assert!(n >= 2, "a cluster has at least two nodes");
+        let t = Instant::now();
+        let dir = TempDir::new("apache-kafka-cluster");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| voter(i as u32 + 1, p.1))
+            .collect();
+        let mut nodes: Vec<ClusterNode> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(port, controller_port))| {
+                let id = i as u32 + 1;
+                let node_dir = dir.path().join(format!("node-{id}"));
+                std::fs::create_dir_all(&node_dir).expect("node dir");
+                let mut props = base_properties(&node_dir, id, &voters.join(","), n);
+                props.push_str(&listeners(port, controller_port, None));
+                props.push_str(&format!(
+                    "default.replication.factor={n}\nmin.insync.replicas={}\n{CLUSTER_LIVENESS}",
+                    n - 1
+                ));
+                std::fs::write(node_dir.join("server.properties"), props)
+                    .expect("write server.properties");
+                ClusterNode {
+                    id: id as i32,
+                    port,
+                    controller_port,
+                    dir: node_dir,
+                    child: None,
+                    starts: 0,
+                }
+            })
+            .collect();
+        // Formatting is a JVM start each: do them side by side. The same cluster id for all.
+        std::thread::scope(|s| {
+            for node in &nodes {
+                let props = node.dir.join("server.properties");
+                s.spawn(move || format_storage(&props, false));
+            }
+        });
+        // No node finishes starting before a quorum of controllers is up: start all, then wait.
+        let mut cluster = ApacheKafkaCluster {
+            nodes: Vec::new(),
+            dir,
+            startup: Duration::ZERO,
+        };
+        for node in &mut nodes {
+            node.spawn();
+        }
+        cluster.nodes = nodes;
+        let deadline = t + START_DEADLINE;
+        for node in &mut cluster.nodes {
+            node.wait_started(deadline);
+        }
+        cluster.startup = t.elapsed();
+        eprintln!(
+            "Apache Kafka cluster of {n} started in {:?}",
+            cluster.startup
+        );
+        cluster
+    }
+
+    /// Every node's PLAINTEXT address: the bootstrap list.
+    pub fn bootstrap(&self) -> Vec<String> {
+        self.nodes.iter().map(ClusterNode::addr).collect()
+    }
+
+    pub fn node(&mut self, id: i32) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// SIGKILL: the node dies without a word, as in a crash.
+    pub fn kill(&mut self, id: i32) {
+        let mut child = self.node(id).child.take().expect("node is running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM: a controlled shutdown (leadership handed over first). Returns at once; see
+    /// [`ApacheKafkaCluster::wait_stopped`].
+    pub fn terminate(&mut self, id: i32) {
+        let node = self.node(id);
+        let pid = node.child.as_ref().expect("node is running").id();
+        run_ok(
+            "kill -TERM",
+            Command::new("kill").args(["-TERM", &pid.to_string()]),
+        );
+    }
+
+    /// Waits for a terminated node to exit; SIGKILL and panic after `within`.
+    pub fn wait_stopped(&mut self, id: i32, within: Duration) {
+        let mut child = self.node(id).child.take().expect("node is running");
+        let deadline = Instant::now() + within;
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {id} did not stop within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a stopped or killed node again (same ports, same data) and waits until it
+    /// serves.
+    pub fn restart(&mut self, id: i32) {
+        let t = Instant::now();
+        let node = self.node(id);
+        node.spawn();
+        node.wait_started(t + START_DEADLINE);
+        eprintln!("node {id} restarted in {:.1?}", t.elapsed());
+    }
+}
+
+impl Drop for ApacheKafkaCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut c) = node.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
 }
