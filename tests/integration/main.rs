@@ -8,6 +8,7 @@ mod agent;
 mod bench;
 mod cli;
 mod kafka;
+mod metrics;
 mod probe;
 mod rules;
 mod service;
