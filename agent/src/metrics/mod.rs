@@ -553,3 +553,101 @@ impl<O: Output> Output for Recorder<O> {
         self.inner.status()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::PartitionStatus;
+
+    fn tls_record() -> CheckResult {
+        let mut r = CheckResult::new("shop", "https://shop.example/", "eu-1", "GET");
+        r.fail(FailureReason::BodyMismatch, "regex did not match");
+        r.status = Some(200);
+        r.http_version = Some("HTTP/1.1".into());
+        r.final_url = Some("https://shop.example/home".into());
+        r.redirects = 1;
+        r.remote_ip = Some("::1".into());
+        r.body_bytes = 42;
+        r.tls_version = Some("TLSv1.3".into());
+        r.cert_not_after = Some("2030-01-01T00:00:00.000Z".into());
+        r.timings.dns = Some(1.0);
+        r.timings.connect = Some(2.0);
+        r.timings.tls = Some(3.0);
+        r.timings.ttfb = Some(250.0);
+        r.timings.total = 300.0;
+        r.rule_ms = Some(0.2);
+        r
+    }
+
+    #[test]
+    fn a_record_renders_under_blackbox_names_with_its_labels() {
+        let registry = Registry::new();
+        registry.record(&tls_record());
+        let text = registry.render();
+        let l = "instance=\"https://shop.example/\",target=\"shop\",agent=\"eu-1\"";
+        for line in [
+            format!("probe_success{{{l}}} 0"),
+            format!("probe_duration_seconds{{{l}}} 0.3"),
+            format!("probe_http_status_code{{{l}}} 200"),
+            format!("probe_http_redirects{{{l}}} 1"),
+            format!("probe_http_content_length{{{l}}} 42"),
+            format!("probe_failed_due_to_regex{{{l}}} 1"),
+            format!("probe_http_version{{{l}}} 1.1"),
+            format!("probe_http_ssl{{{l}}} 1"),
+            format!("probe_ip_protocol{{{l}}} 6"),
+            format!("probe_http_duration_seconds{{{l},phase=\"resolve\"}} 0.001"),
+            format!("probe_http_duration_seconds{{{l},phase=\"processing\"}} 0.25"),
+            // A phase that did not happen is 0, as blackbox_exporter reports it.
+            format!("probe_http_duration_seconds{{{l},phase=\"transfer\"}} 0"),
+            format!("probe_ssl_earliest_cert_expiry{{{l}}} 1893456000"),
+            format!("probe_tls_version_info{{{l},version=\"TLS 1.3\"}} 1"),
+            format!("sitewatch_checks_total{{{l},failure=\"body_mismatch\"}} 1"),
+            format!("sitewatch_check_duration_seconds_bucket{{{l},le=\"0.25\"}} 0"),
+            format!("sitewatch_check_duration_seconds_bucket{{{l},le=\"0.5\"}} 1"),
+            "sitewatch_rule_evaluation_seconds_count 1".to_string(),
+            "# TYPE sitewatch_checks_total counter".to_string(),
+        ] {
+            assert!(text.lines().any(|x| x == line), "{line} not in:\n{text}");
+        }
+        // No publisher and no sink: none of their series.
+        assert!(!text.contains("sitewatch_spool_records"), "{text}");
+        assert!(!text.contains("sitewatch_sink_"), "{text}");
+    }
+
+    #[test]
+    fn sink_partitions_and_removed_targets() {
+        let registry = Registry::new();
+        registry.record(&tls_record());
+        let mut status = SinkStatus {
+            topic: "checks".into(),
+            ..SinkStatus::default()
+        };
+        status.partitions.insert(
+            0,
+            PartitionStatus {
+                next_offset: Some(10),
+                high_watermark: 15,
+                rows: 10,
+                duplicates: 0,
+                dead_letters: 1,
+            },
+        );
+        registry.set_sink(Some(Box::new(move || status.clone())));
+        let text = registry.render();
+        for line in [
+            "sitewatch_sink_lag_records{topic=\"checks\",partition=\"0\"} 5",
+            "sitewatch_sink_rows_total{topic=\"checks\",partition=\"0\"} 10",
+            "sitewatch_sink_dead_letters_total{topic=\"checks\",partition=\"0\"} 1",
+        ] {
+            assert!(text.lines().any(|x| x == line), "{line} not in:\n{text}");
+        }
+        registry.set_sink(None);
+        registry.retain_targets(&|id| id != "shop");
+        let text = registry.render();
+        assert!(
+            !text.contains("shop") && !text.contains("sitewatch_sink_"),
+            "{text}"
+        );
+        assert!(text.contains("sitewatch_build_info{version="), "{text}");
+    }
+}
