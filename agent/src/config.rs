@@ -50,6 +50,7 @@ pub struct RawConfig {
     pub rules: RawRules,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+    pub metrics: Option<RawMetrics>,
 }
 
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -150,6 +151,19 @@ pub struct RawTarget {
     pub tags: Vec<String>,
 }
 
+/// `[metrics]`: the Prometheus listener. `[metrics.module.NAME]` tables are target templates
+/// for `/probe` (every `[[target]]` key except `id` and `url`).
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    pub probe_allow: Option<Vec<String>>,
+    pub probe_concurrency: Option<usize>,
+    pub connections: Option<usize>,
+    #[serde(default, rename = "module")]
+    pub modules: std::collections::BTreeMap<String, RawTarget>,
+}
+
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawTargetTls {
@@ -171,8 +185,25 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     pub rules: RulesConfig,
     pub targets: Vec<Target>,
+    /// `None` when the file has no `[metrics]` section: no listener.
+    pub metrics: Option<MetricsConfig>,
     /// Where the passwords came from, so `check-config` can say so without showing them.
     pub secrets: SecretSources,
+}
+
+/// The Prometheus listener (`[metrics]`): `/metrics` and blackbox_exporter's `/probe`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
+    /// URL prefixes `/probe` may check besides the configured targets' own URLs. Each ends
+    /// its host with a `/`, so `http://a.example/` never admits `http://a.example.evil/`.
+    pub probe_allow: Vec<String>,
+    /// `/probe` checks running at once; one more is answered 503.
+    pub probe_concurrency: usize,
+    /// Open connections at once; one more is closed unanswered.
+    pub connections: usize,
+    /// `/probe?module=NAME` templates: a [`Target`] whose `id` is the name and `url` empty.
+    pub modules: std::collections::BTreeMap<String, Target>,
 }
 
 /// Where each secret of a [`Config`] came from.
@@ -543,6 +574,13 @@ pub const DEFAULT_SPOOL_MAX: u64 = 256 * 1024 * 1024;
 /// smaller `spool_max` is refused rather than quietly not honoured.
 pub const MIN_SPOOL_MAX: u64 = 64 * 1024;
 pub const DEFAULT_TOPIC: &str = "sitewatch.checks";
+/// `/probe` checks at once: each holds a thread and a connection for up to its timeout.
+pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
+/// Connections the metrics listener serves at once (each is one short-lived thread).
+pub const DEFAULT_METRICS_CONNECTIONS: usize = 16;
+/// Upper bounds for the two above: a typo of 10000 must not mean 10000 threads.
+pub const MAX_PROBE_CONCURRENCY: usize = 64;
+pub const MAX_METRICS_CONNECTIONS: usize = 256;
 /// Most extra attempts per round: more would let one target's retries outlast its interval.
 pub const MAX_RETRIES: u32 = 10;
 /// Regexes are compiled with these limits, so a hostile pattern is a config error, not a stall
@@ -701,6 +739,11 @@ impl Validator<'_> {
         let kafka = self.kafka(raw.kafka.as_ref())?;
         let postgres = self.postgres(raw.postgres.as_ref())?;
         let rules = self.rules(&raw.rules)?;
+        let metrics = raw
+            .metrics
+            .as_ref()
+            .map(|m| self.metrics(m, &agent))
+            .transpose()?;
         let mut targets = Vec::with_capacity(raw.targets.len());
         let mut seen = HashSet::new();
         for (i, t) in raw.targets.iter().enumerate() {
@@ -728,6 +771,7 @@ impl Validator<'_> {
             postgres,
             rules,
             targets,
+            metrics,
             secrets: self.secrets.take(),
         })
     }
@@ -1103,6 +1147,20 @@ impl Validator<'_> {
             .clone()
             .ok_or_else(|| self.err(format!("{ctx}url: missing")))?;
         validate_url(&url).map_err(|e| self.err(format!("{ctx}url {:?}: {e}", shown_url(&url))))?;
+        self.target_fields(&ctx, id, url, raw, agent)
+    }
+
+    /// Every key of a target but `id` and `url` (already checked): shared by `[[target]]`
+    /// and the `/probe` modules of `[metrics.module.NAME]`.
+    fn target_fields(
+        &self,
+        ctx: &str,
+        id: String,
+        url: String,
+        raw: &RawTarget,
+        agent: &AgentConfig,
+    ) -> Result<Target, ConfigError> {
+        let ctx = ctx.to_string();
         let method = raw
             .method
             .clone()
@@ -1201,6 +1259,75 @@ impl Validator<'_> {
             tls_ca_file,
             tls_insecure,
             tags: raw.tags.clone(),
+        })
+    }
+
+    fn metrics(&self, raw: &RawMetrics, agent: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
+        let ctx = "metrics: ";
+        if !cfg!(feature = "metrics") {
+            return Err(self.err(format!(
+                "{ctx}this sitewatch was built without the `metrics` feature; remove [metrics]"
+            )));
+        }
+        let listen = raw
+            .listen
+            .as_deref()
+            .ok_or_else(|| self.err(format!("{ctx}listen: missing (e.g. \"127.0.0.1:9781\")")))?;
+        let listen = listen.parse().map_err(|_| {
+            self.err(format!(
+                "{ctx}listen {listen:?}: expected an IP address and port, like \"127.0.0.1:9781\""
+            ))
+        })?;
+        let mut probe_allow = Vec::new();
+        for prefix in raw.probe_allow.iter().flatten() {
+            // The host must end at a `/`: a bare `http://a.example` would admit `a.example.evil`.
+            // No user-info: a prefix is printed by check-config and matched against URLs.
+            let plain = UrlParts::parse(prefix)
+                .is_some_and(|p| p.rest.starts_with('/') && p.user.is_none());
+            if validate_url(prefix).is_err() || !plain {
+                return Err(self.err(format!(
+                    "{ctx}probe_allow {:?}: expected an http:// or https:// URL prefix without user-info, with a path, like \"https://example.com/\"",
+                    shown_url(prefix)
+                )));
+            }
+            probe_allow.push(prefix.clone());
+        }
+        let bounded = |field: &str, value: Option<usize>, default: usize, max: usize| match value {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            Some(n) => Err(self.err(format!("{ctx}{field} {n}: expected 1 to {max}"))),
+        };
+        let probe_concurrency = bounded(
+            "probe_concurrency",
+            raw.probe_concurrency,
+            DEFAULT_PROBE_CONCURRENCY,
+            MAX_PROBE_CONCURRENCY,
+        )?;
+        let connections = bounded(
+            "connections",
+            raw.connections,
+            DEFAULT_METRICS_CONNECTIONS,
+            MAX_METRICS_CONNECTIONS,
+        )?;
+        let mut modules = std::collections::BTreeMap::new();
+        for (name, module) in &raw.modules {
+            let ctx = format!("metrics.module {name:?}: ");
+            for (field, set) in [("id", module.id.is_some()), ("url", module.url.is_some())] {
+                if set {
+                    return Err(self.err(format!(
+                        "{ctx}{field}: not allowed in a module (the URL comes from /probe?target=)"
+                    )));
+                }
+            }
+            let template = self.target_fields(&ctx, name.clone(), String::new(), module, agent)?;
+            modules.insert(name.clone(), template);
+        }
+        Ok(MetricsConfig {
+            listen,
+            probe_allow,
+            probe_concurrency,
+            connections,
+            modules,
         })
     }
 
@@ -1405,6 +1532,9 @@ impl Config {
         for t in &self.targets {
             t.write_toml(&mut out);
         }
+        if let Some(m) = &self.metrics {
+            m.write_toml(&mut out);
+        }
         out.0
     }
 }
@@ -1545,6 +1675,20 @@ impl RulesConfig {
     }
 }
 
+impl MetricsConfig {
+    fn write_toml(&self, out: &mut TomlWriter) {
+        out.table("[metrics]");
+        out.string("listen", &self.listen.to_string());
+        out.strings("probe_allow", &self.probe_allow);
+        out.value("probe_concurrency", self.probe_concurrency);
+        out.value("connections", self.connections);
+        for (name, module) in &self.modules {
+            out.table(&format!("[metrics.module.{}]", toml_string(name)));
+            module.write_fields(out);
+        }
+    }
+}
+
 impl Target {
     fn write_toml(&self, out: &mut TomlWriter) {
         out.table("[[target]]");
@@ -1558,6 +1702,11 @@ impl Target {
                 toml_string(&shown)
             ));
         }
+        self.write_fields(out);
+    }
+
+    /// Every key but `id` and `url` (a `/probe` module has neither).
+    fn write_fields(&self, out: &mut TomlWriter) {
         out.string("method", &self.method);
         for (name, value) in &self.headers {
             let key = format!("headers.{}", toml_string(name));
@@ -1699,6 +1848,48 @@ mod tests {
         assert!(!t.expect_status.contains(404));
         assert!(c.kafka.is_none() && c.postgres.is_none());
         assert_eq!(c.agent.body_cap, DEFAULT_BODY_CAP);
+    }
+
+    #[cfg(feature = "metrics")]
+    #[test]
+    fn metrics_errors_name_the_field() {
+        let m = |rest: &str| format!("[metrics]\nlisten = \"127.0.0.1:9781\"\n{rest}");
+        check_err("[metrics]\n", "agent.toml: metrics: listen: missing");
+        check_err(
+            "[metrics]\nlisten = \"localhost:80\"\n",
+            "metrics: listen \"localhost:80\": expected an IP address and port",
+        );
+        for prefix in ["http://a.example", "ftp://a/", "http://u:secret@a/", "a/"] {
+            let err = parse(&m(&format!("probe_allow = [\"{prefix}\"]\n")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("metrics: probe_allow"), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        check_err(
+            &m("probe_concurrency = 0\n"),
+            "metrics: probe_concurrency 0: expected 1 to 64",
+        );
+        check_err(
+            &m("connections = 100000\n"),
+            "metrics: connections 100000: expected 1 to 256",
+        );
+        check_err(
+            &m("[metrics.module.m]\nurl = \"http://a/\"\n"),
+            "metrics.module \"m\": url: not allowed in a module",
+        );
+        check_err(
+            &m("[metrics.module.m]\nmax_redirects = 99\n"),
+            "metrics.module \"m\": max_redirects 99: expected 0 to 50",
+        );
+        check_err(
+            &m("[metrics.module.m]\nbogus = 1\n"),
+            "unknown field `bogus`",
+        );
+        let c = parse(&m("[metrics.module.m]\n")).unwrap();
+        let metrics = c.metrics.unwrap();
+        assert_eq!(metrics.probe_concurrency, DEFAULT_PROBE_CONCURRENCY);
+        assert_eq!(metrics.modules["m"].timeout, DEFAULT_TIMEOUT);
     }
 
     #[test]
@@ -1885,11 +2076,15 @@ mod tests {
         dir.write("sasl-password", "sasl-secret-2\n");
         dir.write("pg-password", "pg-secret-3\n");
         dir.write("target-ca.pem", "not read at load");
-        let text = match cfg!(feature = "wasm") {
+        let mut text = match cfg!(feature = "wasm") {
             true => EVERY_KEY.to_string(),
             // Without the rule engine a `rule` is refused, so it cannot be part of this config.
             false => EVERY_KEY.replace("rule = \"status_ok.wasm\"\n", ""),
         };
+        if !cfg!(feature = "metrics") {
+            // Without the listener `[metrics]` is refused; it is the file's last table.
+            text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);
+        }
         dir.write("agent.toml", &text)
     }
 

@@ -11,7 +11,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
-use crate::output::OutputError;
+use crate::output::{Output, OutputError};
 use crate::probe::Prober;
 use crate::publish::{PublishError, Publisher};
 use crate::rules::RuleSet;
@@ -60,6 +60,9 @@ pub enum DaemonError {
     Publisher(PublishError),
     /// The output lost records (the spool could not keep them).
     Output(Arc<OutputError>),
+    /// The `[metrics]` listener could not start.
+    #[cfg(feature = "metrics")]
+    Metrics(crate::metrics::ServerError),
 }
 
 impl DaemonError {
@@ -78,6 +81,8 @@ impl fmt::Display for DaemonError {
             DaemonError::Sink(e) => write!(f, "sink: {e}"),
             DaemonError::Publisher(e) => write!(f, "publisher: {e}"),
             DaemonError::Output(e) => e.fmt(f),
+            #[cfg(feature = "metrics")]
+            DaemonError::Metrics(e) => e.fmt(f),
         }
     }
 }
@@ -91,6 +96,8 @@ impl std::error::Error for DaemonError {
             DaemonError::Sink(e) => Some(e),
             DaemonError::Publisher(e) => Some(e),
             DaemonError::Output(e) => Some(&**e),
+            #[cfg(feature = "metrics")]
+            DaemonError::Metrics(e) => Some(e),
         }
     }
 }
@@ -119,6 +126,7 @@ pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
     } else {
         None
     };
+    let metrics = Metrics::start(&cfg, role, sink.clone())?;
     // A sink that stops on its own (e.g. the schema is missing) stops the process, so
     // systemd's Restart= and the exit code tell the operator.
     let monitor = sink.clone().map(|s| {
@@ -137,7 +145,14 @@ pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
             let status: Box<dyn Fn() -> String + Send> = Box::new(move || s.status().line());
             status
         });
-        run_agent(path, cfg.clone(), &signals, &health, sink_status)
+        run_agent(
+            path,
+            cfg.clone(),
+            &signals,
+            &health,
+            sink_status,
+            metrics.as_ref(),
+        )
     } else {
         wait_as_sink(&cfg, &shutdown, &health, sink.as_deref());
         Ok(())
@@ -146,6 +161,9 @@ pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
     shutdown.trigger();
     if let Some(m) = monitor {
         let _ = m.join();
+    }
+    if let Some(m) = &metrics {
+        m.release_sink();
     }
     let sink_result = match sink.map(Arc::try_unwrap) {
         Some(Ok(s)) => s.join().map_err(DaemonError::Sink),
@@ -192,6 +210,7 @@ fn run_agent(
     signals: &Signals,
     health: &Health,
     sink_status: Option<Box<dyn Fn() -> String + Send>>,
+    metrics: Option<&Metrics>,
 ) -> Result<(), DaemonError> {
     let Some(kafka) = cfg.kafka.clone() else {
         return Err(missing(path, NEEDS_KAFKA));
@@ -199,6 +218,13 @@ fn run_agent(
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
     let prober = Arc::new(Prober::for_config(&cfg, rules.clone()));
     let publisher = Publisher::start(&kafka, &cfg.agent).map_err(DaemonError::Publisher)?;
+    let output: Box<dyn Output> = match metrics {
+        Some(m) => {
+            m.reloaded(&cfg, &prober);
+            m.output(publisher)
+        }
+        None => Box::new(publisher),
+    };
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
     let shutdown = signals.shutdown.clone();
@@ -206,6 +232,7 @@ fn run_agent(
         path: path.to_path_buf(),
         current: cfg.clone(),
         rules,
+        metrics: metrics.cloned(),
     };
     reloader.spawn(signals, reload_tx);
 
@@ -240,7 +267,7 @@ fn run_agent(
                 ));
             })),
         },
-        Box::new(publisher),
+        output,
     );
     log::info!(
         "agent stopped after {} checks ({} up, {} down)",
@@ -254,10 +281,10 @@ fn run_agent(
     }
 }
 
-/// The rule files the targets of `cfg` name.
+/// The rule files the targets of `cfg` (and its `/probe` modules) name.
 pub fn rule_names(cfg: &Config) -> Vec<&str> {
-    cfg.targets
-        .iter()
+    let modules = cfg.metrics.iter().flat_map(|m| m.modules.values());
+    (cfg.targets.iter().chain(modules))
         .filter_map(|t| t.rule.as_deref())
         .collect()
 }
@@ -269,6 +296,9 @@ pub struct Reloader {
     /// The config running now.
     pub current: Arc<Config>,
     pub rules: RuleSet,
+    /// The `[metrics]` listener, told of the new config (its `/probe` setup, and which
+    /// targets' series to keep).
+    pub metrics: Option<Metrics>,
 }
 
 impl Reloader {
@@ -281,6 +311,9 @@ impl Reloader {
         }
         self.rules.reload(&rule_names(&new));
         let prober = Arc::new(Prober::for_config(&new, self.rules.clone()));
+        if let Some(m) = &self.metrics {
+            m.reloaded(&new, &prober);
+        }
         self.current = new.clone();
         Ok(Reload {
             config: new,
@@ -324,7 +357,115 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.postgres != new.postgres {
         changed.push("postgres");
     }
+    // Modules, the allow-list and probe_concurrency apply on reload; the socket does not.
+    let socket = |c: &Config| c.metrics.as_ref().map(|m| (m.listen, m.connections));
+    if socket(old) != socket(new) {
+        changed.push("metrics");
+    }
     changed
+}
+
+pub use wiring::Metrics;
+
+/// The `[metrics]` listener as the daemon sees it: started or not, fed by the output, told of
+/// reloads. Without the `metrics` feature the same calls do nothing (a `[metrics]` section is
+/// then refused by the config).
+#[cfg(feature = "metrics")]
+mod wiring {
+    use std::sync::Arc;
+
+    use super::{DaemonError, Role};
+    use crate::config::Config;
+    use crate::metrics::{ProbeEndpoint, Recorder, Registry, Server};
+    use crate::output::Output;
+    use crate::probe::Prober;
+    use crate::publish::Publisher;
+    use crate::sink::Sink;
+
+    #[derive(Clone)]
+    pub struct Metrics {
+        registry: Arc<Registry>,
+        probe: Option<Arc<ProbeEndpoint>>,
+    }
+
+    impl Metrics {
+        /// Starts the listener when `cfg` has `[metrics]`: `/probe` for the roles that probe,
+        /// the sink's partitions for those that sink.
+        pub fn start(
+            cfg: &Config,
+            role: Role,
+            sink: Option<Arc<Sink>>,
+        ) -> Result<Option<Metrics>, DaemonError> {
+            let Some(m) = &cfg.metrics else {
+                return Ok(None);
+            };
+            let registry = Arc::new(Registry::new());
+            if let Some(sink) = sink {
+                registry.set_sink(Some(Box::new(move || sink.status())));
+            }
+            let probe = role.probes().then(|| Arc::new(ProbeEndpoint::new()));
+            Server::start(m.listen, m.connections, registry.clone(), probe.clone())
+                .map_err(DaemonError::Metrics)?;
+            Ok(Some(Metrics { registry, probe }))
+        }
+
+        /// The publisher, wrapped so that every record also updates the registry.
+        pub fn output(&self, publisher: Publisher) -> Box<dyn Output> {
+            Box::new(Recorder::new(publisher, self.registry.clone(), |p| {
+                Some(p.stats())
+            }))
+        }
+
+        pub fn reloaded(&self, cfg: &Config, prober: &Arc<Prober>) {
+            if let Some(p) = &self.probe {
+                p.update(cfg, prober.clone());
+            }
+            self.registry
+                .retain_targets(&|id| cfg.targets.iter().any(|t| t.id == id));
+        }
+
+        /// Lets go of the sink, so it can be joined.
+        pub fn release_sink(&self) {
+            self.registry.set_sink(None);
+        }
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod wiring {
+    use std::sync::Arc;
+
+    use super::{DaemonError, Role};
+    use crate::config::Config;
+    use crate::output::Output;
+    use crate::probe::Prober;
+    use crate::publish::Publisher;
+    use crate::sink::Sink;
+
+    #[derive(Clone)]
+    pub enum Metrics {}
+
+    impl Metrics {
+        pub fn start(
+            _: &Config,
+            _: Role,
+            _: Option<Arc<Sink>>,
+        ) -> Result<Option<Metrics>, DaemonError> {
+            Ok(None)
+        }
+
+        pub fn output(&self, _: Publisher) -> Box<dyn Output> {
+            match *self {}
+        }
+
+        pub fn reloaded(&self, _: &Config, _: &Arc<Prober>) {
+            match *self {}
+        }
+
+        pub fn release_sink(&self) {
+            match *self {}
+        }
+    }
 }
 
 /// Starts a named thread; a thread that cannot start is logged (the daemon runs on without

@@ -13,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod kafka;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod output;
 pub mod probe;
 pub mod publish;

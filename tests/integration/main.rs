@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod kafka;
 mod llhttp;
+mod metrics;
 mod probe;
 mod rules;
 mod service;

@@ -853,7 +853,11 @@ fn the_watcher_picks_up_a_changed_file() {
     crate::support::wait_for(
         "the watcher to reload the changed file",
         Duration::from_secs(30),
-        || rules.loaded("rule.wat").is_ok_and(|hash| hash != first.hash),
+        || {
+            rules
+                .loaded("rule.wat")
+                .is_ok_and(|hash| hash != first.hash)
+        },
     );
     let changed = rules.evaluate("rule.wat", &input).expect("serving");
     assert_eq!(changed.verdict, Verdict::Down);
