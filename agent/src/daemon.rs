@@ -11,6 +11,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
+use crate::kafka::KafkaError;
 use crate::output::OutputError;
 use crate::probe::Prober;
 use crate::publish::{PublishError, Publisher};
@@ -60,12 +61,18 @@ pub enum DaemonError {
     Publisher(PublishError),
     /// The output lost records (the spool could not keep them).
     Output(Arc<OutputError>),
+    /// Kafka refused the agent's first connection as configured (credentials, certificates).
+    Kafka(KafkaError),
 }
 
 impl DaemonError {
     /// A config that can never run as it is: restarting will not help (exit 78, EX_CONFIG).
     pub fn is_config(&self) -> bool {
-        matches!(self, DaemonError::Config(_) | DaemonError::Missing { .. })
+        match self {
+            DaemonError::Config(_) | DaemonError::Missing { .. } => true,
+            DaemonError::Kafka(e) | DaemonError::Sink(SinkError::Kafka(e)) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
@@ -78,6 +85,7 @@ impl fmt::Display for DaemonError {
             DaemonError::Sink(e) => write!(f, "sink: {e}"),
             DaemonError::Publisher(e) => write!(f, "publisher: {e}"),
             DaemonError::Output(e) => e.fmt(f),
+            DaemonError::Kafka(e) => write!(f, "Kafka: {e}"),
         }
     }
 }
@@ -91,10 +99,13 @@ impl std::error::Error for DaemonError {
             DaemonError::Sink(e) => Some(e),
             DaemonError::Publisher(e) => Some(e),
             DaemonError::Output(e) => Some(&**e),
+            DaemonError::Kafka(e) => Some(e),
         }
     }
 }
 
+/// How long the agent's start waits to learn whether Kafka takes its credentials.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(10);
 const NEEDS_KAFKA: &str = "`sitewatch agent` needs a [kafka] section (or SITEWATCH_KAFKA_BROKERS); \
                            use --once to print results instead";
 const NEEDS_SINK_SECTIONS: &str = "the sink needs [kafka] and [postgres] sections";
@@ -155,7 +166,11 @@ pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
         }
         None => Ok(()),
     };
-    agent_result.and(sink_result)
+    let result = agent_result.and(sink_result);
+    if let Err(e) = &result {
+        notify::status(&format!("failed: {e}"));
+    }
+    result
 }
 
 fn missing(path: &Path, what: &'static str) -> DaemonError {
@@ -199,6 +214,12 @@ fn run_agent(
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
     let prober = Arc::new(Prober::for_config(&cfg, rules.clone()));
     let publisher = Publisher::start(&kafka, &cfg.agent).map_err(DaemonError::Publisher)?;
+    // Credentials or certificates Kafka refuses at start will not work by retrying: stop
+    // (exit 78) before probing into the spool for nothing. A broker that is down or slow to
+    // answer is not a reason: the agent starts and spools.
+    publisher
+        .first_connect(kafka.request_timeout.min(FIRST_CONNECT_WAIT))
+        .map_err(DaemonError::Kafka)?;
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
     let shutdown = signals.shutdown.clone();
