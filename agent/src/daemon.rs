@@ -112,7 +112,16 @@ const NEEDS_SINK_SECTIONS: &str = "the sink needs [kafka] and [postgres] section
 
 /// Runs `role` with the config at `path` until SIGTERM/SIGINT (or until the sink stops on its
 /// own), then shuts down in order: scheduler, workers, output (publisher or spool), sink.
+/// A daemon that fails says why in its STATUS line too (`systemctl status` shows it).
 pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
+    let result = run_role(role, path);
+    if let Err(e) = &result {
+        notify::status(&format!("failed: {e}"));
+    }
+    result
+}
+
+fn run_role(role: Role, path: &Path) -> Result<(), DaemonError> {
     let cfg = Arc::new(Config::load(path).map_err(DaemonError::Config)?);
     if role.sinks() && (cfg.postgres.is_none() || cfg.kafka.is_none()) {
         return Err(missing(path, NEEDS_SINK_SECTIONS));
@@ -166,11 +175,7 @@ pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
         }
         None => Ok(()),
     };
-    let result = agent_result.and(sink_result);
-    if let Err(e) = &result {
-        notify::status(&format!("failed: {e}"));
-    }
-    result
+    agent_result.and(sink_result)
 }
 
 fn missing(path: &Path, what: &'static str) -> DaemonError {
