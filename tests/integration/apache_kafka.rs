@@ -506,3 +506,102 @@ fn a_wrong_sasl_password_stops_agent_and_sink_with_exit_78_against_apache_kafka(
         );
     }
 }
+
+/// Issue 13, item 4: a topic with a small `max.message.bytes` (tansu enforces none). Batches
+/// too large for it are split until they fit and every record that fits arrives; a record
+/// that alone is over the limit is dropped, counted and logged with its target, never retried
+/// for ever and never holding up the rest.
+#[test]
+fn batches_over_max_message_bytes_are_split_and_an_oversized_record_dropped_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options::default());
+    let topic = "checks.small";
+    run_ok(
+        "TopicCommand --create",
+        java("org.apache.kafka.tools.TopicCommand").args([
+            "--bootstrap-server",
+            &kafka.addr(),
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "1",
+            "--config",
+            "max.message.bytes=4096",
+        ]),
+    );
+    let site = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let dir = TempDir::new("max-message-bytes");
+    // A record carries its URL: this one's is longer than the topic takes in one message.
+    let huge_url = format!("{}?pad={}", site.url("/huge"), "x".repeat(6000));
+    let mut text = format!(
+        "[agent]\nid = \"small\"\ninterval = \"200ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{}\"\n\
+         [kafka]\nbrokers = [\"{}\"]\ntopic = \"{topic}\"\npartitions = 2\nlinger = \"100ms\"\n\
+         [[target]]\nid = \"huge\"\nurl = \"{huge_url}\"\n",
+        dir.path().join("state").display(),
+        kafka.addr(),
+    );
+    for i in 0..12 {
+        text.push_str(&format!(
+            "[[target]]\nid = \"site-{i}\"\nurl = \"{}\"\n",
+            site.url(&format!("/{i}"))
+        ));
+    }
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let agent = crate::agent::start_agent(&config);
+    let reader = kafka_config(vec![kafka.addr()], topic);
+    let ids_in_topic = || -> BTreeSet<(String, String)> {
+        let Ok(mut c) = Client::connect(&reader) else {
+            return BTreeSet::new();
+        };
+        let mut ids = BTreeSet::new();
+        for recs in fetch_all(&mut c, topic).values() {
+            for r in recs {
+                let rec = CheckResult::from_json(r.value.as_deref().unwrap()).expect("JSON");
+                ids.insert((rec.target, rec.check_id));
+            }
+        }
+        ids
+    };
+    wait_for(
+        "100 small checks in the topic",
+        Duration::from_secs(90),
+        || ids_in_topic().len() >= 100,
+    );
+    let stderr = crate::agent::stop_agent(agent, Duration::from_secs(30));
+    let made = crate::agent::checks_made(&stderr);
+    let huge_checks = site
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/huge"))
+        .count();
+    let ids = ids_in_topic();
+    let refused: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("Kafka refused a record of target \"huge\""))
+        .collect();
+    eprintln!(
+        "{made} checks, {huge_checks} of them oversized, {} in the topic; first refusal: {:?}",
+        ids.len(),
+        refused.first()
+    );
+    assert!(huge_checks >= 1, "the oversized target was checked");
+    assert!(ids.iter().all(|(t, _)| t != "huge"), "no oversized record");
+    assert_eq!(
+        ids.len(),
+        made - huge_checks,
+        "every record that fits arrived\n{stderr}"
+    );
+    // Each refusal is a line and a count. (A copy of a record the spool also took, after a
+    // request that went unanswered for `spool_after` on this loaded machine, is refused again.)
+    assert!(refused.len() >= huge_checks, "one line per drop\n{stderr}");
+    assert!(refused[0].contains("MESSAGE_TOO_LARGE"), "{}", refused[0]);
+    assert!(
+        stderr.contains(&format!("{} dropped", refused.len())),
+        "every drop is counted\n{stderr}"
+    );
+    assert!(!stderr.contains("Kafka unavailable"), "{stderr}");
+}

@@ -667,7 +667,10 @@ impl Sender {
         let Some(client) = self.client.as_mut() else {
             return Sent::Failed;
         };
-        match client.produce(&self.cfg.topic, recs) {
+        let result = client.produce(&self.cfg.topic, recs);
+        // Kafka answered: a split batch's many requests are not one stall.
+        self.shared.inflight().since = Some(Instant::now());
+        match result {
             Ok(()) => {
                 self.shared
                     .acked
