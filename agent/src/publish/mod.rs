@@ -8,6 +8,10 @@
 //! (`kafka-publisher`) owns the Kafka [`Client`]: it connects (creating the topic when
 //! `create_topic`), replays the spool, batches queued records by size (`batch_max`) and time
 //! (`linger`), and on a failed send puts the batch in the spool and reconnects with backoff.
+//! When a request goes unanswered for `kafka.spool_after`, the output thread's idle tick
+//! ([`Publisher::guard`]) copies that request's records and the queue to the spool and `write`
+//! appends there directly until it returns, so a crash during an outage loses at most
+//! `spool_after` of records.
 //!
 //! Delivery is at-least-once: a record leaves the spool only after Kafka acknowledged it with
 //! acks=all, and a batch whose outcome is unknown (timeout) is sent again, so the topic can
