@@ -756,6 +756,10 @@ impl Sender {
         let saved = std::mem::replace(&mut f.saved, false);
         drop(f);
         if self.shared.stalled.swap(false, Ordering::Relaxed) {
+            // The guard marked us unreachable; the call's outcome decides now.
+            self.shared
+                .connected
+                .store(self.client.is_some(), Ordering::Relaxed);
             log::info!(target: "sitewatch::publish", "the stalled Kafka request ended; records queue in memory again");
         }
         saved
