@@ -61,7 +61,16 @@ fn main() {
     let mut publisher = Publisher::start_with_spool(&kafka, PathBuf::from(&args[4]), 1 << 30)
         .unwrap_or_else(|e| fail(&format!("publisher: {e}")));
     let start = Instant::now();
+    let mut ticked = start;
     for i in 0..count {
+        // The output thread's idle tick (every 100 ms, also under a stream of records): where
+        // the publisher checks for a stalled request (kafka.spool_after).
+        if ticked.elapsed() >= Duration::from_millis(100) {
+            ticked = Instant::now();
+            publisher
+                .idle()
+                .unwrap_or_else(|e| fail(&format!("idle: {e}")));
+        }
         // Stay under the queue capacity so the measurement is the network path, not the spool.
         while publisher.stats().accepted - publisher.stats().acked >= QUEUE_CAPACITY as u64 - 100 {
             std::thread::sleep(Duration::from_micros(200));

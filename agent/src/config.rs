@@ -83,6 +83,7 @@ pub struct RawKafka {
     pub linger: Option<String>,
     pub batch_max: Option<String>,
     pub request_timeout: Option<String>,
+    pub spool_after: Option<String>,
     pub compression: Option<String>,
     pub tls: Option<RawKafkaTls>,
     pub sasl: Option<RawSasl>,
@@ -272,6 +273,10 @@ pub struct KafkaConfig {
     pub linger: Duration,
     pub batch_max_bytes: usize,
     pub request_timeout: Duration,
+    /// How long a record may wait in memory for Kafka (queued, or in a request that has not
+    /// been answered) before the publisher copies it to the spool, so a crash during an
+    /// outage loses at most this much.
+    pub spool_after: Duration,
     pub compression: Compression,
     pub tls: Option<KafkaTls>,
     pub sasl: Option<Sasl>,
@@ -373,6 +378,7 @@ impl fmt::Debug for KafkaConfig {
             .field("linger", &self.linger)
             .field("batch_max_bytes", &self.batch_max_bytes)
             .field("request_timeout", &self.request_timeout)
+            .field("spool_after", &self.spool_after)
             .field("compression", &self.compression)
             .field("tls", &self.tls)
             .field("sasl", &self.sasl)
@@ -944,6 +950,10 @@ impl Validator<'_> {
             Some(v) => self.positive_duration(ctx, "request_timeout", v)?,
             None => Duration::from_secs(30),
         };
+        let spool_after = match &raw.spool_after {
+            Some(v) => self.positive_duration(ctx, "spool_after", v)?,
+            None => Duration::from_secs(1),
+        };
         let compression_text = raw.compression.as_deref().unwrap_or("none");
         let compression = Compression::ALL
             .into_iter()
@@ -965,6 +975,7 @@ impl Validator<'_> {
             linger,
             batch_max_bytes,
             request_timeout,
+            spool_after,
             compression,
             tls,
             sasl,
@@ -1626,6 +1637,7 @@ impl KafkaConfig {
         out.duration("linger", self.linger);
         out.size("batch_max", self.batch_max_bytes as u64);
         out.duration("request_timeout", self.request_timeout);
+        out.duration("spool_after", self.spool_after);
         out.string("compression", self.compression.as_str());
         if let Some(tls) = &self.tls {
             out.table("[kafka.tls]");
@@ -2418,6 +2430,10 @@ mod tests {
         check(
             "[kafka]\nrequest_timeout = \"0s\"\n",
             "kafka: request_timeout \"0s\": must be greater than zero",
+        );
+        check(
+            "[kafka]\nspool_after = \"0s\"\n",
+            "kafka: spool_after \"0s\": must be greater than zero",
         );
         check(
             "[postgres]\nbatch_size = 0\n",

@@ -11,6 +11,7 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
+use crate::kafka::KafkaError;
 use crate::output::{Output, OutputError};
 use crate::probe::Prober;
 use crate::publish::{PublishError, Publisher};
@@ -63,12 +64,18 @@ pub enum DaemonError {
     /// The `[metrics]` listener could not start.
     #[cfg(feature = "metrics")]
     Metrics(crate::metrics::ServerError),
+    /// Kafka refused the agent's first connection as configured (credentials, certificates).
+    Kafka(KafkaError),
 }
 
 impl DaemonError {
     /// A config that can never run as it is: restarting will not help (exit 78, EX_CONFIG).
     pub fn is_config(&self) -> bool {
-        matches!(self, DaemonError::Config(_) | DaemonError::Missing { .. })
+        match self {
+            DaemonError::Config(_) | DaemonError::Missing { .. } => true,
+            DaemonError::Kafka(e) | DaemonError::Sink(SinkError::Kafka(e)) => e.is_config(),
+            _ => false,
+        }
     }
 }
 
@@ -83,6 +90,7 @@ impl fmt::Display for DaemonError {
             DaemonError::Output(e) => e.fmt(f),
             #[cfg(feature = "metrics")]
             DaemonError::Metrics(e) => e.fmt(f),
+            DaemonError::Kafka(e) => write!(f, "Kafka: {e}"),
         }
     }
 }
@@ -98,17 +106,29 @@ impl std::error::Error for DaemonError {
             DaemonError::Output(e) => Some(&**e),
             #[cfg(feature = "metrics")]
             DaemonError::Metrics(e) => Some(e),
+            DaemonError::Kafka(e) => Some(e),
         }
     }
 }
 
+/// How long the agent's start waits to learn whether Kafka takes its credentials.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(10);
 const NEEDS_KAFKA: &str = "`sitewatch agent` needs a [kafka] section (or SITEWATCH_KAFKA_BROKERS); \
                            use --once to print results instead";
 const NEEDS_SINK_SECTIONS: &str = "the sink needs [kafka] and [postgres] sections";
 
 /// Runs `role` with the config at `path` until SIGTERM/SIGINT (or until the sink stops on its
 /// own), then shuts down in order: scheduler, workers, output (publisher or spool), sink.
+/// A daemon that fails says why in its STATUS line too (`systemctl status` shows it).
 pub fn run(role: Role, path: &Path) -> Result<(), DaemonError> {
+    let result = run_role(role, path);
+    if let Err(e) = &result {
+        notify::status(&format!("failed: {e}"));
+    }
+    result
+}
+
+fn run_role(role: Role, path: &Path) -> Result<(), DaemonError> {
     let cfg = Arc::new(Config::load(path).map_err(DaemonError::Config)?);
     if role.sinks() && (cfg.postgres.is_none() || cfg.kafka.is_none()) {
         return Err(missing(path, NEEDS_SINK_SECTIONS));
@@ -218,6 +238,12 @@ fn run_agent(
     let rules = RuleSet::load(&cfg.rules, &rule_names(&cfg));
     let prober = Arc::new(Prober::for_config(&cfg, rules.clone()));
     let publisher = Publisher::start(&kafka, &cfg.agent).map_err(DaemonError::Publisher)?;
+    // Credentials or certificates Kafka refuses at start will not work by retrying: stop
+    // (exit 78) before probing into the spool for nothing. A broker that is down or slow to
+    // answer is not a reason: the agent starts and spools.
+    publisher
+        .first_connect(kafka.request_timeout.min(FIRST_CONNECT_WAIT))
+        .map_err(DaemonError::Kafka)?;
     let output: Box<dyn Output> = match metrics {
         Some(m) => {
             m.reloaded(&cfg, &prober);

@@ -400,3 +400,208 @@ fn agent_and_sink_over_tls_client_certificate_against_apache_kafka() {
     let log = std::fs::read_to_string(&sink_log).unwrap_or_default();
     assert!(!log.contains("Kafka unavailable"), "{log}");
 }
+
+/// Runs `sitewatch ROLE` with `config` and the SASL password in the environment, with a
+/// notify socket; returns its exit code, its stderr and the sd_notify messages it sent.
+fn run_daemon_to_exit(
+    role: &str,
+    config: &std::path::Path,
+    password: &str,
+) -> (Option<i32>, String, Vec<String>) {
+    use std::os::unix::net::UnixDatagram;
+    let sock_path = config.with_extension("sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("notify socket");
+    sock.set_nonblocking(true).unwrap();
+    let mut child = crate::support::sitewatch()
+        .args([role, "--config", config.to_str().unwrap()])
+        .env("SITEWATCH_KAFKA_SASL_PASSWORD", password)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "sitewatch=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sitewatch");
+    let mut status = None;
+    wait_for(
+        &format!("sitewatch {role} to exit"),
+        Duration::from_secs(60),
+        || {
+            status = child.try_wait().expect("wait");
+            status.is_some()
+        },
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    (status.and_then(|s| s.code()), stderr, messages)
+}
+
+/// Issue 13, item 2: a wrong SASL password is a config that can never work. `sitewatch
+/// agent` and `sitewatch sink` stop at start with exit 78 (EX_CONFIG, systemd does not
+/// restart), say so in an error line and the STATUS line naming the mechanism and the user,
+/// and never print the password. (They used to warn once and retry every 30 s for ever.)
+#[test]
+fn a_wrong_sasl_password_stops_agent_and_sink_with_exit_78_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options { tls: true });
+    let dir = TempDir::new("sasl-wrong");
+    let site = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let closed_pg = crate::support::free_port();
+    let wrong = "wrong-Passw0rd-8731";
+    for (role, mechanism) in [
+        ("agent", "SCRAM-SHA-512"),
+        ("agent", "PLAIN"),
+        ("sink", "SCRAM-SHA-256"),
+    ] {
+        let config = dir.path().join(format!("{role}-{mechanism}.toml"));
+        // PostgreSQL is down for the sink: that is retried, so the refusal is Kafka's.
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\nid = \"sasl\"\ninterval = \"300ms\"\nstate_dir = \"{state}\"\n\
+                 [kafka]\nbrokers = [\"localhost:{port}\"]\ntopic = \"checks.sasl\"\n\
+                 request_timeout = \"10s\"\n\
+                 [kafka.tls]\nca_file = \"{ca}\"\n\
+                 [kafka.sasl]\nmechanism = \"{mechanism}\"\nusername = \"alice\"\n\
+                 [postgres]\nurl = \"postgres://sink@127.0.0.1:{closed_pg}/checks\"\n\
+                 sslmode = \"disable\"\n\
+                 [[target]]\nid = \"up\"\nurl = \"{url}\"\n",
+                state = dir.path().join(format!("state-{mechanism}")).display(),
+                port = kafka.sasl_ssl_port.unwrap(),
+                ca = tls_fixture("ca.pem").display(),
+                url = site.url("/"),
+            ),
+        )
+        .unwrap();
+        let t = Instant::now();
+        let (code, stderr, notes) = run_daemon_to_exit(role, &config, wrong);
+        eprintln!(
+            "{role} {mechanism}: exit {code:?} after {:?}\n{stderr}\n{notes:?}",
+            t.elapsed()
+        );
+        assert_eq!(code, Some(78), "{role} {mechanism}: {stderr}");
+        let error_line = stderr
+            .lines()
+            .find(|l| l.starts_with("sitewatch: "))
+            .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+        for want in [mechanism, "authentication failed", "\"alice\""] {
+            assert!(error_line.contains(want), "{want}: {error_line}");
+        }
+        let status = notes
+            .iter()
+            .flat_map(|m| m.lines())
+            .find(|l| l.starts_with("STATUS=failed: "))
+            .unwrap_or_else(|| panic!("no failed STATUS line: {notes:?}"));
+        assert!(status.contains(mechanism), "{status}");
+        assert!(!stderr.contains(wrong), "password in the log:\n{stderr}");
+        assert!(notes.iter().all(|m| !m.contains(wrong)), "{notes:?}");
+        assert_eq!(
+            site.requests().len(),
+            0,
+            "no check is made with credentials Kafka refuses"
+        );
+    }
+}
+
+/// Issue 13, item 4: a topic with a small `max.message.bytes` (tansu enforces none). Batches
+/// too large for it are split until they fit and every record that fits arrives; a record
+/// that alone is over the limit is dropped, counted and logged with its target, never retried
+/// for ever and never holding up the rest.
+#[test]
+fn batches_over_max_message_bytes_are_split_and_an_oversized_record_dropped_against_apache_kafka() {
+    let kafka = ApacheKafka::start(Options::default());
+    let topic = "checks.small";
+    run_ok(
+        "TopicCommand --create",
+        java("org.apache.kafka.tools.TopicCommand").args([
+            "--bootstrap-server",
+            &kafka.addr(),
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "1",
+            "--config",
+            "max.message.bytes=4096",
+        ]),
+    );
+    let site = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let dir = TempDir::new("max-message-bytes");
+    // A record carries its URL: this one's is longer than the topic takes in one message.
+    let huge_url = format!("{}?pad={}", site.url("/huge"), "x".repeat(6000));
+    let mut text = format!(
+        "[agent]\nid = \"small\"\ninterval = \"200ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{}\"\n\
+         [kafka]\nbrokers = [\"{}\"]\ntopic = \"{topic}\"\npartitions = 2\nlinger = \"100ms\"\n\
+         [[target]]\nid = \"huge\"\nurl = \"{huge_url}\"\n",
+        dir.path().join("state").display(),
+        kafka.addr(),
+    );
+    for i in 0..12 {
+        text.push_str(&format!(
+            "[[target]]\nid = \"site-{i}\"\nurl = \"{}\"\n",
+            site.url(&format!("/{i}"))
+        ));
+    }
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let agent = crate::agent::start_agent(&config);
+    let reader = kafka_config(vec![kafka.addr()], topic);
+    let ids_in_topic = || -> BTreeSet<(String, String)> {
+        let Ok(mut c) = Client::connect(&reader) else {
+            return BTreeSet::new();
+        };
+        let mut ids = BTreeSet::new();
+        for recs in fetch_all(&mut c, topic).values() {
+            for r in recs {
+                let rec = CheckResult::from_json(r.value.as_deref().unwrap()).expect("JSON");
+                ids.insert((rec.target, rec.check_id));
+            }
+        }
+        ids
+    };
+    wait_for(
+        "100 small checks in the topic",
+        Duration::from_secs(90),
+        || ids_in_topic().len() >= 100,
+    );
+    let stderr = crate::agent::stop_agent(agent, Duration::from_secs(30));
+    let made = crate::agent::checks_made(&stderr);
+    let huge_checks = site
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/huge"))
+        .count();
+    let ids = ids_in_topic();
+    let refused: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("Kafka refused a record of target \"huge\""))
+        .collect();
+    eprintln!(
+        "{made} checks, {huge_checks} of them oversized, {} in the topic; first refusal: {:?}",
+        ids.len(),
+        refused.first()
+    );
+    assert!(huge_checks >= 1, "the oversized target was checked");
+    assert!(ids.iter().all(|(t, _)| t != "huge"), "no oversized record");
+    assert_eq!(
+        ids.len(),
+        made - huge_checks,
+        "every record that fits arrived\n{stderr}"
+    );
+    // Each refusal is a line and a count. (A copy of a record the spool also took, after a
+    // request that went unanswered for `spool_after` on this loaded machine, is refused again.)
+    assert!(refused.len() >= huge_checks, "one line per drop\n{stderr}");
+    assert!(refused[0].contains("MESSAGE_TOO_LARGE"), "{}", refused[0]);
+    assert!(
+        stderr.contains(&format!("{} dropped", refused.len())),
+        "every drop is counted\n{stderr}"
+    );
+    assert!(!stderr.contains("Kafka unavailable"), "{stderr}");
+}

@@ -61,7 +61,7 @@ impl Drop for Running {
 /// `sitewatch ROLE --config CONFIG`, its log in `log`.
 fn spawn(role: &str, config: &Path, log: &Path) -> Running {
     let out = std::fs::File::create(log).expect("log file");
-    let child = Command::new(env!("CARGO_BIN_EXE_sitewatch"))
+    let child = crate::support::sitewatch()
         .args([role, "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
         .env_remove("NOTIFY_SOCKET")

@@ -42,6 +42,9 @@ pub const OUR_VERSIONS: &[(i16, i16, i16)] = &[
     (API_SASL_AUTHENTICATE, 0, 2),
 ];
 
+/// The APIs a connection is refused without: every command needs them.
+const REQUIRED_APIS: [i16; 4] = [API_METADATA, API_PRODUCE, API_FETCH, API_LIST_OFFSETS];
+
 pub const API_PRODUCE: i16 = 0;
 pub const API_FETCH: i16 = 1;
 pub const API_LIST_OFFSETS: i16 = 2;
@@ -146,6 +149,26 @@ impl Versions {
         }
     }
 
+    /// The version we will use of every API we implement, by name. An API every command needs
+    /// (Metadata, Produce, Fetch, ListOffsets) that the broker lacks is `BrokerTooOld` naming
+    /// it; the others (CreateTopics, SASL) are left out and fail only when used.
+    pub fn negotiated(&self, addr: &str) -> Result<Vec<(&'static str, i16)>, KafkaError> {
+        let mut picked = Vec::with_capacity(OUR_VERSIONS.len());
+        for &(api, _, _) in OUR_VERSIONS {
+            let v = if api == API_FETCH {
+                self.fetch(addr)
+            } else {
+                self.pick(api, addr)
+            };
+            match v {
+                Ok(v) => picked.push((api_name(api), v)),
+                Err(e) if REQUIRED_APIS.contains(&api) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(picked)
+    }
+
     /// Fetch version: as `pick`, but never 12–15. tansu answers those with a field that only
     /// exists from v16 (DESIGN.md), and v11 carries everything we read, so skipping them costs
     /// nothing against a real Kafka.
@@ -213,10 +236,11 @@ impl Conn {
                         };
                         KafkaError::tls(format!("broker {addr}: TLS handshake failed{hint}"), e)
                     }
-                    // The socket's timeout ended the handshake half-way.
-                    e @ native_tls::HandshakeError::WouldBlock(_) => {
-                        KafkaError::tls_refused(format!("broker {addr}: TLS handshake failed: {e}"))
-                    }
+                    // The socket's timeout ended the handshake half-way: a silent broker, not
+                    // a refusal (retried like any timeout).
+                    native_tls::HandshakeError::WouldBlock(_) => KafkaError::Timeout {
+                        broker: addr.to_string(),
+                    },
                 })?;
                 Stream::Tls(Box::new(tls))
             }
@@ -303,16 +327,18 @@ impl Conn {
             .iter()
             .map(|k| (k.api_key, (k.min_version, k.max_version)))
             .collect();
+        // Fail now, with the API named, rather than at the first produce.
+        let picked = self.versions.negotiated(&self.addr)?;
         log::debug!(
             target: "sitewatch::kafka",
-            "broker {}: API versions {:?}",
+            "broker {}: negotiated {}",
             self.addr,
-            self.versions.broker
+            picked
+                .iter()
+                .map(|(api, v)| format!("{api} v{v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        // Fail now, with the API named, rather than at the first produce.
-        for api in [API_METADATA, API_PRODUCE, API_FETCH, API_LIST_OFFSETS] {
-            self.versions.pick(api, &self.addr)?;
-        }
         Ok(())
     }
 
@@ -337,7 +363,7 @@ impl Conn {
         let password = sasl.password.expose();
         match sasl.mechanism {
             SaslMechanism::Plain => {
-                self.sasl_round(&plain_message(&sasl.username, password))?;
+                self.sasl_round(mechanism, sasl, &plain_message(&sasl.username, password))?;
             }
             SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512 => {
                 let hash = if sasl.mechanism == SaslMechanism::ScramSha256 {
@@ -346,9 +372,9 @@ impl Conn {
                     ScramHash::Sha512
                 };
                 let mut scram = Scram::new(hash, &sasl.username, password);
-                let server_first = self.sasl_round(&scram.client_first())?;
+                let server_first = self.sasl_round(mechanism, sasl, &scram.client_first())?;
                 let fin = scram.client_final(&server_first)?;
-                let server_final = self.sasl_round(&fin)?;
+                let server_final = self.sasl_round(mechanism, sasl, &fin)?;
                 scram.verify_server_final(&server_final)?;
             }
         }
@@ -357,16 +383,23 @@ impl Conn {
     }
 
     /// One SaslAuthenticate exchange; the bytes sent may hold the password, so they are never
-    /// put in an error.
-    fn sasl_round(&mut self, auth: &[u8]) -> Result<Vec<u8>, KafkaError> {
+    /// put in an error. A refusal names the mechanism and the user, so the operator knows
+    /// which credentials to check.
+    fn sasl_round(
+        &mut self,
+        mechanism: &str,
+        sasl: &Sasl,
+        auth: &[u8],
+    ) -> Result<Vec<u8>, KafkaError> {
         let v = self.versions.pick(API_SASL_AUTHENTICATE, &self.addr)?;
         let mut req = SaslAuthenticateRequest::default();
         req.auth_bytes = Bytes::copy_from_slice(auth);
         let resp = self.call(&req, v)?;
         if resp.error_code != 0 {
             return Err(KafkaError::Auth(format!(
-                "broker {}: authentication failed ({}){}",
+                "broker {}: {mechanism} authentication failed for user {:?} ({}){}",
                 self.addr,
+                sasl.username,
                 error_name(resp.error_code),
                 resp.error_message
                     .map(|m| format!(": {}", m.as_str()))
@@ -512,6 +545,70 @@ mod tests {
         assert!(v.pick(API_LIST_OFFSETS, "b").is_err());
         v.broker.insert(API_FETCH, (4, 17));
         assert_eq!(v.fetch("b").unwrap(), 17);
+    }
+
+    /// What Kafka 4.1 advertises for the APIs we use (ApiVersions of a 4.1.1 broker).
+    fn kafka_4_1() -> Versions {
+        let mut v = Versions::default();
+        for (api, min, max) in [
+            (API_PRODUCE, 3, 12),
+            (API_FETCH, 4, 17),
+            (API_LIST_OFFSETS, 1, 10),
+            (API_METADATA, 0, 13),
+            (API_SASL_HANDSHAKE, 0, 1),
+            (API_API_VERSIONS, 0, 4),
+            (API_CREATE_TOPICS, 2, 7),
+            (API_SASL_AUTHENTICATE, 0, 2),
+        ] {
+            v.broker.insert(api, (min, max));
+        }
+        v
+    }
+
+    #[test]
+    fn negotiation_names_each_version_and_refuses_a_broker_without_one_we_need() {
+        let v = kafka_4_1();
+        let picked = v.negotiated("b:1").unwrap();
+        assert_eq!(
+            picked,
+            vec![
+                ("Produce", 11),
+                ("Fetch", 17),
+                ("ListOffsets", 9),
+                ("Metadata", 12),
+                ("SaslHandshake", 1),
+                ("ApiVersions", 3),
+                ("CreateTopics", 7),
+                ("SaslAuthenticate", 2),
+            ]
+        );
+        // A broker without an optional API still connects; one without a needed API is
+        // refused with the API named, whether it lacks it or only has versions we do not.
+        let mut no_create = kafka_4_1();
+        no_create.broker.remove(&API_CREATE_TOPICS);
+        assert!(no_create.negotiated("b:1").is_ok());
+        for (api, name, range) in [
+            (API_PRODUCE, "Produce", None),
+            (API_LIST_OFFSETS, "ListOffsets", Some((0, 0))),
+            (API_FETCH, "Fetch", Some((0, 3))),
+        ] {
+            let mut v = kafka_4_1();
+            match range {
+                None => v.broker.remove(&api),
+                Some(r) => v.broker.insert(api, r),
+            };
+            let err = v.negotiated("b:1").unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, KafkaError::BrokerTooOld { .. }), "{text}");
+            assert!(text.contains(&format!("we need {name} v")), "{text}");
+            assert!(text.contains("broker b:1"), "{text}");
+            if range.is_none() {
+                assert!(
+                    text.contains(&format!("does not support {name} at all")),
+                    "{text}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -59,7 +59,11 @@ const OFFSET_OUT_OF_RANGE: i16 = 1;
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const LEADER_NOT_AVAILABLE: i16 = 5;
 const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
+const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
 const TOPIC_ALREADY_EXISTS: i16 = 36;
+const SASL_AUTHENTICATION_FAILED: i16 = 58;
 const NOT_CONTROLLER: i16 = 41;
 const FENCED_LEADER_EPOCH: i16 = 74;
 const UNKNOWN_LEADER_EPOCH: i16 = 75;
@@ -183,6 +187,31 @@ impl KafkaError {
                     .is_some_and(|e| e.is_retriable())
                     || *code == NOT_CONTROLLER
             }
+            _ => false,
+        }
+    }
+
+    /// Whether the broker refuses us as we are configured: credentials (SASL), certificates
+    /// (TLS), permissions (ACLs), a broker too old, invalid settings. Retrying with the same
+    /// config cannot help; the daemons stop at start (exit 78) and shout while running.
+    pub fn is_config(&self) -> bool {
+        match self {
+            KafkaError::Auth(_) | KafkaError::BrokerTooOld { .. } | KafkaError::Config(_) => true,
+            // A handshake cut by a broker that is going away is not about us.
+            KafkaError::Tls { source, .. } => !source.as_ref().is_some_and(|e| {
+                let text = e.to_string();
+                ["unexpected EOF", "Connection reset", "Broken pipe"]
+                    .iter()
+                    .any(|s| text.contains(s))
+            }),
+            KafkaError::Broker { code, .. } => matches!(
+                *code,
+                TOPIC_AUTHORIZATION_FAILED
+                    | CLUSTER_AUTHORIZATION_FAILED
+                    | UNSUPPORTED_SASL_MECHANISM
+                    | SASL_AUTHENTICATION_FAILED
+            ),
+            KafkaError::NoBroker { last: Some(e), .. } => e.is_config(),
             _ => false,
         }
     }
@@ -1236,5 +1265,35 @@ mod tests {
                 .starts_with("no Kafka broker reachable (tried b:1): broker b:1:")
         );
         assert!(!KafkaError::Auth("x".into()).is_retriable());
+    }
+
+    /// What a daemon stops for at start (exit 78) and what it waits out.
+    #[test]
+    fn config_errors_are_refusals_of_us_not_outages() {
+        let broker = |code| KafkaError::broker(conn::API_PRODUCE, code, "t/0", None);
+        for e in [
+            KafkaError::Auth("broker b:1: SCRAM-SHA-512 authentication failed".into()),
+            KafkaError::tls_refused("broker b:1: refused after the TLS handshake".into()),
+            KafkaError::tls("broker b:1: TLS handshake failed".into(), "unknown ca"),
+            broker(TOPIC_AUTHORIZATION_FAILED),
+            broker(SASL_AUTHENTICATION_FAILED),
+        ] {
+            assert!(e.is_config() && !e.is_retriable(), "{e}");
+        }
+        let none = KafkaError::NoBroker {
+            tried: vec!["b:1".into()],
+            last: Some(Box::new(KafkaError::Auth("x".into()))),
+        };
+        assert!(none.is_config());
+        for e in [
+            KafkaError::Timeout { broker: "b".into() },
+            KafkaError::io("b:1", std::io::ErrorKind::ConnectionRefused.into()),
+            KafkaError::tls("broker b:1: TLS handshake failed".into(), "unexpected EOF"),
+            broker(NOT_LEADER_OR_FOLLOWER),
+            broker(10),
+            KafkaError::UnknownTopic("t".into()),
+        ] {
+            assert!(!e.is_config(), "{e}");
+        }
     }
 }

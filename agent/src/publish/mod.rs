@@ -8,6 +8,10 @@
 //! (`kafka-publisher`) owns the Kafka [`Client`]: it connects (creating the topic when
 //! `create_topic`), replays the spool, batches queued records by size (`batch_max`) and time
 //! (`linger`), and on a failed send puts the batch in the spool and reconnects with backoff.
+//! When a request goes unanswered for `kafka.spool_after`, the output thread's idle tick
+//! ([`Publisher::guard`]) copies that request's records and the queue to the spool and `write`
+//! appends there directly until it returns, so a crash during an outage loses at most
+//! `spool_after` of records.
 //!
 //! Delivery is at-least-once: a record leaves the spool only after Kafka acknowledged it with
 //! acks=all, and a batch whose outcome is unknown (timeout) is sent again, so the topic can
@@ -22,7 +26,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SendError, Sender as ChannelSender, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -107,15 +111,50 @@ struct Shared {
     spilling: AtomicBool,
     /// Records in the queue (sent and not yet received): the bound of [`QUEUE_CAPACITY`].
     queued: AtomicUsize,
-    /// A copy of the records only in the sender's memory (the batch being gathered or sent)
-    /// while it is in a network call: what `close` saves when the sender is stuck.
-    inflight: Mutex<Vec<ProduceRecord>>,
+    /// The sender's network call in progress, and a copy of the records only in its memory.
+    inflight: Mutex<Inflight>,
+    /// Set while the sender's call has gone unanswered for longer than `spool_after`: new
+    /// records go straight to the spool (see [`Publisher::guard`]).
+    stalled: AtomicBool,
+    /// Why Kafka refuses us as configured (credentials, certificates), while it does.
+    refusal: Mutex<Option<String>>,
+    /// The outcome of the sender's first connection, for the daemon's start (see
+    /// [`Publisher::first_connect`]).
+    first: Mutex<FirstConnect>,
+    first_done: Condvar,
+}
+
+/// The sender's current network call (connect, produce, replay), as the output thread sees it.
+#[derive(Default)]
+struct Inflight {
+    /// When the call began; `None` between calls.
+    since: Option<Instant>,
+    /// The records that live only in the sender's memory during the call (the batch being
+    /// gathered or sent).
+    recs: Vec<ProduceRecord>,
+    /// Set when the output thread copied `recs` to the spool because the call took too long:
+    /// the sender must not spool them again.
+    saved: bool,
+}
+
+#[derive(Default)]
+enum FirstConnect {
+    #[default]
+    Pending,
+    /// Connected, or failed in a way a retry may fix.
+    Done,
+    /// Refused as configured.
+    Refused(KafkaError),
 }
 
 impl Shared {
     /// One record taken off the queue.
     fn dequeued(&self) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn inflight(&self) -> MutexGuard<'_, Inflight> {
+        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -133,6 +172,8 @@ pub struct Publisher {
     thread: Option<JoinHandle<()>>,
     spool: Arc<Mutex<Spool>>,
     shared: Arc<Shared>,
+    /// `kafka.spool_after`, or `request_timeout` when shorter.
+    spool_after: Duration,
 }
 
 fn lock(spool: &Mutex<Spool>) -> MutexGuard<'_, Spool> {
@@ -183,7 +224,24 @@ impl Publisher {
             thread: Some(thread),
             spool,
             shared,
+            spool_after: kafka.spool_after.min(kafka.request_timeout),
         })
+    }
+
+    /// Waits at most `wait` for the sender's first connection. Returns the error when Kafka
+    /// refused us as configured ([`KafkaError::is_config`]: credentials, certificates); `Ok`
+    /// when it connected, failed in a way a retry may fix, or has not answered yet.
+    pub fn first_connect(&self, wait: Duration) -> Result<(), KafkaError> {
+        let first = self.shared.first.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut first, _) = self
+            .shared
+            .first_done
+            .wait_timeout_while(first, wait, |f| matches!(f, FirstConnect::Pending))
+            .unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *first, FirstConnect::Done) {
+            FirstConnect::Refused(e) => Err(e),
+            FirstConnect::Pending | FirstConnect::Done => Ok(()),
+        }
     }
 
     pub fn stats(&self) -> PublisherStats {
@@ -200,6 +258,11 @@ impl Publisher {
     /// Takes one ready-made record (key, value, timestamp): what `write` does after encoding.
     pub fn send(&mut self, rec: ProduceRecord) -> Result<(), OutputError> {
         self.shared.accepted.fetch_add(1, Ordering::Relaxed);
+        if self.shared.stalled.load(Ordering::Relaxed) {
+            // Kafka has not answered for `spool_after`: a record queued now would wait in
+            // memory, and a crash would lose it.
+            return spool_append(&self.spool, &self.shared, &[rec]).map_err(OutputError::Spool);
+        }
         let queued = &self.shared.queued;
         let rec = match &self.tx {
             Some(tx) if queued.fetch_add(1, Ordering::AcqRel) < QUEUE_CAPACITY => {
@@ -235,15 +298,60 @@ impl Publisher {
 }
 
 impl Publisher {
+    /// Bounds how long a record lives only in memory: once the sender's network call has gone
+    /// unanswered for `spool_after` (a broker that hangs rather than refuses), this thread
+    /// copies the records of that call and the whole queue to the spool, and `send` appends
+    /// new records there directly until the call returns. Runs on the output thread at its idle
+    /// ticks (≤ 100 ms apart, also under a stream of records); costs a lock and a clock read.
+    fn guard(&self) {
+        let mut inflight = self.shared.inflight();
+        let Some(since) = inflight.since else {
+            return;
+        };
+        let waited = since.elapsed();
+        if waited < self.spool_after {
+            return;
+        }
+        if !self.shared.stalled.swap(true, Ordering::Relaxed) {
+            self.shared.connected.store(false, Ordering::Relaxed);
+            log::warn!(
+                target: "sitewatch::publish",
+                "Kafka unavailable: no answer for {waited:?}; new records go to the spool until it answers"
+            );
+        }
+        let mut saved = Vec::new();
+        if !inflight.saved {
+            inflight.saved = true;
+            saved = std::mem::take(&mut inflight.recs);
+        }
+        // The lock is free while the sender is in its call; if the sender holds it, it is
+        // receiving, not stuck.
+        if let Ok(rx) = self.rx.try_lock() {
+            while let Ok(cmd) = rx.try_recv() {
+                if let Cmd::Record(r) = cmd {
+                    self.shared.dequeued();
+                    saved.push(r);
+                }
+            }
+        }
+        if !saved.is_empty() {
+            // Errors are logged and counted inside.
+            let _ = spool_append(&self.spool, &self.shared, &saved);
+        }
+    }
+
     /// The sender did not finish closing in time (stuck in a request): move what only lives
     /// in memory (the queue, the batch in flight) to the spool from this thread.
     fn rescue(&self) {
-        let mut saved: Vec<ProduceRecord> = self
-            .shared
-            .inflight
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
+        let mut saved: Vec<ProduceRecord> = {
+            let mut inflight = self.shared.inflight();
+            if inflight.saved {
+                Vec::new()
+            } else {
+                inflight.saved = true;
+                std::mem::take(&mut inflight.recs)
+            }
+        };
         if let Ok(rx) = self.rx.lock() {
             while let Ok(cmd) = rx.try_recv() {
                 if let Cmd::Record(r) = cmd {
@@ -328,10 +436,23 @@ impl Output for Publisher {
         synced.map_err(OutputError::Spool)
     }
 
+    fn idle(&mut self) -> Result<(), OutputError> {
+        self.guard();
+        Ok(())
+    }
+
     fn status(&self) -> String {
         let st = self.stats();
         let mut s = format!("spool {} records", st.spooled);
-        if !st.connected {
+        let refusal = self
+            .shared
+            .refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(e) = refusal {
+            s.push_str(&format!(", Kafka refuses us: {e}"));
+        } else if !st.connected {
             s.push_str(", Kafka unreachable");
         }
         if st.dropped > 0 {
@@ -377,14 +498,14 @@ impl Sender {
             // The batch being gathered lives only in memory: publish a copy for `rescue`
             // while this thread is in a network call.
             if self.client.is_none() && Instant::now() >= self.next_connect {
-                self.set_inflight(&self.batch);
+                self.begin_call(&self.batch);
                 self.connect();
-                self.set_inflight(&[]);
+                self.end_call_keeping_batch();
             }
             if self.client.is_some() && self.spool_len() > 0 {
-                self.set_inflight(&self.batch);
+                self.begin_call(&self.batch);
                 self.replay_one();
-                self.set_inflight(&[]);
+                self.end_call_keeping_batch();
             }
             let timeout = self.wait_time();
             // Receive under the queue lock, act (close) after releasing it.
@@ -472,8 +593,17 @@ impl Sender {
             }
             Ok(c)
         });
+        let first = match &result {
+            Err(e) if e.is_config() => None,
+            _ => Some(FirstConnect::Done),
+        };
         match result {
             Ok(c) => {
+                *self
+                    .shared
+                    .refusal
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
                 log::info!(
                     target: "sitewatch::publish",
                     "connected to Kafka ({}), topic {}; {} spooled records to replay",
@@ -485,7 +615,24 @@ impl Sender {
                 self.backoff.reset();
                 self.shared.connected.store(true, Ordering::Relaxed);
             }
-            Err(e) => self.disconnected(&e),
+            Err(e) => {
+                self.disconnected(&e);
+                if first.is_none() {
+                    self.first_connect_done(FirstConnect::Refused(e));
+                }
+            }
+        }
+        if let Some(f) = first {
+            self.first_connect_done(f);
+        }
+    }
+
+    /// Records the outcome of the first connection (later ones change nothing).
+    fn first_connect_done(&self, outcome: FirstConnect) {
+        let mut first = self.shared.first.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*first, FirstConnect::Pending) {
+            *first = outcome;
+            self.shared.first_done.notify_all();
         }
     }
 
@@ -494,10 +641,20 @@ impl Sender {
         let was = self.client.take().is_some();
         self.shared.connected.store(false, Ordering::Relaxed);
         let first = self.backoff.is_reset();
-        let delay = self.backoff.next_delay();
-        // Misconfiguration (TLS, auth, too old) will not fix itself soon: retry slowly.
-        let backoff = if e.is_retriable() { delay } else { BACKOFF_MAX };
-        if was || first {
+        let backoff = self.backoff.next_delay();
+        if e.is_config() {
+            // Credentials rotated (or a certificate expired) while running: no retry will
+            // fix it, but the operator may; say so at every retry, keep every record.
+            log::error!(
+                target: "sitewatch::publish",
+                "Kafka refuses us ({e}): fix [kafka] credentials/certificates and restart; records kept in the spool, retry in {backoff:?}"
+            );
+            *self
+                .shared
+                .refusal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        } else if was || first {
             log::warn!(
                 target: "sitewatch::publish",
                 "Kafka unavailable ({e}); spooling, retry in {backoff:?}"
@@ -514,7 +671,10 @@ impl Sender {
         let Some(client) = self.client.as_mut() else {
             return Sent::Failed;
         };
-        match client.produce(&self.cfg.topic, recs) {
+        let result = client.produce(&self.cfg.topic, recs);
+        // Kafka answered: a split batch's many requests are not one stall.
+        self.shared.inflight().since = Some(Instant::now());
+        match result {
             Ok(()) => {
                 self.shared
                     .acked
@@ -560,25 +720,59 @@ impl Sender {
             return;
         }
         if self.client.is_some() && self.spool_len() == 0 {
-            self.set_inflight(&batch);
+            self.begin_call(&batch);
             let sent = self.send(&batch);
-            if matches!(sent, Sent::Failed) {
-                self.spill(&batch);
+            let saved = self.end_call();
+            match sent {
+                Sent::Failed if !saved => self.spill(&batch),
+                // Kafka took them after all: the spool's copy will be delivered again.
+                Sent::Done if saved => log::debug!(
+                    target: "sitewatch::publish",
+                    "{} records acknowledged after they were spooled (sent twice)",
+                    batch.len()
+                ),
+                _ => {}
             }
-            self.set_inflight(&[]);
             return;
         }
         self.spill(&batch);
     }
 
-    fn set_inflight(&self, recs: &[ProduceRecord]) {
-        let mut f = self
-            .shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        f.clear();
-        f.extend_from_slice(recs);
+    /// A network call begins: `recs` (records only in this thread's memory) become visible to
+    /// the output thread, which spools them if the call outlasts `spool_after`.
+    fn begin_call(&self, recs: &[ProduceRecord]) {
+        let mut f = self.shared.inflight();
+        f.recs.clear();
+        f.recs.extend_from_slice(recs);
+        f.since = Some(Instant::now());
+        f.saved = false;
+    }
+
+    /// The call ended; returns whether the output thread spooled its records meanwhile.
+    fn end_call(&self) -> bool {
+        let mut f = self.shared.inflight();
+        f.recs.clear();
+        f.since = None;
+        let saved = std::mem::replace(&mut f.saved, false);
+        drop(f);
+        if self.shared.stalled.swap(false, Ordering::Relaxed) {
+            // The guard marked us unreachable; the call's outcome decides now.
+            self.shared
+                .connected
+                .store(self.client.is_some(), Ordering::Relaxed);
+            log::info!(target: "sitewatch::publish", "the stalled Kafka request ended; records queue in memory again");
+        }
+        saved
+    }
+
+    /// `end_call` for a call around which `self.batch` was being gathered: a batch the output
+    /// thread spooled meanwhile is dropped here (it is in the spool).
+    fn end_call_keeping_batch(&mut self) {
+        if self.end_call() {
+            self.batch.clear();
+            self.batch_bytes = 0;
+            self.batch_since = None;
+        }
     }
 
     fn spill(&mut self, recs: &[ProduceRecord]) {

@@ -68,6 +68,8 @@ pub struct SinkStatus {
     /// Passes that failed and were retried after a backoff (database or Kafka unreachable,
     /// a lost lock session), by the coordinator and every worker since start.
     pub retries: u64,
+    /// Why Kafka refuses the sink as configured (credentials, certificates), while it does.
+    pub kafka_refusal: Option<String>,
 }
 
 impl SinkStatus {
@@ -86,8 +88,13 @@ impl SinkStatus {
             .partitions
             .values()
             .fold((0, 0), |(r, d), p| (r + p.rows, d + p.dead_letters));
+        let refusal = self
+            .kafka_refusal
+            .as_ref()
+            .map(|e| format!("; Kafka refuses us: {e}"))
+            .unwrap_or_default();
         format!(
-            "sink: {} partitions {} lag {}; {rows} rows, {dead} dead letters",
+            "sink: {} partitions {} lag {}; {rows} rows, {dead} dead letters{refusal}",
             self.topic,
             if parts.is_empty() {
                 "none".to_string()
@@ -105,6 +112,18 @@ fn update(status: &SharedStatus, f: impl FnOnce(&mut SinkStatus)) {
     // A poisoned lock only means a worker panicked mid-update; the numbers are still usable.
     let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
     f(&mut s);
+}
+
+/// Logs a failed Kafka call that will be retried: an error when Kafka refuses us as
+/// configured (credentials rotated while running: loud at every retry, and in the status line
+/// until it passes), a warning when it is an outage.
+fn kafka_failed(status: &SharedStatus, what: std::fmt::Arguments<'_>, e: &KafkaError) {
+    if e.is_config() {
+        log::error!(target: "sitewatch::sink", "{what}: {e}; Kafka refuses our configuration, retrying");
+        update(status, |s| s.kafka_refusal = Some(e.to_string()));
+    } else {
+        log::warn!(target: "sitewatch::sink", "{what}: {e}; retrying");
+    }
 }
 
 /// A running sink: the coordinator thread and its workers.
@@ -139,6 +158,14 @@ impl Sink {
             Ok(mut client) => schema::require(&mut client, &pg.url)?,
             Err(e @ (SinkError::Tls { .. } | SinkError::CaFile { .. })) => return Err(e),
             Err(e) => log::warn!(target: "sitewatch::sink", "{e}; retrying"),
+        }
+        // Credentials or certificates Kafka refuses do not start working by retrying: stop
+        // now (exit 78) rather than warn for ever. A broker that is down is waited for.
+        if let Err(e) = kafka::Client::connect(&kafka) {
+            if e.is_config() {
+                return Err(SinkError::Kafka(e));
+            }
+            log::warn!(target: "sitewatch::sink", "{e}; retrying");
         }
         let status = Arc::new(Mutex::new(SinkStatus {
             topic: kafka.topic.clone(),
@@ -265,9 +292,10 @@ impl Coordinator {
                         }
                         partitions = list;
                         partitions_at = Some(Instant::now());
+                        update(&self.status, |s| s.kafka_refusal = None);
                     }
                     Err(e) => {
-                        log::warn!(target: "sitewatch::sink", "topic {topic}: {e}; retrying");
+                        kafka_failed(&self.status, format_args!("topic {topic}"), &e);
                         meta = None;
                     }
                 }
@@ -510,6 +538,11 @@ impl Worker {
     /// After any failure: say so, long-poll next time and wait out the backoff.
     fn back_off(&self, st: &mut WorkerState, why: std::fmt::Arguments<'_>) {
         log::warn!(target: "sitewatch::sink", "{}/{}: {why}", self.kafka.topic, self.partition);
+        self.pause(st);
+    }
+
+    /// Long-poll next time and wait out the backoff (the failure is already logged).
+    fn pause(&self, st: &mut WorkerState) {
         update(&self.status, |s| s.retries += 1);
         st.caught_up = true;
         self.stop.sleep(st.backoff.next_delay());
@@ -545,7 +578,9 @@ impl Worker {
             None => match kafka::Client::connect(&self.kafka) {
                 Ok(k) => st.client.insert(k),
                 Err(e) => {
-                    self.back_off(st, format_args!("{e}; retrying"));
+                    let what = format_args!("{}/{}", self.kafka.topic, self.partition);
+                    kafka_failed(&self.status, what, &e);
+                    self.pause(st);
                     return None;
                 }
             },

@@ -60,6 +60,8 @@ pub enum SinkError {
         partition: i32,
         expected: Option<i64>,
     },
+    /// Kafka refuses the sink as configured (credentials, certificates): retrying cannot help.
+    Kafka(crate::kafka::KafkaError),
     /// A sink thread could not start.
     Thread { source: std::io::Error },
     /// The sink thread panicked.
@@ -143,6 +145,7 @@ impl fmt::Display for SinkError {
                     "{topic}/{partition}: another sink stored a first offset: it owns the partition"
                 ),
             },
+            SinkError::Kafka(e) => write!(f, "Kafka: {e}"),
             SinkError::Thread { source } => write!(f, "cannot start a sink thread: {source}"),
             SinkError::Panicked => f.write_str("sink: the sink thread panicked"),
         }
@@ -155,6 +158,7 @@ impl std::error::Error for SinkError {
             SinkError::Connect { source, .. } | SinkError::Database { source, .. } => Some(source),
             SinkError::CaFile { source, .. } | SinkError::Thread { source } => Some(source),
             SinkError::Tls { source, .. } => Some(source),
+            SinkError::Kafka(e) => Some(e),
             SinkError::NotConfigured { .. }
             | SinkError::SchemaMissing { .. }
             | SinkError::Fenced { .. }

@@ -157,6 +157,11 @@ impl Broker {
         }
     }
 
+    /// The broker's process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker running").id()
+    }
+
     /// Starts it again on the same port (after `kill`).
     pub fn restart(&mut self) {
         self.kill();
@@ -222,6 +227,7 @@ pub fn kafka_config(brokers: Vec<String>, topic: &str) -> KafkaConfig {
         linger: Duration::from_millis(20),
         batch_max_bytes: 256 * 1024,
         request_timeout: Duration::from_secs(15),
+        spool_after: Duration::from_secs(1),
         compression: Compression::None,
         tls: None,
         sasl: None,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use sitewatch::config::{PostgresConfig, SslMode};
 
-use super::broker::free_port;
+use super::free_port;
 
 /// A server the tests can create databases on.
 pub struct Server {

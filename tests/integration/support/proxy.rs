@@ -19,7 +19,7 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on a free port, forwarding to `127.0.0.1:backend`.
     pub fn start(backend: u16) -> Proxy {
-        Proxy::start_on(super::broker::free_port(), backend)
+        Proxy::start_on(super::free_port(), backend)
     }
 
     /// Listens on `port`, forwarding to `127.0.0.1:backend`.
