@@ -84,16 +84,9 @@ fn stop(mut running: Running, log: &Path) -> String {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("sitewatch did not exit within {DEADLINE:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = crate::support::poll(DEADLINE, || child.try_wait().unwrap()) else {
+        let _ = child.kill();
+        panic!("sitewatch did not exit within {DEADLINE:?} of SIGTERM");
     };
     let mut text = String::new();
     std::fs::File::open(log)

@@ -146,19 +146,12 @@ impl Prometheus {
     /// Waits until `promql` has exactly one result, and returns its value.
     fn value(&self, promql: &str) -> f64 {
         let mut last = Vec::new();
-        let found = (0..).find_map(|_| {
+        let wait = deadline().saturating_duration_since(std::time::Instant::now());
+        let found = crate::support::poll(wait, || {
             last = self.query(promql);
-            if last.len() == 1 {
-                return Some(last[0].1);
-            }
-            assert!(
-                std::time::Instant::now() < deadline(),
-                "{promql}: no single series; last answer {last:?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-            None
+            (last.len() == 1).then(|| last[0].1)
         });
-        found.unwrap()
+        found.unwrap_or_else(|| panic!("{promql}: no single series; last answer {last:?}"))
     }
 }
 

@@ -180,15 +180,8 @@ fn spawn_broker(props: &Path, log: &Path) -> Child {
 /// when the process exits first or `deadline` passes.
 fn wait_started(mut child: Option<&mut Child>, log: &Path, ports: &[u16], deadline: Instant) {
     let read = || std::fs::read_to_string(log).unwrap_or_default();
-    loop {
-        if read().contains("Kafka Server started")
-            && ports.iter().all(|p| {
-                TcpStream::connect_timeout(&([127, 0, 0, 1], *p).into(), Duration::from_secs(1))
-                    .is_ok()
-            })
-        {
-            return;
-        }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let started = super::poll(wait, || {
         if let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             panic!(
                 "Apache Kafka ({}) exited ({status}) while starting; log tail:\n{}",
@@ -196,14 +189,19 @@ fn wait_started(mut child: Option<&mut Child>, log: &Path, ports: &[u16], deadli
                 tail(&read(), 60)
             );
         }
-        if Instant::now() > deadline {
-            panic!(
-                "Apache Kafka ({}) did not start within {START_DEADLINE:?}; log tail:\n{}",
-                log.display(),
-                tail(&read(), 60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        (read().contains("Kafka Server started")
+            && ports.iter().all(|p| {
+                TcpStream::connect_timeout(&([127, 0, 0, 1], *p).into(), Duration::from_secs(1))
+                    .is_ok()
+            }))
+        .then_some(())
+    });
+    if started.is_none() {
+        panic!(
+            "Apache Kafka ({}) did not start within {START_DEADLINE:?}; log tail:\n{}",
+            log.display(),
+            tail(&read(), 60)
+        );
     }
 }
 
@@ -480,14 +478,10 @@ impl ApacheKafkaCluster {
     /// Waits for a terminated node to exit; SIGKILL and panic after `within`.
     pub fn wait_stopped(&mut self, id: i32, within: Duration) {
         let mut child = self.node(id).child.take().expect("node is running");
-        let deadline = Instant::now() + within;
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node {id} did not stop within {within:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if super::poll(within, || child.try_wait().expect("wait")).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node {id} did not stop within {within:?} of SIGTERM");
         }
     }
 

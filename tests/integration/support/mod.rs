@@ -36,12 +36,21 @@ pub fn free_port() -> u16 {
 
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
 pub fn wait_for(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let held = poll(timeout, || cond().then_some(()));
+    assert!(held.is_some(), "timed out waiting for {what}");
+}
+
+/// Polls `f` every 50 ms until it gives a value, for at most `timeout`; `None` when it never
+/// did (for callers that must clean up, e.g. kill a process, before they fail).
+pub fn poll<T>(timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = std::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
