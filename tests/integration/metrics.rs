@@ -665,3 +665,91 @@ fn the_listener_survives_bad_clients_and_keeps_its_bounds() {
     });
     wait_for("checks to go on", PATIENCE, || checks() >= before + 2.0);
 }
+
+/// The value of the sample `series` (name and labels exactly as written) in a `/metrics` body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn spool_and_queue_metrics_follow_a_broker_outage() {
+    let dir = TempDir::new("metrics-spool");
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let mut broker = crate::support::broker::Broker::start();
+    let port = free_port();
+    let text = format!(
+        "[agent]\nid = \"spool-test\"\nlocation = \"lab-1\"\ninterval = \"200ms\"\ntimeout = \"2s\"\n\
+         jitter = \"0%\"\ndrain_timeout = \"2s\"\nstate_dir = \"{state}\"\n\
+         [kafka]\nbrokers = [\"{kafka}\"]\nrequest_timeout = \"2s\"\n\
+         [[target]]\nid = \"up\"\nurl = \"{url}\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        state = dir.path().join("state").display(),
+        kafka = broker.addr(),
+        url = up.url("/"),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let _agent = start_agent(&config, &dir);
+    let addr = listening(port);
+    let scrape = || get(addr, "/metrics", "").1;
+    let value = |body: &str, series: &str| {
+        sample(body, series).unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+
+    // Connected: records are acknowledged, nothing waits in the spool.
+    let mut body = String::new();
+    wait_for("acknowledged records", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_publisher_acked_records_total").unwrap_or(0.0) >= 3.0
+    });
+    assert_eq!(value(&body, "sitewatch_spool_records"), 0.0, "{body}");
+    let queued = value(&body, "sitewatch_publisher_queued_records");
+    assert!((0.0..=10_000.0).contains(&queued), "{body}");
+    // The per-target series carry the agent's id and location.
+    let labels = format!(
+        "{{instance=\"{}\",target=\"up\",agent=\"spool-test\",location=\"lab-1\"}}",
+        up.url("/")
+    );
+    assert_eq!(
+        value(&body, &format!("probe_success{labels}")),
+        1.0,
+        "{body}"
+    );
+
+    // Broker gone: the spool grows in records and bytes.
+    broker.kill();
+    wait_for("a growing spool", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_spool_records").unwrap_or(0.0) >= 5.0
+            && sample(&body, "sitewatch_spool_bytes").unwrap_or(0.0) > 0.0
+            && sample(&body, "sitewatch_publisher_connected") == Some(0.0)
+    });
+    let acked = value(&body, "sitewatch_publisher_acked_records_total");
+    let spooled = value(&body, "sitewatch_spool_records");
+    let bytes = value(&body, "sitewatch_spool_bytes");
+    // Each spooled record (about a kilobyte of JSON) is in the bytes.
+    assert!(bytes >= spooled * 100.0, "{body}");
+
+    // Broker back: the spool drains to nothing and the acknowledged count takes it all in.
+    broker.restart();
+    wait_for("the spool to drain", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_spool_records") == Some(0.0)
+            && sample(&body, "sitewatch_spool_bytes") == Some(0.0)
+            && sample(&body, "sitewatch_publisher_acked_records_total").unwrap_or(0.0)
+                >= acked + spooled
+    });
+    assert_eq!(value(&body, "sitewatch_publisher_connected"), 1.0, "{body}");
+    assert_eq!(
+        value(&body, "sitewatch_publisher_dropped_records_total"),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(
+        promtool(&["check", "metrics"], dir.path(), body.as_bytes()),
+        "",
+        "{body}"
+    );
+}
