@@ -43,7 +43,7 @@ fn start_agent(config: &Path, dir: &TempDir) -> Killed {
 }
 
 /// `GET path` with extra header lines; the status and the body.
-fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+pub(crate) fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics listener");
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     write!(
@@ -667,7 +667,7 @@ fn the_listener_survives_bad_clients_and_keeps_its_bounds() {
 }
 
 /// The value of the sample `series` (name and labels exactly as written) in a `/metrics` body.
-fn sample(body: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map(|v| v.parse().unwrap())

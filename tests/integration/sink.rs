@@ -1510,14 +1510,17 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
     let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
     let missing = HttpServer::start(|_, _| Reply::status(404, "nope"));
     let dir = crate::support::TempDir::new("sink-e2e");
+    let metrics_port = crate::support::free_port();
     let text = format!(
         "[agent]\nid = \"e2e\"\nlocation = \"lab-1\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
          state_dir = \"{state}\"\n\n{pipeline}\n\
          [[target]]\nid = \"up\"\nurl = \"{up}\"\nregex = \"hello\"\n\
          [[target]]\nid = \"mismatch\"\nurl = \"{up}\"\nregex = \"goodbye\"\n\
          [[target]]\nid = \"notfound\"\nurl = \"{missing}\"\n\
-         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{closed}/\"\n",
+         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{closed}/\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
         state = dir.path().join("state").display(),
+        metrics = metrics_port,
         pipeline = p.config_text(),
         up = up.url("/"),
         missing = missing.url("/missing"),
@@ -1543,6 +1546,23 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
              HAVING count(*) >= 3) t",
         ) == 4
     });
+    // The sink's side of /metrics: lag and rows for each partition of the topic.
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let series = |name: &str, partition: i32| {
+        format!("{name}{{topic=\"sitewatch.checks\",partition=\"{partition}\"}}")
+    };
+    let mut body = String::new();
+    crate::support::wait_for("sink rows on /metrics", Duration::from_secs(120), || {
+        body = crate::metrics::get(metrics, "/metrics", "").1;
+        let rows: f64 = (0..3)
+            .filter_map(|p| crate::metrics::sample(&body, &series("sitewatch_sink_rows_total", p)))
+            .sum();
+        rows >= 12.0
+    });
+    for p in 0..3 {
+        let lag = crate::metrics::sample(&body, &series("sitewatch_sink_lag_records", p));
+        assert!(lag.is_some_and(|l| l >= 0.0), "partition {p}:\n{body}");
+    }
     let status = std::process::Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status()
