@@ -397,6 +397,85 @@ fn prometheus_scrapes_metrics_and_probe_with_blackbox_names() {
     assert_eq!(probe("probe_success"), 1.0);
     assert_eq!(probe("probe_http_status_code"), 200.0);
     assert_eq!(probe("probe_ssl_earliest_cert_expiry"), expiry);
+
+    // The queries of the panels of grafana.com dashboards 7587 ("Prometheus Blackbox
+    // Exporter"; variable $target = label_values(probe_success, instance)) and 13659
+    // ("Blackbox Exporter (HTTP prober)"; $job, then $instance = label_values(probe_success{job=~"$job"},
+    // instance)), with the variables set to our job and the TLS target's URL: each finds
+    // our series. 7587 has no job variable: its panels show both jobs' series (the agent's
+    // /metrics and the /probe job), counted here; 13659's show one, or five phases.
+    let url = targets.tls.url("/");
+    let (status, body) = get(
+        prom.addr(),
+        &format!(
+            "/api/v1/label/instance/values?match[]={}",
+            encode("probe_success")
+        ),
+        "",
+    );
+    assert!(
+        status == 200 && body.contains(&format!("\"{url}\"")),
+        "{body}"
+    );
+    let bb7587 = format!("instance=~\"{url}\"");
+    let bb13659 = format!("job=~\"sitewatch\", instance=~\"{url}\"");
+    for (query, want) in [
+        (format!("count(probe_success{{{bb7587}}} == 1)"), Some(2.0)),
+        (
+            format!("count(probe_http_duration_seconds{{{bb7587}}})"),
+            Some(10.0),
+        ),
+        (
+            format!("count(probe_http_status_code{{{bb7587}}} == 200)"),
+            Some(2.0),
+        ),
+        (
+            format!("count(probe_http_version{{{bb7587}}} == 1.1)"),
+            Some(2.0),
+        ),
+        (format!("count(probe_http_ssl{{{bb7587}}} == 1)"), Some(2.0)),
+        (
+            format!("count(probe_ssl_earliest_cert_expiry{{{bb7587}}} - time() > 0)"),
+            Some(2.0),
+        ),
+        (format!("avg(probe_duration_seconds{{{bb7587}}})"), None),
+        (
+            format!("avg(probe_dns_lookup_time_seconds{{{bb7587}}})"),
+            None,
+        ),
+        (format!("probe_success{{{bb13659}}}"), Some(1.0)),
+        (format!("probe_http_ssl{{{bb13659}}} > 0"), Some(1.0)),
+        (
+            format!("(probe_ssl_earliest_cert_expiry{{{bb13659}}} - time()) / 3600 / 24 > 0"),
+            None,
+        ),
+        (
+            format!("probe_http_status_code{{{bb13659}}} > 0"),
+            Some(200.0),
+        ),
+        (
+            format!("avg_over_time(probe_duration_seconds{{{bb13659}}}[1m])"),
+            None,
+        ),
+        (format!("probe_tls_version_info{{{bb13659}}}"), Some(1.0)),
+        (
+            format!("avg_over_time(probe_dns_lookup_time_seconds{{{bb13659}}}[1m])"),
+            None,
+        ),
+        (
+            format!("sum(probe_http_duration_seconds{{{bb13659}}}) by (instance)"),
+            None,
+        ),
+        (
+            format!("count(probe_http_duration_seconds{{{bb13659}}})"),
+            Some(5.0),
+        ),
+    ] {
+        let got = v(&query);
+        if let Some(want) = want {
+            assert_eq!(got, want, "{query}");
+        }
+    }
 }
 
 /// notAfter of a PEM certificate as Unix seconds (`openssl x509 -enddate`).
