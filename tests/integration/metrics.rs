@@ -399,7 +399,7 @@ fn prometheus_scrapes_metrics_and_probe_with_blackbox_names() {
     assert_eq!(probe("probe_ssl_earliest_cert_expiry"), expiry);
 
     // The queries of the panels of grafana.com dashboards 7587 ("Prometheus Blackbox
-    // Exporter"; variable $target = label_values(probe_success, instance)) and 13659
+    // Exporter"; panels select instance=~"$target") and 13659
     // ("Blackbox Exporter (HTTP prober)"; $job, then $instance = label_values(probe_success{job=~"$job"},
     // instance)), with the variables set to our job and the TLS target's URL: each finds
     // our series. 7587 has no job variable: its panels show both jobs' series (the agent's
