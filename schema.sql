@@ -208,3 +208,9 @@ GROUP BY c.target, w.name, w.ord
 ORDER BY c.target, w.ord;
 
 INSERT INTO sitewatch_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
+
+-- Version 2: where the agent probes from (`[agent] location`); null for records of agents
+-- without one and for rows written before. Adding a nullable column without a default
+-- rewrites nothing, on the parent and on every partition.
+ALTER TABLE checks ADD COLUMN IF NOT EXISTS location text;
+INSERT INTO sitewatch_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING;

@@ -57,6 +57,9 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAgent {
     pub id: Option<String>,
+    /// Checked while parsing, so that a bad one is reported with its line and column.
+    #[serde(default, deserialize_with = "deserialize_location")]
+    pub location: Option<String>,
     pub interval: Option<String>,
     pub timeout: Option<String>,
     pub concurrency: Option<usize>,
@@ -227,6 +230,9 @@ pub enum SecretSource {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub id: String,
+    /// Where the agent probes from (`eu-west`): a label on its records, rows and metrics, and
+    /// what the fleet groups agents by. `None`: not set.
+    pub location: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub concurrency: usize,
@@ -658,6 +664,32 @@ impl Config {
     }
 }
 
+/// Longest `[agent] location`: it becomes a label value, a column value and part of a Kafka
+/// consumer group id, so it stays short (a DNS label's 63 characters).
+pub const MAX_LOCATION_LEN: usize = 63;
+
+/// Checks an `[agent] location`: 1 to [`MAX_LOCATION_LEN`] characters of `a-z 0-9 . _ -`, so
+/// it can be used unquoted in a consumer group id, a label or a file name.
+pub fn check_location(location: &str) -> Result<(), String> {
+    let ok = (1..=MAX_LOCATION_LEN).contains(&location.len())
+        && (location.bytes()).all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'));
+    if ok {
+        return Ok(());
+    }
+    Err(format!(
+        "agent: location {location:?}: expected 1 to {MAX_LOCATION_LEN} characters of \
+         a-z, 0-9, '.', '_' and '-' (like \"eu-west-1\")"
+    ))
+}
+
+fn deserialize_location<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let location = String::deserialize(d)?;
+    check_location(&location).map_err(serde::de::Error::custom)?;
+    Ok(Some(location))
+}
+
 /// `line 3, column 5: unknown field `intervall`, expected one of ...`
 fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().trim().to_string();
@@ -870,6 +902,7 @@ impl Validator<'_> {
         };
         Ok(AgentConfig {
             id,
+            location: raw.location.clone(),
             interval,
             timeout,
             concurrency,
@@ -1607,6 +1640,9 @@ impl TomlWriter {
 impl AgentConfig {
     fn write_toml(&self, out: &mut TomlWriter) {
         out.string("id", &self.id);
+        if let Some(location) = &self.location {
+            out.string("location", location);
+        }
         out.duration("interval", self.interval);
         out.duration("timeout", self.timeout);
         out.value("concurrency", self.concurrency);
@@ -1918,6 +1954,18 @@ mod tests {
             "[agent]\nconcurency = 3\n",
             "line 2, column 1: unknown field `concurency`",
         );
+        // A location is checked while parsing: the error has its line and column.
+        for bad in ["EU West", "", "eu/west", &"a".repeat(MAX_LOCATION_LEN + 1)] {
+            check_err(
+                &format!("[agent]\nid = \"a\"\nlocation = {}\n", toml_string(bad)),
+                &format!(
+                    "agent.toml: line 3, column 12: agent: location {bad:?}: expected 1 to 63"
+                ),
+            );
+        }
+        let c = parse("[agent]\nlocation = \"eu-west-1.b_2\"\n").unwrap();
+        assert_eq!(c.agent.location.as_deref(), Some("eu-west-1.b_2"));
+        assert_eq!(parse("[agent]\n").unwrap().agent.location, None);
         check_err(
             &format!("{T}regex = \"(unclosed\"\n"),
             "target \"shop\": regex \"(unclosed\": invalid regex",

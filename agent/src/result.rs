@@ -90,8 +90,13 @@ pub struct CheckResult {
     /// Stable target id from the config; also the Kafka key.
     pub target: String,
     pub url: String,
-    /// Which agent (location) made the check.
+    /// Which agent (its `[agent] id`) made the check.
     pub agent: String,
+    /// Where the agent probes from (`[agent] location`). Added after v1 without a new `v`:
+    /// absent (not `null`) when not set, so records of agents without one are unchanged, and
+    /// records without it (older agents) decode as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
     pub agent_version: String,
     /// UTC, RFC 3339 with milliseconds: `2026-11-27T23:59:38.123Z`.
     pub started_at: String,
@@ -140,6 +145,7 @@ impl CheckResult {
             target: target.to_string(),
             url: url.to_string(),
             agent: agent.to_string(),
+            location: None,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at: crate::util::rfc3339_now(),
             up: false,
@@ -238,6 +244,33 @@ mod tests {
         let line = r.to_json();
         assert!(line.contains(r#""failure":"http_status""#), "{line}");
         assert_eq!(CheckResult::from_json(line.as_bytes()).unwrap(), r);
+    }
+
+    #[test]
+    fn location_round_trips_and_records_without_it_decode() {
+        let mut r = CheckResult::new("shop", "https://shop.example/", "eu-1", "GET");
+        let without = r.to_json();
+        assert!(!without.contains("location"), "{without}");
+        assert_eq!(CheckResult::from_json(without.as_bytes()).unwrap(), r);
+        r.location = Some("eu-west".into());
+        let with = r.to_json();
+        assert!(
+            with.contains(r#""agent":"eu-1","location":"eu-west""#),
+            "{with}"
+        );
+        assert_eq!(CheckResult::from_json(with.as_bytes()).unwrap(), r);
+        // A record as an agent before `location` wrote it (v1, every other field present).
+        let old = r#"{"v":1,"check_id":"0190c0de-0000-7000-8000-000000000001","target":"shop",
+            "url":"https://shop.example/","agent":"eu-1","agent_version":"0.1.0",
+            "started_at":"2026-11-27T23:59:38.123Z","up":true,"failure":null,"error":null,
+            "attempt":1,"method":"GET","status":200,"http_version":"HTTP/1.1","final_url":null,
+            "redirects":0,"remote_ip":"127.0.0.1","body_bytes":5,"body_truncated":false,
+            "timings":{"dns":null,"connect":0.2,"tls":null,"ttfb":1.0,"transfer":0.1,"total":1.5},
+            "tls_version":null,"cert_not_after":null,"cert_days_left":null,"cert_issuer":null,
+            "regex":null,"regex_matched":null,"rule":null,"rule_hash":null,"rule_verdict":null,
+            "rule_reason":null,"rule_extra":null,"rule_ms":null,"tags":[]}"#;
+        let decoded = CheckResult::from_json(old.as_bytes()).unwrap();
+        assert_eq!((decoded.location, decoded.status), (None, Some(200)));
     }
 
     #[test]

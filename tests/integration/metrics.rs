@@ -43,7 +43,7 @@ fn start_agent(config: &Path, dir: &TempDir) -> Killed {
 }
 
 /// `GET path` with extra header lines; the status and the body.
-fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+pub(crate) fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics listener");
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     write!(
@@ -397,6 +397,85 @@ fn prometheus_scrapes_metrics_and_probe_with_blackbox_names() {
     assert_eq!(probe("probe_success"), 1.0);
     assert_eq!(probe("probe_http_status_code"), 200.0);
     assert_eq!(probe("probe_ssl_earliest_cert_expiry"), expiry);
+
+    // The queries of the panels of grafana.com dashboards 7587 ("Prometheus Blackbox
+    // Exporter"; panels select instance=~"$target") and 13659
+    // ("Blackbox Exporter (HTTP prober)"; $job, then $instance = label_values(probe_success{job=~"$job"},
+    // instance)), with the variables set to our job and the TLS target's URL: each finds
+    // our series. 7587 has no job variable: its panels show both jobs' series (the agent's
+    // /metrics and the /probe job), counted here; 13659's show one, or five phases.
+    let url = targets.tls.url("/");
+    let (status, body) = get(
+        prom.addr(),
+        &format!(
+            "/api/v1/label/instance/values?match[]={}",
+            encode("probe_success")
+        ),
+        "",
+    );
+    assert!(
+        status == 200 && body.contains(&format!("\"{url}\"")),
+        "{body}"
+    );
+    let bb7587 = format!("instance=~\"{url}\"");
+    let bb13659 = format!("job=~\"sitewatch\", instance=~\"{url}\"");
+    for (query, want) in [
+        (format!("count(probe_success{{{bb7587}}} == 1)"), Some(2.0)),
+        (
+            format!("count(probe_http_duration_seconds{{{bb7587}}})"),
+            Some(10.0),
+        ),
+        (
+            format!("count(probe_http_status_code{{{bb7587}}} == 200)"),
+            Some(2.0),
+        ),
+        (
+            format!("count(probe_http_version{{{bb7587}}} == 1.1)"),
+            Some(2.0),
+        ),
+        (format!("count(probe_http_ssl{{{bb7587}}} == 1)"), Some(2.0)),
+        (
+            format!("count(probe_ssl_earliest_cert_expiry{{{bb7587}}} - time() > 0)"),
+            Some(2.0),
+        ),
+        (format!("avg(probe_duration_seconds{{{bb7587}}})"), None),
+        (
+            format!("avg(probe_dns_lookup_time_seconds{{{bb7587}}})"),
+            None,
+        ),
+        (format!("probe_success{{{bb13659}}}"), Some(1.0)),
+        (format!("probe_http_ssl{{{bb13659}}} > 0"), Some(1.0)),
+        (
+            format!("(probe_ssl_earliest_cert_expiry{{{bb13659}}} - time()) / 3600 / 24 > 0"),
+            None,
+        ),
+        (
+            format!("probe_http_status_code{{{bb13659}}} > 0"),
+            Some(200.0),
+        ),
+        (
+            format!("avg_over_time(probe_duration_seconds{{{bb13659}}}[1m])"),
+            None,
+        ),
+        (format!("probe_tls_version_info{{{bb13659}}}"), Some(1.0)),
+        (
+            format!("avg_over_time(probe_dns_lookup_time_seconds{{{bb13659}}}[1m])"),
+            None,
+        ),
+        (
+            format!("sum(probe_http_duration_seconds{{{bb13659}}}) by (instance)"),
+            None,
+        ),
+        (
+            format!("count(probe_http_duration_seconds{{{bb13659}}})"),
+            Some(5.0),
+        ),
+    ] {
+        let got = v(&query);
+        if let Some(want) = want {
+            assert_eq!(got, want, "{query}");
+        }
+    }
 }
 
 /// notAfter of a PEM certificate as Unix seconds (`openssl x509 -enddate`).
@@ -664,4 +743,92 @@ fn the_listener_survives_bad_clients_and_keeps_its_bounds() {
         TcpStream::connect(addr).is_ok() && get(addr, "/metrics", "").0 == 200
     });
     wait_for("checks to go on", PATIENCE, || checks() >= before + 2.0);
+}
+
+/// The value of the sample `series` (name and labels exactly as written) in a `/metrics` body.
+pub(crate) fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn spool_and_queue_metrics_follow_a_broker_outage() {
+    let dir = TempDir::new("metrics-spool");
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let mut broker = crate::support::broker::Broker::start();
+    let port = free_port();
+    let text = format!(
+        "[agent]\nid = \"spool-test\"\nlocation = \"lab-1\"\ninterval = \"200ms\"\ntimeout = \"2s\"\n\
+         jitter = \"0%\"\ndrain_timeout = \"2s\"\nstate_dir = \"{state}\"\n\
+         [kafka]\nbrokers = [\"{kafka}\"]\nrequest_timeout = \"2s\"\n\
+         [[target]]\nid = \"up\"\nurl = \"{url}\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        state = dir.path().join("state").display(),
+        kafka = broker.addr(),
+        url = up.url("/"),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let _agent = start_agent(&config, &dir);
+    let addr = listening(port);
+    let scrape = || get(addr, "/metrics", "").1;
+    let value = |body: &str, series: &str| {
+        sample(body, series).unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    };
+
+    // Connected: records are acknowledged, nothing waits in the spool.
+    let mut body = String::new();
+    wait_for("acknowledged records", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_publisher_acked_records_total").unwrap_or(0.0) >= 3.0
+    });
+    assert_eq!(value(&body, "sitewatch_spool_records"), 0.0, "{body}");
+    let queued = value(&body, "sitewatch_publisher_queued_records");
+    assert!((0.0..=10_000.0).contains(&queued), "{body}");
+    // The per-target series carry the agent's id and location.
+    let labels = format!(
+        "{{instance=\"{}\",target=\"up\",agent=\"spool-test\",location=\"lab-1\"}}",
+        up.url("/")
+    );
+    assert_eq!(
+        value(&body, &format!("probe_success{labels}")),
+        1.0,
+        "{body}"
+    );
+
+    // Broker gone: the spool grows in records and bytes.
+    broker.kill();
+    wait_for("a growing spool", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_spool_records").unwrap_or(0.0) >= 5.0
+            && sample(&body, "sitewatch_spool_bytes").unwrap_or(0.0) > 0.0
+            && sample(&body, "sitewatch_publisher_connected") == Some(0.0)
+    });
+    let acked = value(&body, "sitewatch_publisher_acked_records_total");
+    let spooled = value(&body, "sitewatch_spool_records");
+    let bytes = value(&body, "sitewatch_spool_bytes");
+    // Each spooled record (about a kilobyte of JSON) is in the bytes.
+    assert!(bytes >= spooled * 100.0, "{body}");
+
+    // Broker back: the spool drains to nothing and the acknowledged count takes it all in.
+    broker.restart();
+    wait_for("the spool to drain", PATIENCE, || {
+        body = scrape();
+        sample(&body, "sitewatch_spool_records") == Some(0.0)
+            && sample(&body, "sitewatch_spool_bytes") == Some(0.0)
+            && sample(&body, "sitewatch_publisher_acked_records_total").unwrap_or(0.0)
+                >= acked + spooled
+    });
+    assert_eq!(value(&body, "sitewatch_publisher_connected"), 1.0, "{body}");
+    assert_eq!(
+        value(&body, "sitewatch_publisher_dropped_records_total"),
+        0.0,
+        "{body}"
+    );
+    assert_eq!(
+        promtool(&["check", "metrics"], dir.path(), body.as_bytes()),
+        "",
+        "{body}"
+    );
 }

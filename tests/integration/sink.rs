@@ -84,6 +84,8 @@ fn full_record(n: u32) -> CheckResult {
     r.rule_extra = Some(serde_json::json!({"db": "slow", "n": 3}));
     r.rule_ms = Some(0.75);
     r.tags = vec!["prod".into(), "eu".into()];
+    // Every other record as an agent without `[agent] location` writes it.
+    r.location = n.is_multiple_of(2).then(|| "lab-1".to_string());
     r
 }
 
@@ -119,8 +121,8 @@ pub fn stored_records(client: &mut postgres::Client) -> Vec<CheckResult> {
              attempt, method, status, http_version, final_url, redirects, remote_ip, body_bytes, \
              body_truncated, total_ms, dns_ms, connect_ms, tls_ms, ttfb_ms, transfer_ms, \
              tls_version, cert_not_after, cert_days_left, cert_issuer, regex, regex_matched, \
-             rule, rule_hash, rule_verdict, rule_reason, rule_extra::text, rule_ms, tags \
-             FROM checks ORDER BY kafka_partition, kafka_offset",
+             rule, rule_hash, rule_verdict, rule_reason, rule_extra::text, rule_ms, tags, \
+             location FROM checks ORDER BY kafka_partition, kafka_offset",
             &[],
         )
         .expect("select checks");
@@ -136,6 +138,7 @@ pub fn stored_records(client: &mut postgres::Client) -> Vec<CheckResult> {
                 target: row.get(2),
                 url: row.get(3),
                 agent: row.get(4),
+                location: row.get(38),
                 agent_version: row.get(5),
                 v: row.get::<_, i32>(6) as u32,
                 up: row.get(7),
@@ -198,8 +201,11 @@ fn init_db_twice_is_fine_and_the_sink_refuses_a_database_without_it() {
     sink::init_db(&cfg).expect("second init-db");
     schema::require(&mut client, &db.url()).expect("schema present");
     assert_eq!(
-        count(&mut client, "SELECT count(*) FROM sitewatch_schema"),
-        1
+        count(
+            &mut client,
+            "SELECT max(version)::int8 FROM sitewatch_schema"
+        ),
+        i64::from(schema::SCHEMA_VERSION)
     );
     // Partitions from yesterday to DAYS_AHEAD days ahead exist after init-db.
     let parts = count(
@@ -207,6 +213,53 @@ fn init_db_twice_is_fine_and_the_sink_refuses_a_database_without_it() {
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'checks'::regclass",
     );
     assert_eq!(parts, 2 + schema::DAYS_AHEAD);
+}
+
+#[test]
+fn init_db_adds_the_location_column_to_a_version_1_database() {
+    let db = fresh_db();
+    let mut client = db.client();
+    // The database as version 1 left it (no location column), with a row in it.
+    client
+        .batch_execute(
+            "ALTER TABLE checks DROP COLUMN location; \
+             DELETE FROM sitewatch_schema WHERE version > 1;",
+        )
+        .unwrap();
+    let err = schema::require(&mut client, &db.url()).unwrap_err();
+    assert!(err.to_string().contains("sitewatch init-db"), "{err}");
+    client
+        .batch_execute(
+            "INSERT INTO checks (check_id, started_at, target, url, agent, agent_version, v, up, \
+             attempt, method, redirects, body_bytes, body_truncated, total_ms, kafka_partition, \
+             kafka_offset) VALUES ('old', now(), 't', 'http://x/', 'a', '0.1.0', 1, true, 1, \
+             'GET', 0, 0, false, 1.0, 0, 0)",
+        )
+        .unwrap();
+
+    sink::init_db(&config_for(&db)).expect("init-db on version 1");
+    schema::require(&mut client, &db.url()).expect("migrated");
+    let mut r = record("t", 0, None, 1.0);
+    r.location = Some("lab-1".into());
+    w_write(&db, &[r]);
+    let rows = client
+        .query(
+            "SELECT check_id, location FROM checks ORDER BY kafka_offset, check_id",
+            &[],
+        )
+        .unwrap();
+    let got: Vec<(String, Option<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got[0], ("old".to_string(), None));
+    assert_eq!(got[1].1.as_deref(), Some("lab-1"));
+}
+
+/// Writes `records` at offset 1000 of partition 0.
+fn w_write(db: &TestDb, records: &[CheckResult]) {
+    let mut w = writer(db, 0);
+    let outcome = w
+        .write(None, &messages(&json(records), 1000), 0)
+        .expect("write");
+    assert_eq!(outcome.inserted, records.len() as u64);
 }
 
 #[test]
@@ -1457,14 +1510,17 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
     let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
     let missing = HttpServer::start(|_, _| Reply::status(404, "nope"));
     let dir = crate::support::TempDir::new("sink-e2e");
+    let metrics_port = crate::support::free_port();
     let text = format!(
-        "[agent]\nid = \"e2e\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+        "[agent]\nid = \"e2e\"\nlocation = \"lab-1\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
          state_dir = \"{state}\"\n\n{pipeline}\n\
          [[target]]\nid = \"up\"\nurl = \"{up}\"\nregex = \"hello\"\n\
          [[target]]\nid = \"mismatch\"\nurl = \"{up}\"\nregex = \"goodbye\"\n\
          [[target]]\nid = \"notfound\"\nurl = \"{missing}\"\n\
-         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{closed}/\"\n",
+         [[target]]\nid = \"closed\"\nurl = \"http://127.0.0.1:{closed}/\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n",
         state = dir.path().join("state").display(),
+        metrics = metrics_port,
         pipeline = p.config_text(),
         up = up.url("/"),
         missing = missing.url("/missing"),
@@ -1490,6 +1546,23 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
              HAVING count(*) >= 3) t",
         ) == 4
     });
+    // The sink's side of /metrics: lag and rows for each partition of the topic.
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let series = |name: &str, partition: i32| {
+        format!("{name}{{topic=\"sitewatch.checks\",partition=\"{partition}\"}}")
+    };
+    let mut body = String::new();
+    crate::support::wait_for("sink rows on /metrics", Duration::from_secs(120), || {
+        body = crate::metrics::get(metrics, "/metrics", "").1;
+        let rows: f64 = (0..3)
+            .filter_map(|p| crate::metrics::sample(&body, &series("sitewatch_sink_rows_total", p)))
+            .sum();
+        rows >= 12.0
+    });
+    for p in 0..3 {
+        let lag = crate::metrics::sample(&body, &series("sitewatch_sink_lag_records", p));
+        assert!(lag.is_some_and(|l| l >= 0.0), "partition {p}:\n{body}");
+    }
     let status = std::process::Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status()
@@ -1511,6 +1584,8 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
     for r in stored_records(&mut c) {
         let t = &r.timings;
         assert!(t.total > 0.0, "{r:?}");
+        // The agent's `[agent] location`, carried by the record into its row.
+        assert_eq!(r.location.as_deref(), Some("lab-1"), "{r:?}");
         match r.target.as_str() {
             "up" => {
                 assert_eq!(

@@ -133,7 +133,7 @@ impl ProbeView {
 }
 
 /// Writes the blackbox_exporter families for `views`, each with its labels. Shared by
-/// `/metrics` (labels: instance, target, agent) and `/probe` (no labels, as blackbox_exporter).
+/// `/metrics` (labels: instance, target, agent, and location when set) and `/probe` (no labels, as blackbox_exporter).
 fn write_probe_families(e: &mut Exposition, views: &[(&[(&str, &str)], &ProbeView)]) {
     type Gauge = (&'static str, &'static str, fn(&ProbeView) -> f64);
     const GAUGES: [Gauge; 11] = [
@@ -246,6 +246,8 @@ fn write_probe_families(e: &mut Exposition, views: &[(&[(&str, &str)], &ProbeVie
 struct TargetState {
     url: String,
     agent: String,
+    /// The record's `location`; empty when the agent has none (then no `location` label).
+    location: String,
     last: ProbeView,
     /// Unix seconds when the latest check started.
     last_started: f64,
@@ -305,6 +307,7 @@ impl Registry {
             .or_insert_with(|| TargetState {
                 url: String::new(),
                 agent: String::new(),
+                location: String::new(),
                 last: ProbeView::default(),
                 last_started: 0.0,
                 checks: [0; REASONS.len()],
@@ -316,6 +319,10 @@ impl Registry {
         }
         if t.agent != r.agent {
             t.agent.clone_from(&r.agent);
+        }
+        let location = r.location.as_deref().unwrap_or("");
+        if t.location != location {
+            location.clone_into(&mut t.location);
         }
         t.checks[reason_index(r.failure)] += 1;
         t.durations[bucket(&CHECK_BUCKETS, view.duration_seconds)] += 1;
@@ -346,13 +353,17 @@ impl Registry {
             .map(|f| f());
         let st = self.state();
         let mut e = Exposition::default();
-        let labels: Vec<[(&str, &str); 3]> = (st.targets.iter())
+        let labels: Vec<Vec<(&str, &str)>> = (st.targets.iter())
             .map(|(id, t)| {
-                [
+                let mut l = vec![
                     ("instance", t.url.as_str()),
                     ("target", id),
                     ("agent", &t.agent),
-                ]
+                ];
+                if !t.location.is_empty() {
+                    l.push(("location", &t.location));
+                }
+                l
             })
             .collect();
         let views: Vec<(&[(&str, &str)], &ProbeView)> = (labels.iter())
@@ -418,7 +429,7 @@ impl Registry {
 }
 
 fn write_publisher(e: &mut Exposition, p: &PublisherStats) {
-    let rows: [(&str, &str, &str, u64); 5] = [
+    let rows: [(&str, &str, &str, u64); 7] = [
         (
             "sitewatch_publisher_accepted_records_total",
             "counter",
@@ -442,6 +453,18 @@ fn write_publisher(e: &mut Exposition, p: &PublisherStats) {
             "gauge",
             "Records in the disk spool, waiting for Kafka",
             p.spooled,
+        ),
+        (
+            "sitewatch_spool_bytes",
+            "gauge",
+            "Bytes of the disk spool's segment files (a segment is deleted once all its records are acknowledged)",
+            p.spool_bytes,
+        ),
+        (
+            "sitewatch_publisher_queued_records",
+            "gauge",
+            "Records in the publisher's memory queue, waiting for the Kafka sender thread",
+            p.queued,
         ),
         (
             "sitewatch_publisher_connected",
@@ -612,6 +635,38 @@ mod tests {
         // No publisher and no sink: none of their series.
         assert!(!text.contains("sitewatch_spool_records"), "{text}");
         assert!(!text.contains("sitewatch_sink_"), "{text}");
+    }
+
+    #[test]
+    fn location_label_and_publisher_gauges() {
+        let registry = Registry::new();
+        let mut r = tls_record();
+        r.location = Some("eu-west".into());
+        registry.record(&r);
+        registry.set_publisher(PublisherStats {
+            accepted: 9,
+            acked: 5,
+            spooled: 3,
+            spool_bytes: 4096,
+            queued: 1,
+            dropped: 0,
+            connected: true,
+        });
+        let text = registry.render();
+        let l = "instance=\"https://shop.example/\",target=\"shop\",agent=\"eu-1\",location=\"eu-west\"";
+        for line in [
+            format!("probe_success{{{l}}} 0"),
+            format!("sitewatch_checks_total{{{l},failure=\"body_mismatch\"}} 1"),
+            format!("sitewatch_check_duration_seconds_count{{{l}}} 1"),
+            "sitewatch_publisher_acked_records_total 5".to_string(),
+            "sitewatch_spool_records 3".to_string(),
+            "sitewatch_spool_bytes 4096".to_string(),
+            "sitewatch_publisher_queued_records 1".to_string(),
+            "# TYPE sitewatch_spool_bytes gauge".to_string(),
+            "# TYPE sitewatch_publisher_queued_records gauge".to_string(),
+        ] {
+            assert!(text.lines().any(|x| x == line), "{line} not in:\n{text}");
+        }
     }
 
     #[test]

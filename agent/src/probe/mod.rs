@@ -60,6 +60,8 @@ const KEEP_ALIVE_IDLE: usize = 2;
 /// Makes checks. Shared by the worker threads (`&self`, `Sync`).
 pub struct Prober {
     agent_id: String,
+    /// `[agent] location`, copied into every record.
+    location: Option<String>,
     user_agent: String,
     body_cap: usize,
     retry_delay: Duration,
@@ -176,6 +178,7 @@ impl Prober {
     pub fn new(agent: &AgentConfig, rules: RuleSet) -> Prober {
         Prober {
             agent_id: agent.id.clone(),
+            location: agent.location.clone(),
             user_agent: agent.user_agent.clone(),
             body_cap: agent.body_cap,
             retry_delay: agent.retry_delay,
@@ -300,6 +303,7 @@ impl Prober {
             &self.agent_id,
             &target.method,
         );
+        r.location.clone_from(&self.location);
         r.tags = target.tags.clone();
         r.regex = target.regex.as_ref().map(|re| re.as_str().to_string());
         let client = self.client(target);

@@ -94,6 +94,11 @@ pub struct PublisherStats {
     pub acked: u64,
     /// Records in the spool now.
     pub spooled: u64,
+    /// Bytes the spool's segment files take on disk now (what `agent.spool_max` bounds).
+    pub spool_bytes: u64,
+    /// Records waiting in the in-memory queue for the sender thread (at most
+    /// [`QUEUE_CAPACITY`]).
+    pub queued: u64,
     /// Records lost: deleted from a full spool, or refused by Kafka as invalid.
     pub dropped: u64,
     /// Whether the sender has a working connection.
@@ -105,6 +110,7 @@ struct Shared {
     accepted: AtomicU64,
     acked: AtomicU64,
     spooled: AtomicU64,
+    spool_bytes: AtomicU64,
     dropped: AtomicU64,
     connected: AtomicBool,
     /// Set while `write` spills because the queue is full (to log once per episode).
@@ -153,6 +159,12 @@ impl Shared {
         self.queued.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Copies the spool's size after a change, under the spool's lock (so the two agree).
+    fn spool_changed(&self, spool: &Spool) {
+        self.spooled.store(spool.len(), Ordering::Relaxed);
+        self.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+    }
+
     fn inflight(&self) -> MutexGuard<'_, Inflight> {
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -198,7 +210,7 @@ impl Publisher {
     ) -> Result<Publisher, PublishError> {
         let spool = Spool::open(&spool_dir, spool_max_bytes)?;
         let shared = Arc::new(Shared::default());
-        shared.spooled.store(spool.len(), Ordering::Relaxed);
+        shared.spool_changed(&spool);
         let spool = Arc::new(Mutex::new(spool));
         let (tx, rx) = std::sync::mpsc::channel();
         let rx = Arc::new(Mutex::new(rx));
@@ -250,6 +262,8 @@ impl Publisher {
             accepted: s.accepted.load(Ordering::Relaxed),
             acked: s.acked.load(Ordering::Relaxed),
             spooled: s.spooled.load(Ordering::Relaxed),
+            spool_bytes: s.spool_bytes.load(Ordering::Relaxed),
+            queued: s.queued.load(Ordering::Relaxed) as u64,
             dropped: s.dropped.load(Ordering::Relaxed),
             connected: s.connected.load(Ordering::Relaxed),
         }
@@ -390,7 +404,7 @@ fn spool_append(
         }
     }
     let flushed = s.flush();
-    shared.spooled.store(s.len(), Ordering::Relaxed);
+    shared.spool_changed(&s);
     result.and(flushed)
 }
 
@@ -793,7 +807,7 @@ impl Sender {
         };
         if recs.is_empty() {
             let s = lock(&self.spool);
-            self.shared.spooled.store(s.len(), Ordering::Relaxed);
+            self.shared.spool_changed(&s);
             return false;
         }
         match self.send(&recs) {
@@ -802,7 +816,7 @@ impl Sender {
                 if let Err(e) = s.ack(pos) {
                     log::error!(target: "sitewatch::publish", "{e}");
                 }
-                self.shared.spooled.store(s.len(), Ordering::Relaxed);
+                self.shared.spool_changed(&s);
                 if s.is_empty() {
                     log::info!(target: "sitewatch::publish", "spool replayed");
                 }

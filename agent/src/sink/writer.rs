@@ -124,11 +124,12 @@ pub fn decode_for_fuzzing(m: &Message, now_ms: i64, retention: Duration) -> Resu
 
 /// The name of the first text field holding U+0000 (PostgreSQL refuses it in text and jsonb).
 fn field_with_nul(r: &CheckResult) -> Option<&'static str> {
-    let texts: [(&'static str, Option<&str>); 20] = [
+    let texts: [(&'static str, Option<&str>); 21] = [
         ("check_id", Some(&r.check_id)),
         ("target", Some(&r.target)),
         ("url", Some(&r.url)),
         ("agent", Some(&r.agent)),
+        ("location", r.location.as_deref()),
         ("agent_version", Some(&r.agent_version)),
         ("started_at", Some(&r.started_at)),
         ("error", r.error.as_deref()),
@@ -175,12 +176,13 @@ fn truncate_chars(s: &str, max: usize) -> String {
 /// The `checks` columns in insert order: (column, array type sent, select expression). The
 /// rows travel as one array per column (`unnest`), so a batch is one statement with a fixed
 /// number of parameters whatever its size.
-const CHECK_COLUMNS: [(&str, &str, &str); 39] = [
+const CHECK_COLUMNS: [(&str, &str, &str); 40] = [
     ("check_id", "text", ""),
     ("started_at", "timestamptz", ""),
     ("target", "text", ""),
     ("url", "text", ""),
     ("agent", "text", ""),
+    ("location", "text", ""),
     ("agent_version", "text", ""),
     ("v", "int4", ""),
     ("up", "bool", ""),
@@ -277,6 +279,7 @@ struct CheckColumns {
     target: Vec<String>,
     url: Vec<String>,
     agent: Vec<String>,
+    location: Vec<Option<String>>,
     agent_version: Vec<String>,
     v: Vec<i32>,
     up: Vec<bool>,
@@ -323,6 +326,7 @@ impl CheckColumns {
             c.target.push(r.target.clone());
             c.url.push(r.url.clone());
             c.agent.push(r.agent.clone());
+            c.location.push(r.location.clone());
             c.agent_version.push(r.agent_version.clone());
             // v is SCHEMA_VERSION here: from_json refuses any other.
             c.v.push(r.v as i32);
@@ -367,13 +371,14 @@ impl CheckColumns {
     }
 
     /// The parameters in [`CHECK_COLUMNS`] order, then the partition.
-    fn params<'a>(&'a self, partition: &'a i32) -> [&'a (dyn ToSql + Sync); 40] {
+    fn params<'a>(&'a self, partition: &'a i32) -> [&'a (dyn ToSql + Sync); 41] {
         [
             &self.check_id,
             &self.started_at,
             &self.target,
             &self.url,
             &self.agent,
+            &self.location,
             &self.agent_version,
             &self.v,
             &self.up,
