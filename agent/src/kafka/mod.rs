@@ -11,9 +11,9 @@
 //! both our range ([`conn::OUR_VERSIONS`]) and the broker's. Retries: a request that fails
 //! because leadership moved (NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION, ...) or the
 //! connection dropped refreshes the metadata and is tried again, [`MAX_ATTEMPTS`] times in all
-//! with growing backoff; after that the error goes to the caller. Fetch and ListOffsets then
-//! also wait (bounded by the request timeout) for a partition whose leader died to get a new
-//! one, as long as some broker answers (see `Client::with_leader_retry`).
+//! with growing backoff; after that the error goes to the caller. Produce, Fetch and
+//! ListOffsets then also wait (bounded by the request timeout) for a partition whose leader
+//! died to get a new one, as long as some broker answers (see `Client::with_leader_retry`).
 
 pub mod conn;
 pub mod records;
@@ -716,6 +716,7 @@ impl Client {
         }
         let mut attempt = 0;
         let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
+        let deadline = Instant::now() + self.settings.request_timeout;
         loop {
             attempt += 1;
             match self.produce_once(topic, &mut pending) {
@@ -726,6 +727,24 @@ impl Client {
                     if e.stale_metadata() {
                         // Ignore errors here: the next attempt reports them.
                         let _ = self.refresh_metadata(&[topic]);
+                    }
+                }
+                // Out of quick tries with a leader still moving: follow it as the reads do
+                // (`with_leader_retry`), polling the metadata while some broker answers,
+                // bounded by the request timeout. Giving up here made the publisher drop its
+                // client and reconnect with a growing backoff, so it followed the new leader
+                // seconds after the cluster had one. The publisher's caller never waits on
+                // this: records made meanwhile go to the spool after `spool_after`. A topic
+                // the cluster does not know is no leader change: the publisher creates it.
+                Err(e)
+                    if leader_in_transition(&e)
+                        && !matches!(e, KafkaError::UnknownTopic(_))
+                        && Instant::now() + LEADER_POLL < deadline =>
+                {
+                    log::debug!(target: "sitewatch::kafka", "produce {topic}: {e}; waiting for a new leader");
+                    std::thread::sleep(LEADER_POLL);
+                    if self.refresh_metadata(&[topic]).is_err() {
+                        return Err(e); // no broker answers: not a leader change
                     }
                 }
                 Err(e) => return Err(e),
