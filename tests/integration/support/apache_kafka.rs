@@ -29,7 +29,8 @@ const START_DEADLINE: Duration = Duration::from_secs(240);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
-    /// Also the SSL (client certificate required) and SASL_SSL listeners.
+    /// Also the SSL and WRONGHOST (client certificate required) and SASL_SSL listeners, with
+    /// certificates made at start.
     pub tls: bool,
     /// Which Apache Kafka (a version `scripts/setup-kafka` cached); `None`: [`kafka_version`].
     pub version: Option<&'static str>,
