@@ -1,5 +1,10 @@
-//! The Kafka client and the publisher against a real tansu broker (one per test), and wire
+//! The Kafka client and the publisher against a real broker (one per test), and wire
 //! compatibility with librdkafka (the confluent-kafka peer, `tests/peer/kpeer.py`).
+//!
+//! The core tests run against both brokers, as `kafka::tansu::NAME` (tansu 0.6.0) and
+//! `kafka::apache::NAME` (Apache Kafka 4.x, one KRaft node): see `on_both_brokers!` below.
+//! The rest use tansu only: its TLS proxy and SASL quirks, and its two builds; the same
+//! ground against Apache Kafka is in `apache_kafka.rs`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -11,7 +16,16 @@ use sitewatch::publish::Publisher;
 use sitewatch::result::CheckResult;
 
 use crate::support::broker::{Broker, TempDir, TlsProxy, free_port, kafka_config, kpeer};
-use crate::support::wait_for;
+use crate::support::certs::KafkaCerts;
+use crate::support::{TestBroker, on_both_brokers, wait_for};
+
+on_both_brokers!(
+    client_basics_and_errors,
+    round_trip_100k_records,
+    librdkafka_reads_our_records,
+    we_read_librdkafka_records,
+    publisher_spools_while_broker_is_down_and_replays,
+);
 
 /// Reads every record of `topic` from the earliest offset up to the high watermark, per
 /// partition, following `next_offset`.
@@ -85,13 +99,11 @@ pub(crate) fn check_topic_content(
     assert_eq!(missing, 0, "{missing} of {n} records missing");
 }
 
-#[test]
-fn client_basics_and_errors() {
-    let broker = Broker::start();
+fn client_basics_and_errors(broker: Box<dyn TestBroker>) {
     let mut c = Client::connect(&broker.config("basics")).expect("connect");
     let mut v: Vec<_> = c.broker_versions().unwrap().into_iter().collect();
     v.sort();
-    eprintln!("tansu advertises (api key, (min, max)): {v:?}");
+    eprintln!("{} advertises (api key, (min, max)): {v:?}", broker.name());
     assert!(matches!(
         c.partitions("basics"),
         Err(KafkaError::UnknownTopic(_))
@@ -104,7 +116,8 @@ fn client_basics_and_errors() {
     let recs: Vec<ProduceRecord> = (0..50).map(record).collect();
     c.produce("basics", &recs).expect("produce");
     check_topic_content(&fetch_all(&mut c, "basics"), 50, 3);
-    // Past the end: a distinct error, also on tansu (which answers an empty success).
+    // Past the end: a distinct error, also on tansu (which answers an empty success), where
+    // Apache Kafka answers OFFSET_OUT_OF_RANGE.
     let err = c
         .fetch("basics", 0, 1_000_000, 1 << 20, Duration::from_millis(10))
         .unwrap_err();
@@ -137,9 +150,7 @@ fn unreachable_broker_is_a_clear_retriable_error() {
     assert!(err.is_retriable(), "{text}");
 }
 
-#[test]
-fn round_trip_100k_records() {
-    let broker = Broker::start();
+fn round_trip_100k_records(broker: Box<dyn TestBroker>) {
     let mut cfg = broker.config("bulk");
     cfg.partitions = 4;
     let mut c = Client::connect(&cfg).expect("connect");
@@ -155,16 +166,15 @@ fn round_trip_100k_records() {
     let got = fetch_all(&mut c, "bulk");
     let fetched = t.elapsed();
     eprintln!(
-        "100k records: produce {produced:?} ({:.0} rec/s), fetch {fetched:?} ({:.0} rec/s)",
+        "{}: 100k records: produce {produced:?} ({:.0} rec/s), fetch {fetched:?} ({:.0} rec/s)",
+        broker.name(),
         n as f64 / produced.as_secs_f64(),
         n as f64 / fetched.as_secs_f64()
     );
     check_topic_content(&got, n, 4);
 }
 
-#[test]
-fn librdkafka_reads_our_records() {
-    let broker = Broker::start();
+fn librdkafka_reads_our_records(broker: Box<dyn TestBroker>) {
     for (topic, codec) in [
         ("ours-plain", Compression::None),
         ("ours-gzip", Compression::Gzip),
@@ -205,9 +215,7 @@ fn librdkafka_reads_our_records() {
     }
 }
 
-#[test]
-fn we_read_librdkafka_records() {
-    let broker = Broker::start();
+fn we_read_librdkafka_records(broker: Box<dyn TestBroker>) {
     let mut c = Client::connect(&broker.config("x")).expect("connect");
     let n = 3_000;
     let input: String = (0..n)
@@ -285,9 +293,7 @@ fn topic_check_ids(c: &mut Client, topic: &str) -> (HashMap<String, String>, usi
     (ids, total)
 }
 
-#[test]
-fn publisher_spools_while_broker_is_down_and_replays() {
-    let mut broker = Broker::start();
+fn publisher_spools_while_broker_is_down_and_replays(mut broker: Box<dyn TestBroker>) {
     let state = TempDir::new("pub-kill");
     let cfg = broker.config("checks");
     let mut publisher =
@@ -308,7 +314,8 @@ fn publisher_spools_while_broker_is_down_and_replays() {
     assert!(given.iter().all(|id| ids.contains_key(id)));
     drop(c);
 
-    // Broker dies (memory storage: the topic and its 500 records are gone with it).
+    // Broker dies (tansu's memory storage: the topic and its 500 records are gone with it;
+    // Apache Kafka keeps them in its log).
     broker.kill();
     let down = Instant::now();
     let mut during = Vec::new();
@@ -347,7 +354,7 @@ fn publisher_spools_while_broker_is_down_and_replays() {
     );
     eprintln!("spooled 1000 records while down for {:?}", down.elapsed());
 
-    // Back (empty): the publisher re-creates the topic and replays the spool.
+    // Back (tansu: empty, and the publisher re-creates the topic) and the spool replayed.
     broker.restart();
     wait_for("spool replayed", Duration::from_secs(120), || {
         publisher.stats().spooled == 0
@@ -369,14 +376,16 @@ fn publisher_spools_while_broker_is_down_and_replays() {
         during.iter().all(|id| ids.contains_key(id)),
         "all 1100 replayed or sent"
     );
-    assert_eq!(
-        ids.len(),
-        1100,
-        "only those (the first 500 died with the broker)"
-    );
+    let (expected, why) = if broker.keeps_data() {
+        (1600, "all: the first 500 survived in the broker's log")
+    } else {
+        (1100, "only those: the first 500 died with the broker")
+    };
+    assert_eq!(ids.len(), expected, "{}: {why}", broker.name());
     eprintln!(
-        "replay: {} records in the topic for 1100 distinct checks (at-least-once); test took {:?}",
-        total,
+        "{}: replay: {total} records in the topic for {expected} distinct checks \
+         (at-least-once); test took {:?}",
+        broker.name(),
         t.elapsed()
     );
 }
@@ -443,32 +452,38 @@ fn publisher_restart_replays_the_previous_spool() {
 // terminated by tests/peer/tlsproxy.py (Python ssl = OpenSSL), which requires a client
 // certificate signed by the test CA and reports the subject of each one it accepted.
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/kafka-tls")
-        .join(name)
-}
-
-fn tls(ca: &str, cert: Option<(&str, &str)>, verify_hostname: bool) -> sitewatch::config::KafkaTls {
+fn tls(
+    certs: &KafkaCerts,
+    ca: &str,
+    cert: Option<(&str, &str)>,
+    verify_hostname: bool,
+) -> sitewatch::config::KafkaTls {
     sitewatch::config::KafkaTls {
-        ca_file: Some(fixture(ca)),
-        cert_file: cert.map(|c| fixture(c.0)),
-        key_file: cert.map(|c| fixture(c.1)),
+        ca_file: Some(certs.path(ca)),
+        cert_file: cert.map(|c| certs.path(c.0)),
+        key_file: cert.map(|c| certs.path(c.1)),
         verify_hostname,
     }
 }
 
-/// A broker behind the TLS proxy, advertised as `localhost:<proxy port>`.
-fn tls_broker() -> (Broker, TlsProxy) {
-    let mut proxy = TlsProxy::start(
-        &fixture("server.pem"),
-        &fixture("server.key"),
-        &fixture("ca.pem"),
-    );
+/// A TLS proxy presenting the server certificate `server` of `certs` (backend set later).
+fn tls_proxy(certs: &KafkaCerts, server: &str) -> TlsProxy {
+    TlsProxy::start(
+        &certs.path(&format!("{server}.pem")),
+        &certs.path(&format!("{server}.key")),
+        &certs.path("ca.pem"),
+    )
+}
+
+/// Test certificates, and a broker behind the TLS proxy, advertised as
+/// `localhost:<proxy port>`.
+fn tls_broker() -> (KafkaCerts, Broker, TlsProxy) {
+    let certs = KafkaCerts::make();
+    let mut proxy = tls_proxy(&certs, "server");
     let port = free_port();
     let broker = Broker::start_with(port, format!("localhost:{}", proxy.port), &[]);
     proxy.set_backend(port);
-    (broker, proxy)
+    (certs, broker, proxy)
 }
 
 /// `check_tls(host, tls settings, expected error substring or None for success)`.
@@ -496,13 +511,13 @@ fn check_tls(
 
 #[test]
 fn tls_with_ca_client_certificate_and_hostname_check() {
-    let (_broker, proxy) = tls_broker();
+    let (certs, _broker, proxy) = tls_broker();
     // PKCS#8 and PKCS#1 client keys both work end to end (metadata, create, produce, fetch).
     for key in ["client.key", "client-rsa.key"] {
         let mut c = check_tls(
             &proxy,
             "localhost",
-            tls("ca.pem", Some(("client.pem", key)), true),
+            tls(&certs, "ca.pem", Some(("client.pem", key)), true),
             None,
         )
         .unwrap();
@@ -525,22 +540,32 @@ fn tls_with_ca_client_certificate_and_hostname_check() {
 
 #[test]
 fn tls_refusals_are_clear() {
-    let (_broker, proxy) = tls_broker();
+    let (certs, broker, proxy) = tls_broker();
     let cert = Some(("client.pem", "client.key"));
-    // The proxy's certificate names localhost only.
+    // The server certificate names 127.0.0.1 as well as localhost.
+    check_tls(&proxy, "127.0.0.1", tls(&certs, "ca.pem", cert, true), None).ok();
+    // A certificate from our CA for another host.
+    let mut wrong_host = tls_proxy(&certs, "wrong-host");
+    wrong_host.set_backend(broker.port);
     check_tls(
-        &proxy,
-        "127.0.0.1",
-        tls("ca.pem", cert, true),
-        Some("TLS handshake failed"),
+        &wrong_host,
+        "localhost",
+        tls(&certs, "ca.pem", cert, true),
+        Some("TLS handshake failed (the broker's certificate does not name localhost"),
     )
     .err();
     // ... which verify_hostname = false accepts (the CA is still checked).
-    check_tls(&proxy, "127.0.0.1", tls("ca.pem", cert, false), None).ok();
     check_tls(
-        &proxy,
-        "127.0.0.1",
-        tls("other-ca.pem", cert, false),
+        &wrong_host,
+        "localhost",
+        tls(&certs, "ca.pem", cert, false),
+        None,
+    )
+    .ok();
+    check_tls(
+        &wrong_host,
+        "localhost",
+        tls(&certs, "other-ca.pem", cert, false),
         Some("certificate verify failed"),
     )
     .err();
@@ -548,7 +573,7 @@ fn tls_refusals_are_clear() {
     check_tls(
         &proxy,
         "localhost",
-        tls("other-ca.pem", cert, true),
+        tls(&certs, "other-ca.pem", cert, true),
         Some("certificate verify failed"),
     )
     .err();
@@ -564,9 +589,14 @@ fn tls_refusals_are_clear() {
         (None, "certificate required"),
         (Some(("other-client.pem", "other-client.key")), "unknown ca"),
     ] {
-        let err = check_tls(&proxy, "localhost", tls("ca.pem", cert, true), Some(""))
-            .err()
-            .unwrap();
+        let err = check_tls(
+            &proxy,
+            "localhost",
+            tls(&certs, "ca.pem", cert, true),
+            Some(""),
+        )
+        .err()
+        .unwrap();
         let text = err.to_string();
         assert!(
             (matches!(err, KafkaError::Tls { .. }) && text.contains(alert))
@@ -593,7 +623,12 @@ fn tls_refusals_are_clear() {
     let err = check_tls(
         &proxy,
         "localhost",
-        tls("ca.pem", Some(("client-ec.pem", "client-ec.key")), true),
+        tls(
+            &certs,
+            "ca.pem",
+            Some(("client-ec.pem", "client-ec.key")),
+            true,
+        ),
         Some("openssl pkcs8 -topk8"),
     )
     .err()
@@ -602,7 +637,7 @@ fn tls_refusals_are_clear() {
     let missing = check_tls(
         &proxy,
         "localhost",
-        tls("no-such-ca.pem", None, true),
+        tls(&certs, "no-such-ca.pem", None, true),
         Some("no-such-ca.pem"),
     )
     .err();

@@ -664,79 +664,27 @@ fn writer_throughput_20k_records() {
     assert_eq!(stored_offset(&mut client, 0), Some(20_000));
 }
 
-/// Makes a CA and a server certificate for `localhost` (no IP in the SAN) with openssl.
+/// Makes a CA and a server certificate for `localhost` (no IP in the SAN) with openssl:
+/// (CA certificate, server certificate, server key), named after `name`.
 fn make_certs(
     dir: &std::path::Path,
     name: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let p = |f: &str| dir.join(format!("{name}-{f}"));
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let (ca_key, ca_crt, key, csr, crt, ext) = (
-        p("ca.key"),
-        p("ca.crt"),
-        p("server.key"),
-        p("server.csr"),
-        p("server.crt"),
-        p("ext.cnf"),
-    );
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        &format!("/CN={name} test CA"),
-        "-keyout",
-        &s(&ca_key),
-        "-out",
-        &s(&ca_crt),
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
+    use crate::support::certs;
+    let (ca, server) = (format!("{name}-ca"), format!("{name}-server"));
+    certs::ca(dir, &ca, &format!("{name} test CA"));
+    certs::sign(
+        dir,
+        &server,
         "/CN=localhost",
-        "-keyout",
-        &s(&key),
-        "-out",
-        &s(&csr),
-    ]);
-    std::fs::write(&ext, "subjectAltName=DNS:localhost\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        &s(&csr),
-        "-CA",
-        &s(&ca_crt),
-        "-CAkey",
-        &s(&ca_key),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        &s(&ext),
-        "-out",
-        &s(&crt),
-    ]);
-    (ca_crt, crt, key)
+        &ca,
+        "subjectAltName=DNS:localhost",
+    );
+    (
+        dir.join(format!("{ca}.pem")),
+        dir.join(format!("{server}.pem")),
+        dir.join(format!("{server}.key")),
+    )
 }
 
 #[test]
@@ -865,7 +813,7 @@ fn sslmodes_against_a_tls_only_server() {
 
 /// A broker, a database with the schema, and a topic with `partitions` partitions.
 struct Pipeline {
-    broker: crate::support::broker::Broker,
+    broker: Box<dyn crate::support::TestBroker>,
     db: TestDb,
     topic: String,
     partitions: i32,
@@ -877,7 +825,11 @@ impl Pipeline {
     }
 
     fn on(partitions: i32, db: TestDb) -> Pipeline {
-        Pipeline::with_broker(partitions, db, crate::support::broker::Broker::start())
+        Pipeline::with_broker(
+            partitions,
+            db,
+            Box::new(crate::support::broker::Broker::start()),
+        )
     }
 
     /// A pipeline whose clients reach the broker through a proxy that can be cut: the broker
@@ -891,13 +843,16 @@ impl Pipeline {
             &[],
         );
         let proxy = crate::support::proxy::Proxy::start_on(proxy_port, broker_port);
-        (Pipeline::with_broker(partitions, fresh_db(), broker), proxy)
+        (
+            Pipeline::with_broker(partitions, fresh_db(), Box::new(broker)),
+            proxy,
+        )
     }
 
     fn with_broker(
         partitions: i32,
         db: TestDb,
-        broker: crate::support::broker::Broker,
+        broker: Box<dyn crate::support::TestBroker>,
     ) -> Pipeline {
         // RUST_LOG=sitewatch=info shows the sink's retries when a test fails.
         let _ = env_logger::builder().is_test(true).try_init();
@@ -1503,10 +1458,17 @@ fn topic_records(p: &Pipeline) -> Vec<CheckResult> {
     out
 }
 
-#[test]
-fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records() {
+// The agent → Kafka → sink path end to end, on both brokers: `sink::tansu::NAME` and
+// `sink::apache::NAME`.
+crate::support::on_both_brokers!(
+    http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records
+);
+
+fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records(
+    broker: Box<dyn crate::support::TestBroker>,
+) {
     use crate::support::http::{HttpServer, Reply};
-    let p = Pipeline::new(3);
+    let p = Pipeline::with_broker(3, fresh_db(), broker);
     let up = HttpServer::start(|_, _| Reply::status(200, "hello world"));
     let missing = HttpServer::start(|_, _| Reply::status(404, "nope"));
     let dir = crate::support::TempDir::new("sink-e2e");
@@ -1746,7 +1708,7 @@ fn kafka_unreachable_mid_stream_loses_nothing() {
 /// forever, stuck at 1,000 rows. Both builds must deliver every record, exactly once.
 fn a_backlog_drains_on(build: crate::support::broker::Tansu) {
     let broker = crate::support::broker::Broker::start_build(build);
-    let p = Pipeline::with_broker(1, fresh_db(), broker);
+    let p = Pipeline::with_broker(1, fresh_db(), Box::new(broker));
     let records = varied_records(3000);
     p.produce(&records);
     let (sink, shutdown) = p.start_sink();

@@ -11,9 +11,9 @@
 //! both our range ([`conn::OUR_VERSIONS`]) and the broker's. Retries: a request that fails
 //! because leadership moved (NOT_LEADER_OR_FOLLOWER, UNKNOWN_TOPIC_OR_PARTITION, ...) or the
 //! connection dropped refreshes the metadata and is tried again, [`MAX_ATTEMPTS`] times in all
-//! with growing backoff; after that the error goes to the caller. Fetch and ListOffsets then
-//! also wait (bounded by the request timeout) for a partition whose leader died to get a new
-//! one, as long as some broker answers (see `Client::with_leader_retry`).
+//! with growing backoff; after that the error goes to the caller. Produce, Fetch and
+//! ListOffsets then also wait (bounded by the request timeout) for a partition whose leader
+//! died to get a new one, as long as some broker answers (see `Client::with_leader_retry`).
 
 pub mod conn;
 pub mod records;
@@ -122,6 +122,10 @@ pub enum KafkaError {
         topic: String,
         partition: i32,
         offset: i64,
+        /// The high watermark of a successful answer the offset was past (tansu's answer past
+        /// the end; also a new Kafka leader's while it lags: see [`Client::fetch`]); `None`
+        /// when the broker said OFFSET_OUT_OF_RANGE or the offset is before the log start.
+        high_watermark: Option<i64>,
     },
     /// The topic does not exist (and was not created).
     UnknownTopic(String),
@@ -289,6 +293,7 @@ impl fmt::Display for KafkaError {
                 topic,
                 partition,
                 offset,
+                ..
             } => write!(
                 f,
                 "Fetch {topic}/{partition}: offset {offset} is out of range (deleted by retention?)"
@@ -447,8 +452,8 @@ fn read_fetch_response(
     };
     // Kafka answers OFFSET_OUT_OF_RANGE for an offset past the end or before the log
     // start; tansu answers an empty success. Decide here so both look the same.
-    let outside = (p.high_watermark >= 0 && offset > p.high_watermark)
-        || (p.log_start_offset >= 0 && offset < p.log_start_offset);
+    let past_high_watermark = p.high_watermark >= 0 && offset > p.high_watermark;
+    let outside = past_high_watermark || (p.log_start_offset >= 0 && offset < p.log_start_offset);
     let code = if p.error_code == 0 && outside {
         OFFSET_OUT_OF_RANGE
     } else {
@@ -461,6 +466,8 @@ fn read_fetch_response(
                 topic: topic.to_string(),
                 partition,
                 offset,
+                high_watermark: (p.error_code == 0 && past_high_watermark)
+                    .then_some(p.high_watermark),
             });
         }
         _ => return Err(KafkaError::broker(conn::API_FETCH, code, &context(), None)),
@@ -653,6 +660,14 @@ impl Client {
     /// answer without the partition is an empty `Fetched` with no high watermark: brokers do
     /// that for "nothing yet" (a newer tansu for every zero-wait fetch), so a caller that gets
     /// it should wait before asking again (a non-zero `max_wait`).
+    ///
+    /// An offset past the high watermark of a successful answer is out of range only when it
+    /// stays so for the request timeout (asked again every [`LEADER_POLL`]): a Kafka leader
+    /// just elected answers with a high watermark that can lag behind the records it holds
+    /// (an offset between the two reads as nothing), until its followers catch up. Taking
+    /// that for the end made the sink start the partition over from its first offset after
+    /// a leader change (measured against a 3-node Apache Kafka). tansu answers an offset past
+    /// its end the same way; there the wait only delays the error.
     pub fn fetch(
         &mut self,
         topic: &str,
@@ -663,28 +678,43 @@ impl Client {
     ) -> Result<Fetched, KafkaError> {
         let max_bytes = max_bytes.clamp(1024, (conn::MAX_RESPONSE / 2) as i32);
         let max_wait_ms = i32::try_from(max_wait.as_millis()).unwrap_or(i32::MAX);
-        self.with_leader_retry(topic, partition, |c, meta| {
-            let mut v = c.versions.fetch(&c.addr)?;
-            // v13+ names topics by id; without an id (older metadata) stay on v11.
-            if v >= 13 && meta.id.is_nil() {
-                v = 11;
+        let deadline = Instant::now() + self.settings.request_timeout;
+        loop {
+            let result = self.with_leader_retry(topic, partition, |c, meta| {
+                let mut v = c.versions.fetch(&c.addr)?;
+                // v13+ names topics by id; without an id (older metadata) stay on v11.
+                if v >= 13 && meta.id.is_nil() {
+                    v = 11;
+                }
+                let mut p = FetchPartition::default();
+                p.partition = partition;
+                p.fetch_offset = offset;
+                p.partition_max_bytes = max_bytes;
+                let mut t = FetchTopic::default();
+                t.topic = TopicName(StrBytes::from_string(topic.to_string()));
+                t.topic_id = meta.id;
+                t.partitions = vec![p];
+                let mut req = FetchRequest::default();
+                req.max_wait_ms = max_wait_ms;
+                req.min_bytes = 1;
+                req.max_bytes = max_bytes;
+                req.topics = vec![t];
+                let resp = c.call_with_wait(&req, v, max_wait)?;
+                read_fetch_response(&resp, topic, partition, offset)
+            });
+            match result {
+                Err(KafkaError::OffsetOutOfRange {
+                    high_watermark: Some(hw),
+                    ..
+                }) if Instant::now() + LEADER_POLL < deadline => {
+                    log::debug!(target: "sitewatch::kafka", "{topic}/{partition}: offset {offset} is past the high watermark {hw}; asking again");
+                    std::thread::sleep(LEADER_POLL);
+                    // Ignore errors here: the next attempt reports them.
+                    let _ = self.refresh_metadata(&[topic]);
+                }
+                other => return other,
             }
-            let mut p = FetchPartition::default();
-            p.partition = partition;
-            p.fetch_offset = offset;
-            p.partition_max_bytes = max_bytes;
-            let mut t = FetchTopic::default();
-            t.topic = TopicName(StrBytes::from_string(topic.to_string()));
-            t.topic_id = meta.id;
-            t.partitions = vec![p];
-            let mut req = FetchRequest::default();
-            req.max_wait_ms = max_wait_ms;
-            req.min_bytes = 1;
-            req.max_bytes = max_bytes;
-            req.topics = vec![t];
-            let resp = c.call_with_wait(&req, v, max_wait)?;
-            read_fetch_response(&resp, topic, partition, offset)
-        })
+        }
     }
 
     /// Writes `records` with acks=all, each to the partition of its key
@@ -716,6 +746,7 @@ impl Client {
         }
         let mut attempt = 0;
         let mut backoff = Backoff::new(RETRY_BACKOFF, RETRY_BACKOFF_MAX);
+        let deadline = Instant::now() + self.settings.request_timeout;
         loop {
             attempt += 1;
             match self.produce_once(topic, &mut pending) {
@@ -726,6 +757,24 @@ impl Client {
                     if e.stale_metadata() {
                         // Ignore errors here: the next attempt reports them.
                         let _ = self.refresh_metadata(&[topic]);
+                    }
+                }
+                // Out of quick tries with a leader still moving: follow it as the reads do
+                // (`with_leader_retry`), polling the metadata while some broker answers,
+                // bounded by the request timeout. Giving up here made the publisher drop its
+                // client and reconnect with a growing backoff, so it followed the new leader
+                // seconds after the cluster had one. The publisher's caller never waits on
+                // this: records made meanwhile go to the spool after `spool_after`. A topic
+                // the cluster does not know is no leader change: the publisher creates it.
+                Err(e)
+                    if leader_in_transition(&e)
+                        && !matches!(e, KafkaError::UnknownTopic(_))
+                        && Instant::now() + LEADER_POLL < deadline =>
+                {
+                    log::debug!(target: "sitewatch::kafka", "produce {topic}: {e}; waiting for a new leader");
+                    std::thread::sleep(LEADER_POLL);
+                    if self.refresh_metadata(&[topic]).is_err() {
+                        return Err(e); // no broker answers: not a leader change
                     }
                 }
                 Err(e) => return Err(e),
@@ -1188,7 +1237,11 @@ mod tests {
         assert_eq!(read(&[(1, 0, -1)], 0).unwrap().high_watermark, None);
         assert!(matches!(
             read(&[(1, 0, 3000)], 3001),
-            Err(KafkaError::OffsetOutOfRange { offset: 3001, .. })
+            Err(KafkaError::OffsetOutOfRange {
+                offset: 3001,
+                high_watermark: Some(3000),
+                ..
+            })
         ));
         let e = read(&[(1, NOT_LEADER_OR_FOLLOWER, -1)], 0).unwrap_err();
         assert!(e.is_retriable() && e.stale_metadata(), "{e}");
@@ -1234,7 +1287,8 @@ mod tests {
             !KafkaError::OffsetOutOfRange {
                 topic: "t".into(),
                 partition: 0,
-                offset: 5
+                offset: 5,
+                high_watermark: None,
             }
             .is_retriable()
         );

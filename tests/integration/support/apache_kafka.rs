@@ -6,10 +6,12 @@
 //! `/opt/sitewatch-kafka`, `4.1.1`, as the script). Missing jars fail the test (never skip):
 //! CI runs `scripts/setup` first.
 //!
-//! Listeners: PLAINTEXT always; with `tls`, SSL requiring a client certificate signed by the
-//! test CA (`tests/fixtures/kafka-tls`, whose server certificate names `localhost` only) and
-//! SASL_SSL offering SCRAM-SHA-256, SCRAM-SHA-512 (users created at format time) and PLAIN
-//! (users in the listener's JAAS config), all with the password `USER-secret`.
+//! Listeners: PLAINTEXT always; with `tls`, certificates made for the broker at start
+//! ([`KafkaCerts`]) and three more: SSL requiring a client certificate signed by the test CA
+//! (server certificate for localhost and 127.0.0.1); WRONGHOST, the same with a certificate
+//! that names another host (for hostname verification); and SASL_SSL offering SCRAM-SHA-256,
+//! SCRAM-SHA-512 (users created at format time) and PLAIN (users in the listener's JAAS
+//! config), all with the password `USER-secret`.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::broker::{TempDir, free_port};
+use super::certs::KafkaCerts;
 
 /// The SASL users every TLS broker knows (password: `{user}-secret`).
 pub const SASL_USERS: &[&str] = &["alice", "bob"];
@@ -26,37 +29,63 @@ const START_DEADLINE: Duration = Duration::from_secs(240);
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
-    /// Also the SSL (client certificate required) and SASL_SSL listeners.
+    /// Also the SSL and WRONGHOST (client certificate required) and SASL_SSL listeners, with
+    /// certificates made at start.
     pub tls: bool,
+    /// Which Apache Kafka (a version `scripts/setup-kafka` cached); `None`: [`kafka_version`].
+    pub version: Option<&'static str>,
 }
 
 pub struct ApacheKafka {
+    pub version: String,
     pub plaintext_port: u16,
     pub ssl_port: Option<u16>,
     pub sasl_ssl_port: Option<u16>,
+    /// SSL, client certificate required, with a server certificate for `elsewhere.invalid`.
+    pub wrong_host_port: Option<u16>,
+    /// The certificates of the TLS listeners (and the clients' certificates).
+    pub certs: Option<KafkaCerts>,
     child: Option<Child>,
     pub dir: TempDir,
     /// How long format + start took (reported by the tests).
     pub startup: Duration,
+    /// Restarts so far (each keeps the log of the run before as `broker.log.N`).
+    starts: u32,
 }
 
-pub fn kafka_libs() -> PathBuf {
+/// The Apache Kafka version the tests run against unless one asks for another:
+/// `$SITEWATCH_KAFKA_VERSION`, else 4.1.1 (as `scripts/setup-kafka`).
+pub fn kafka_version() -> String {
+    std::env::var("SITEWATCH_KAFKA_VERSION").unwrap_or_else(|_| "4.1.1".into())
+}
+
+/// The older line the compatibility subset also runs against (`scripts/setup-kafka` caches
+/// it too): the last 3.x, which many managed services still run.
+pub const KAFKA_3_9: &str = "3.9.1";
+
+/// `$SITEWATCH_KAFKA_HOME/VERSION/libs` (default home `/opt/sitewatch-kafka`). Missing jars
+/// fail the test (never skip): CI runs `scripts/setup` first.
+pub fn kafka_libs(version: &str) -> PathBuf {
     let home = std::env::var_os("SITEWATCH_KAFKA_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/opt/sitewatch-kafka"));
-    let version = std::env::var("SITEWATCH_KAFKA_VERSION").unwrap_or_else(|_| "4.1.1".into());
     let dir = home.join(version);
     assert!(
         dir.join(".complete").is_file(),
-        "Apache Kafka jars not found in {}: run scripts/setup-kafka (scripts/setup does)",
+        "Apache Kafka {version} jars not found in {}: run scripts/setup-kafka (scripts/setup does)",
         dir.display()
     );
     dir.join("libs")
 }
 
-/// `java -cp 'libs/*' -Xmx.. CLASS`, with a small heap and one GC thread: five of these share
-/// two cores with the tests.
+/// `java -cp 'libs/*' -Xmx.. CLASS` with the default version's jars (see [`java_with`]).
 pub fn java(class: &str) -> Command {
+    java_with(&kafka_version(), class)
+}
+
+/// `java -cp 'libs/*' -Xmx.. CLASS` with `version`'s jars, a small heap and one GC thread:
+/// five of these share two cores with the tests.
+pub fn java_with(version: &str, class: &str) -> Command {
     let mut c = Command::new("java");
     c.arg("-Xmx256m")
         .arg("-Xss512k")
@@ -64,17 +93,10 @@ pub fn java(class: &str) -> Command {
         .arg("-XX:TieredStopAtLevel=1")
         .arg("-Djava.awt.headless=true")
         .arg("-cp")
-        .arg(format!("{}/*", kafka_libs().display()))
+        .arg(format!("{}/*", kafka_libs(version).display()))
         .arg(class)
         .stdin(Stdio::null());
     c
-}
-
-/// `tests/fixtures/kafka-tls/NAME`.
-pub fn tls_fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/kafka-tls")
-        .join(name)
 }
 
 /// Runs `cmd` to completion; panics with its output on failure.
@@ -103,40 +125,81 @@ impl ApacheKafka {
         let dir = TempDir::new("apache-kafka");
         let plaintext_port = free_port();
         let controller_port = free_port();
-        let (ssl_port, sasl_ssl_port) = if opts.tls {
-            (Some(free_port()), Some(free_port()))
-        } else {
-            (None, None)
-        };
-        let tls_ports = ssl_port.zip(sasl_ssl_port);
+        let tls_ports = opts.tls.then(|| TlsPorts {
+            ssl: free_port(),
+            sasl_ssl: free_port(),
+            wrong_host: free_port(),
+        });
+        let certs = opts.tls.then(KafkaCerts::make);
         let mut props = base_properties(dir.path(), 1, &voter(1, controller_port), 1);
         props.push_str(&listeners(plaintext_port, controller_port, tls_ports));
-        if tls_ports.is_some() {
-            props.push_str(&tls_properties(dir.path()));
+        if let Some(certs) = &certs {
+            props.push_str(&tls_properties(dir.path(), certs));
         }
         let props_file = dir.path().join("server.properties");
         std::fs::write(&props_file, props).expect("write server.properties");
-        format_storage(&props_file, opts.tls);
-        let child = spawn_broker(&props_file, &dir.path().join("broker.log"));
+        let version = opts.version.map_or_else(kafka_version, String::from);
+        format_storage(&version, &props_file, opts.tls);
+        let child = spawn_broker(&version, &props_file, &dir.path().join("broker.log"));
         let mut k = ApacheKafka {
+            version,
             plaintext_port,
-            ssl_port,
-            sasl_ssl_port,
+            ssl_port: tls_ports.map(|t| t.ssl),
+            sasl_ssl_port: tls_ports.map(|t| t.sasl_ssl),
+            wrong_host_port: tls_ports.map(|t| t.wrong_host),
+            certs,
             child: Some(child),
             dir,
             startup: Duration::ZERO,
+            starts: 0,
         };
         k.wait_started(t + START_DEADLINE);
         k.startup = t.elapsed();
-        eprintln!("Apache Kafka started in {:?}", k.startup);
+        eprintln!("Apache Kafka {} started in {:?}", k.version, k.startup);
         k
     }
 
+    /// SIGKILL, as in a crash; the data dir stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again (after `kill`) on the same ports and data, and waits until it serves.
+    /// Its log goes on in the same file: `wait_started` looks for a second "started" line.
+    pub fn restart(&mut self) {
+        self.kill();
+        let t = Instant::now();
+        let props = self.dir.path().join("server.properties");
+        let log = self.dir.path().join("broker.log");
+        let old = std::fs::read_to_string(&log).unwrap_or_default();
+        std::fs::write(
+            self.dir.path().join(format!("broker.log.{}", self.starts)),
+            old,
+        )
+        .expect("keep the previous log");
+        self.starts += 1;
+        self.child = Some(spawn_broker(&self.version, &props, &log));
+        self.wait_started(t + START_DEADLINE);
+        eprintln!(
+            "Apache Kafka {} restarted in {:.1?}",
+            self.version,
+            t.elapsed()
+        );
+    }
+
     fn wait_started(&mut self, deadline: Instant) {
-        let ports: Vec<u16> = [Some(self.plaintext_port), self.ssl_port, self.sasl_ssl_port]
-            .into_iter()
-            .flatten()
-            .collect();
+        let ports: Vec<u16> = [
+            Some(self.plaintext_port),
+            self.ssl_port,
+            self.sasl_ssl_port,
+            self.wrong_host_port,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let log = self.dir.path().join("broker.log");
         wait_started(self.child.as_mut(), &log, &ports, deadline);
     }
@@ -144,6 +207,14 @@ impl ApacheKafka {
     /// `127.0.0.1:PORT` of the PLAINTEXT listener.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.plaintext_port)
+    }
+
+    /// The file `name` of the broker's test certificates (a broker started with `tls`).
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.certs
+            .as_ref()
+            .expect("a broker started with tls")
+            .path(name)
     }
 
     pub fn log(&self) -> String {
@@ -157,17 +228,36 @@ impl ApacheKafka {
 
 impl Drop for ApacheKafka {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill();
+    }
+}
+
+impl super::TestBroker for ApacheKafka {
+    fn name(&self) -> String {
+        format!("Apache Kafka {}", self.version)
+    }
+
+    fn addr(&self) -> String {
+        ApacheKafka::addr(self)
+    }
+
+    fn kill(&mut self) {
+        ApacheKafka::kill(self);
+    }
+
+    fn restart(&mut self) {
+        ApacheKafka::restart(self);
+    }
+
+    fn keeps_data(&self) -> bool {
+        true
     }
 }
 
 /// `java kafka.Kafka PROPS`, its output to `log`.
-fn spawn_broker(props: &Path, log: &Path) -> Child {
+fn spawn_broker(version: &str, props: &Path, log: &Path) -> Child {
     let out = std::fs::File::create(log).expect("broker log");
-    java("kafka.Kafka")
+    java_with(version, "kafka.Kafka")
         .arg(props)
         .stdout(out.try_clone().expect("log fd"))
         .stderr(out)
@@ -237,13 +327,31 @@ fn base_properties(dir: &Path, id: u32, voters: &str, replicas: usize) -> String
     )
 }
 
-fn listeners(plaintext: u16, controller: u16, tls: Option<(u16, u16)>) -> String {
+/// The ports of the TLS listeners.
+#[derive(Clone, Copy)]
+struct TlsPorts {
+    ssl: u16,
+    sasl_ssl: u16,
+    wrong_host: u16,
+}
+
+fn listeners(plaintext: u16, controller: u16, tls: Option<TlsPorts>) -> String {
     let (extra, extra_adv, extra_map) = match tls {
-        // Advertised as localhost: the server certificate names localhost only.
-        Some((ssl, sasl)) => (
-            format!(",SSL://127.0.0.1:{ssl},SASL_SSL://127.0.0.1:{sasl}"),
-            format!(",SSL://localhost:{ssl},SASL_SSL://localhost:{sasl}"),
-            ",SSL:SSL,SASL_SSL:SASL_SSL",
+        // Advertised as localhost: what a client checks the certificate against.
+        Some(TlsPorts {
+            ssl,
+            sasl_ssl,
+            wrong_host,
+        }) => (
+            format!(
+                ",SSL://127.0.0.1:{ssl},SASL_SSL://127.0.0.1:{sasl_ssl},\
+                 WRONGHOST://127.0.0.1:{wrong_host}"
+            ),
+            format!(
+                ",SSL://localhost:{ssl},SASL_SSL://localhost:{sasl_ssl},\
+                 WRONGHOST://localhost:{wrong_host}"
+            ),
+            ",SSL:SSL,SASL_SSL:SASL_SSL,WRONGHOST:SSL",
         ),
         None => (String::new(), String::new(), ""),
     };
@@ -254,22 +362,27 @@ fn listeners(plaintext: u16, controller: u16, tls: Option<(u16, u16)>) -> String
     )
 }
 
-/// The SSL and SASL_SSL listeners. The server key and certificate go into a PKCS#12 keystore
-/// made with openssl (no keytool, no JKS); the truststore is the CA's PEM file, which Java
-/// reads directly. Client certificates are required on SSL only: on SASL_SSL the password is
-/// the credential.
-fn tls_properties(dir: &Path) -> String {
-    let keystore = dir.join("server.p12");
+/// `NAME.pem` and `NAME.key` of `certs` as a PKCS#12 keystore made with openssl (no keytool,
+/// no JKS), in `dir`.
+fn keystore(dir: &Path, certs: &KafkaCerts, name: &str) -> PathBuf {
+    let keystore = dir.join(format!("{name}.p12"));
     run_ok(
         "openssl pkcs12 -export",
         Command::new("openssl")
             .args(["pkcs12", "-export", "-passout", "pass:keystore-pass", "-in"])
-            .arg(tls_fixture("server.pem"))
+            .arg(certs.path(&format!("{name}.pem")))
             .arg("-inkey")
-            .arg(tls_fixture("server.key"))
+            .arg(certs.path(&format!("{name}.key")))
             .arg("-out")
             .arg(&keystore),
     );
+    keystore
+}
+
+/// The SSL, WRONGHOST and SASL_SSL listeners. The truststore is the CA's PEM file, which Java
+/// reads directly. Client certificates are required on SSL and WRONGHOST only: on SASL_SSL
+/// the password is the credential.
+fn tls_properties(dir: &Path, certs: &KafkaCerts) -> String {
     let plain_users: String = SASL_USERS
         .iter()
         .map(|u| format!(" user_{u}=\"{u}-secret\""))
@@ -282,20 +395,28 @@ fn tls_properties(dir: &Path) -> String {
          ssl.truststore.type=PEM\n\
          ssl.truststore.location={ca}\n\
          listener.name.ssl.ssl.client.auth=required\n\
+         listener.name.wronghost.ssl.client.auth=required\n\
+         listener.name.wronghost.ssl.keystore.type=PKCS12\n\
+         listener.name.wronghost.ssl.keystore.location={wrong_host}\n\
+         listener.name.wronghost.ssl.keystore.password=keystore-pass\n\
+         listener.name.wronghost.ssl.key.password=keystore-pass\n\
+         listener.name.wronghost.ssl.truststore.type=PEM\n\
+         listener.name.wronghost.ssl.truststore.location={ca}\n\
          sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN\n\
          listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,PLAIN\n\
          listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
          listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;\n\
          listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required{plain_users};\n",
-        keystore = keystore.display(),
-        ca = tls_fixture("ca.pem").display(),
+        keystore = keystore(dir, certs, "server").display(),
+        wrong_host = keystore(dir, certs, "wrong-host").display(),
+        ca = certs.path("ca.pem").display(),
     )
 }
 
 /// `StorageTool format` with a fixed cluster id (each broker has its own data dir) and, for a
 /// TLS broker, the SCRAM users.
-fn format_storage(props: &Path, scram_users: bool) {
-    let mut cmd = java("kafka.tools.StorageTool");
+fn format_storage(version: &str, props: &Path, scram_users: bool) {
+    let mut cmd = java_with(version, "kafka.tools.StorageTool");
     cmd.args(["format", "-t", "c2l0ZXdhdGNoLXRlc3RzMQ", "-c"])
         .arg(props);
     if scram_users {
@@ -342,6 +463,7 @@ impl ClusterNode {
         assert!(self.child.is_none(), "node {} is running", self.id);
         self.starts += 1;
         self.child = Some(spawn_broker(
+            &kafka_version(),
             &self.dir.join("server.properties"),
             &self.log_path(),
         ));
@@ -420,7 +542,7 @@ impl ApacheKafkaCluster {
         std::thread::scope(|s| {
             for node in &nodes {
                 let props = node.dir.join("server.properties");
-                s.spawn(move || format_storage(&props, false));
+                s.spawn(move || format_storage(&kafka_version(), &props, false));
             }
         });
         // No node finishes starting before a quorum of controllers is up: start all, then wait.

@@ -216,6 +216,31 @@ impl Drop for Broker {
     }
 }
 
+impl super::TestBroker for Broker {
+    fn name(&self) -> String {
+        match self.build {
+            Tansu::V0_6 => "tansu 0.6.0".into(),
+            Tansu::Next => "tansu (post-0.6.0 build)".into(),
+        }
+    }
+
+    fn addr(&self) -> String {
+        Broker::addr(self)
+    }
+
+    fn kill(&mut self) {
+        Broker::kill(self);
+    }
+
+    fn restart(&mut self) {
+        Broker::restart(self);
+    }
+
+    fn keeps_data(&self) -> bool {
+        false // memory storage
+    }
+}
+
 pub fn kafka_config(brokers: Vec<String>, topic: &str) -> KafkaConfig {
     KafkaConfig {
         brokers,
