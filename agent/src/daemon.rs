@@ -254,6 +254,9 @@ fn run_agent(
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
     let shutdown = signals.shutdown.clone();
+    // With [fleet], SIGHUP reloads go through the fleet, which adds its targets.
+    #[cfg(feature = "fleet")]
+    let (reload_tx, fleet) = crate::fleet::start_if_configured(&cfg, &prober, reload_tx, &shutdown);
     let reloader = Reloader {
         path: path.to_path_buf(),
         current: cfg.clone(),
@@ -295,6 +298,10 @@ fn run_agent(
         },
         output,
     );
+    #[cfg(feature = "fleet")]
+    if let Some(f) = fleet {
+        f.join();
+    }
     log::info!(
         "agent stopped after {} checks ({} up, {} down)",
         summary.checks,
