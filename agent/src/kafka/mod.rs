@@ -3,9 +3,10 @@
 //!
 //! What it owns: broker connections ([`conn`]), the record format ([`records`]), SASL
 //! ([`sasl`]), TLS setup ([`tls`]), the metadata cache (who leads which partition) and the
-//! retry policy around it. What it is not: a consumer group member (the sink assigns itself
-//! partitions with PostgreSQL advisory locks), transactional or idempotent (delivery is
-//! at-least-once; the sink dedupes by `check_id`).
+//! retry policy around it; with the `fleet` feature, consumer-group membership ([`group`]) for
+//! the fleet's targets topic. What it is not: a committer of consumer offsets (the sink
+//! assigns itself partitions with PostgreSQL advisory locks and keeps its offsets there),
+//! transactional or idempotent (delivery is at-least-once; the sink dedupes by `check_id`).
 //!
 //! Works with Kafka 2.x–4.x and tansu: ApiVersions picks, per API, the highest version inside
 //! both our range ([`conn::OUR_VERSIONS`]) and the broker's. Retries: a request that fails
