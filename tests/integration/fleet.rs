@@ -628,6 +628,28 @@ fn targets_push_adds_changes_and_removes_targets_of_a_running_fleet() {
     );
     let after = seen_len(&seen);
     wait_rounds(&seen, after, &kept, 1, "the others still probed");
+
+    // Each agent's liveness record: the latest per agent, the targets they own add up.
+    let mut owned: HashMap<String, u64> = HashMap::new();
+    wait_for(
+        "both agents' liveness records to cover the 20 targets",
+        DEADLINE,
+        || {
+            let latest =
+                sitewatch::fleet::topic::read_all(&mut client, "sitewatch.agents").unwrap();
+            owned = latest
+                .iter()
+                .map(|(id, v)| {
+                    let r: serde_json::Value = serde_json::from_str(v).unwrap();
+                    assert_eq!(r["agent_id"], id.as_str());
+                    assert_eq!(r["group"], "fleet-push");
+                    (id.clone(), r["targets_owned"].as_u64().unwrap())
+                })
+                .collect();
+            owned.len() == 2 && owned.values().sum::<u64>() == 20
+        },
+    );
+    eprintln!("liveness records: targets owned {owned:?}");
     for a in agents.iter_mut() {
         a.signal("-TERM");
         assert_eq!(a.wait_exit(), Some(0), "log:\n{}", a.log());

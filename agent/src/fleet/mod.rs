@@ -32,6 +32,10 @@ use crate::service::Shutdown;
 /// delay before a pushed change is seen, and before a revocation is acted on.
 pub const FOLLOW_WAIT: Duration = Duration::from_millis(200);
 const FETCH_BYTES: i32 = 4 << 20;
+/// Where each fleet agent publishes its liveness record (compacted, key = agent id).
+pub const AGENTS_TOPIC: &str = "sitewatch.agents";
+/// How often it does: three missed records (15 s) say the agent is silent.
+pub const AGENT_RECORD_EVERY: Duration = Duration::from_secs(5);
 
 /// The running fleet threads.
 pub struct Fleet {
@@ -76,6 +80,10 @@ pub fn start_if_configured(
         })
     };
     let follower = Follower {
+        agent_id: cfg.agent.id.clone(),
+        group: fleet.group_id(),
+        generation: -1,
+        last_record: None,
         topic: fleet.targets_topic.clone(),
         kafka,
         client: None,
@@ -137,6 +145,12 @@ struct Part {
 
 /// The `fleet` thread's state.
 struct Follower {
+    agent_id: String,
+    group: String,
+    /// The group generation of the current assignment.
+    generation: i32,
+    /// When the last liveness record went out (`None`: never; the topic is ensured first).
+    last_record: Option<std::time::Instant>,
     topic: String,
     kafka: KafkaConfig,
     client: Option<Client>,
@@ -159,14 +173,17 @@ impl Follower {
                 dirty = true;
             }
             while let Ok(a) = assignments.try_recv() {
+                self.generation = a.generation;
                 dirty |= self.assign(&a.partitions);
             }
+            self.publish_liveness();
             if self.parts.is_empty() {
                 if dirty && !self.send() {
                     return;
                 }
                 // Nothing to follow: wait for an assignment (or a reload) instead of spinning.
                 if let Ok(a) = assignments.recv_timeout(FOLLOW_WAIT) {
+                    self.generation = a.generation;
                     self.assign(&a.partitions);
                     if !self.send() {
                         return;
@@ -257,6 +274,61 @@ impl Follower {
             }
         }
         Ok(changed)
+    }
+
+    /// Every [`AGENT_RECORD_EVERY`], this agent's liveness record to [`AGENTS_TOPIC`]: id,
+    /// group, version, generation, partitions and fleet targets owned. A failure is logged and
+    /// retried at the next one; it never holds up following the targets.
+    fn publish_liveness(&mut self) {
+        if self
+            .last_record
+            .is_some_and(|t| t.elapsed() < AGENT_RECORD_EVERY)
+        {
+            return;
+        }
+        if self.client.is_none() {
+            match Client::connect(&self.kafka) {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    log::warn!(target: "sitewatch::fleet", "fleet: liveness record: {e}");
+                    self.last_record = Some(std::time::Instant::now());
+                    return;
+                }
+            }
+        }
+        let Some(client) = self.client.as_mut() else {
+            return;
+        };
+        if self.last_record.is_none()
+            && let Err(e) = client.ensure_topic_with(
+                AGENTS_TOPIC,
+                1,
+                self.kafka.replication_factor,
+                &[("cleanup.policy", "compact")],
+            )
+        {
+            log::warn!(target: "sitewatch::fleet", "fleet: topic {AGENTS_TOPIC}: {e}");
+            return;
+        }
+        let record = serde_json::json!({
+            "v": 1,
+            "agent_id": self.agent_id,
+            "group": self.group,
+            "version": env!("CARGO_PKG_VERSION"),
+            "ts": crate::util::rfc3339_now(),
+            "generation": self.generation,
+            "partitions": self.parts.keys().collect::<Vec<_>>(),
+            "targets_owned": self.parts.values().map(|p| p.targets.len()).sum::<usize>(),
+        });
+        let r = crate::kafka::ProduceRecord {
+            key: self.agent_id.as_bytes().to_vec(),
+            value: record.to_string().into_bytes(),
+            timestamp_ms: crate::util::unix_ms_now(),
+        };
+        self.last_record = Some(std::time::Instant::now());
+        if let Err(e) = client.produce(AGENTS_TOPIC, &[r]) {
+            log::warn!(target: "sitewatch::fleet", "fleet: liveness record to {AGENTS_TOPIC}: {e}");
+        }
     }
 
     /// The file's targets plus the fleet's (a fleet target with the id of a file target is
