@@ -751,3 +751,61 @@ fn a_librdkafka_consumer_in_the_group_gets_a_share_and_the_agents_adjust() {
         assert_eq!(a.wait_exit(), Some(0), "log:\n{}", a.log());
     }
 }
+
+/// `GET /metrics` from an agent's listener.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
+/// An agent's `[metrics]` follows its fleet targets: after a rebalance hands some to another
+/// agent, their series leave this agent's `/metrics` (no stale `probe_success` for targets
+/// it no longer probes).
+#[test]
+fn metrics_keep_only_the_fleet_targets_an_agent_still_owns() {
+    let broker = Broker::start();
+    let (server, seen) = recording_server();
+    let dir = TempDir::new("fleet-metrics");
+    let all = ids(20);
+    let file = targets_file(&dir, "targets.toml", &server, &all);
+    let port = crate::support::free_port();
+    let metrics = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut a = Agent::start(&dir, "a", &broker.addr(), "fleet-metrics", &metrics);
+    assert!(push(&a.config, &file, false).contains("20 added"));
+    wait_for("a's /metrics to hold all 20 targets", DEADLINE, || {
+        let m = scrape(port);
+        all.iter()
+            .all(|id| m.contains(&format!("{}\"", server.url(&format!("/{id}")))))
+    });
+    let mut b = Agent::start(&dir, "b", &broker.addr(), "fleet-metrics", "");
+    wait_for("b probing", DEADLINE, || {
+        seen.lock().unwrap().iter().any(|(_, ua)| ua == "b")
+    });
+    let from = seen_len(&seen);
+    let settled = wait_rounds(&seen, from, &paths(&all), 1, "a round with both");
+    let end = wait_rounds(&seen, settled, &paths(&all), 1, "another round with both");
+    let b_paths: Vec<String> = owners(&seen, settled, end)
+        .into_iter()
+        .filter(|(_, o)| o.contains("b"))
+        .map(|(p, _)| p)
+        .collect();
+    assert!(!b_paths.is_empty());
+    wait_for("b's targets to leave a's /metrics", DEADLINE, || {
+        let m = scrape(port);
+        !m.is_empty()
+            && b_paths
+                .iter()
+                .all(|p| !m.contains(&format!("{}\"", server.url(p))))
+    });
+    for x in [&mut a, &mut b] {
+        x.signal("-TERM");
+        assert_eq!(x.wait_exit(), Some(0), "log:\n{}", x.log());
+    }
+}

@@ -37,6 +37,10 @@ pub const AGENTS_TOPIC: &str = "sitewatch.agents";
 /// How often it does: three missed records (15 s) say the agent is silent.
 pub const AGENT_RECORD_EVERY: Duration = Duration::from_secs(5);
 
+/// Told of every target set the fleet hands the scheduler (the `[metrics]` registry keeps
+/// those targets' series and lets `/probe` check their URLs).
+pub type OnTargets = Box<dyn Fn(&Config, &Arc<Prober>) + Send>;
+
 /// The running fleet threads.
 pub struct Fleet {
     threads: Vec<JoinHandle<()>>,
@@ -58,6 +62,7 @@ pub fn start_if_configured(
     prober: &Arc<Prober>,
     to_scheduler: Sender<Reload>,
     shutdown: &Shutdown,
+    on_targets: OnTargets,
 ) -> (Sender<Reload>, Option<Fleet>) {
     let (Some(fleet), Some(kafka)) = (cfg.fleet.clone(), cfg.kafka.clone()) else {
         return (to_scheduler, None);
@@ -91,6 +96,7 @@ pub fn start_if_configured(
         prober: prober.clone(),
         parts: BTreeMap::new(),
         to_scheduler,
+        on_targets,
         shutdown: shutdown.clone(),
     };
     let follow = spawn("fleet", move || follower.run(&reload_rx, &assign_rx));
@@ -159,6 +165,7 @@ struct Follower {
     prober: Arc<Prober>,
     parts: BTreeMap<i32, Part>,
     to_scheduler: Sender<Reload>,
+    on_targets: OnTargets,
     shutdown: Shutdown,
 }
 
@@ -353,6 +360,7 @@ impl Follower {
             self.parts.keys().collect::<Vec<_>>(),
             self.topic
         );
+        (self.on_targets)(&config, &self.prober);
         self.to_scheduler
             .send(Reload {
                 config: Arc::new(config),
