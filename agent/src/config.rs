@@ -713,6 +713,7 @@ impl Config {
     }
 }
 
+#[cfg(feature = "fleet")]
 impl Config {
     /// Validates a target that comes from elsewhere than this file (the fleet's targets
     /// topic, a `targets push` file) exactly as a `[[target]]` of this file: this config's
