@@ -19,6 +19,9 @@ USAGE:
     sitewatch run [--config FILE]          agent and sink in one process
     sitewatch init-db [--config FILE]      create or upgrade the PostgreSQL schema
     sitewatch check-config [--config FILE] validate and print the effective config
+    sitewatch targets push FILE [--dry-run] [--config FILE]
+                                           make the fleet's targets topic match FILE's [[target]]s
+    sitewatch targets list [--config FILE] print the fleet's targets topic as [[target]]s
     sitewatch rule test RULE.wasm --url URL [--status N --body-file F --header 'k: v']
     sitewatch --version | --help
 
@@ -51,6 +54,20 @@ pub enum Command {
     },
     /// `rule test ...`; `None` asks for its usage text.
     RuleTest(Option<rule_cli::Args>),
+    /// `targets push|list`: the fleet's targets topic.
+    Targets {
+        action: TargetsAction,
+        config: Option<PathBuf>,
+    },
+}
+
+/// What `sitewatch targets` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetsAction {
+    /// Make the topic match FILE's `[[target]]` tables; `dry_run` only prints the diff.
+    Push { file: PathBuf, dry_run: bool },
+    /// Print the topic's targets.
+    List,
 }
 
 impl Command {
@@ -79,6 +96,7 @@ enum Word {
     Daemon(Role),
     InitDb,
     CheckConfig,
+    Targets,
 }
 
 impl Word {
@@ -90,6 +108,7 @@ impl Word {
             Word::Daemon(Role::Both) => "run",
             Word::InitDb => "init-db",
             Word::CheckConfig => "check-config",
+            Word::Targets => "targets",
         }
     }
 }
@@ -107,6 +126,8 @@ where
     let mut word: Option<Word> = None;
     let mut config = None;
     let mut format = None;
+    let mut dry_run = false;
+    let mut words: Vec<OsString> = Vec::new();
     let usage = |m: String| UsageError(m);
     let set = |word: &mut Option<Word>, new: Word| match word.replace(new) {
         Some(old) if old != new => Err(usage(format!(
@@ -127,6 +148,7 @@ where
                     .map_err(|_| usage("--config needs a value".into()))?;
                 config = Some(PathBuf::from(v));
             }
+            Long("dry-run") => dry_run = true,
             Long("format") => {
                 let v = p
                     .value()
@@ -142,8 +164,11 @@ where
                     }
                 });
             }
+            // `targets push FILE`: the words after `targets` are its own.
+            Value(v) if word == Some(Word::Targets) => words.push(v),
             Value(v) => match v.to_str() {
                 Some("help") => help = true,
+                Some("targets") => set(&mut word, Word::Targets)?,
                 Some("agent") => set(&mut word, Word::Daemon(Role::Agent))?,
                 Some("sink") => set(&mut word, Word::Daemon(Role::Sink))?,
                 Some("run") => set(&mut word, Word::Daemon(Role::Both))?,
@@ -175,12 +200,39 @@ where
     if format.is_some() && word != Some(Word::Once) {
         return Err(usage("--format goes with --once".into()));
     }
+    if dry_run && word != Some(Word::Targets) {
+        return Err(usage("--dry-run goes with targets push".into()));
+    }
     match word {
         None => Err(usage("no command given".into())),
         Some(Word::Once) => Ok(Command::Once { config, format }),
         Some(Word::Daemon(role)) => Ok(Command::Daemon { role, config }),
         Some(Word::InitDb) => Ok(Command::InitDb { config }),
         Some(Word::CheckConfig) => Ok(Command::CheckConfig { config }),
+        Some(Word::Targets) => {
+            targets_action(words, dry_run).map(|action| Command::Targets { action, config })
+        }
+    }
+}
+
+fn targets_action(words: Vec<OsString>, dry_run: bool) -> Result<TargetsAction, UsageError> {
+    let usage =
+        || UsageError("usage: sitewatch targets push FILE [--dry-run] | targets list".into());
+    let mut words = words.into_iter();
+    let action = match words.next().as_ref().and_then(|w| w.to_str()) {
+        Some("push") => TargetsAction::Push {
+            file: words.next().map(PathBuf::from).ok_or_else(usage)?,
+            dry_run,
+        },
+        Some("list") if !dry_run => TargetsAction::List,
+        _ => return Err(usage()),
+    };
+    match words.next() {
+        Some(extra) => Err(UsageError(format!(
+            "unknown argument {:?}",
+            extra.to_string_lossy()
+        ))),
+        None => Ok(action),
     }
 }
 
@@ -240,6 +292,11 @@ mod tests {
             "RuleTest(Some(Args { rule: \"r.wasm\"",
         );
         check("rule test --help", "RuleTest(None)");
+        check(
+            "targets push t.toml --dry-run -c a.toml",
+            "Targets { action: Push { file: \"t.toml\", dry_run: true }, config: Some(\"a.toml\") }",
+        );
+        check("targets list", "Targets { action: List, config: None }");
     }
 
     #[test]
@@ -258,6 +315,13 @@ mod tests {
         check("--once --config", "error: --config needs a value");
         check("frobnicate", "error: unknown argument \"frobnicate\"");
         check("--frobnicate", "error: unknown argument \"--frobnicate\"");
+        check("targets push", "error: usage: sitewatch targets push FILE");
+        check(
+            "targets list --dry-run",
+            "error: usage: sitewatch targets push FILE",
+        );
+        check("targets push a b", "error: unknown argument \"b\"");
+        check("agent --dry-run", "error: --dry-run goes with targets push");
         check("rule run x.wasm", "error: usage: sitewatch rule test");
         check(
             "rule test x.wasm --status 42",

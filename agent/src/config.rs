@@ -51,6 +51,18 @@ pub struct RawConfig {
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
     pub metrics: Option<RawMetrics>,
+    pub fleet: Option<RawFleet>,
+}
+
+/// `[fleet]`: share targets with other agents through a Kafka topic and consumer group.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    pub targets_topic: Option<String>,
+    pub group: Option<String>,
+    pub partitions: Option<i32>,
+    pub session_timeout: Option<String>,
+    pub heartbeat_interval: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -191,6 +203,8 @@ pub struct Config {
     pub targets: Vec<Target>,
     /// `None` when the file has no `[metrics]` section: no listener.
     pub metrics: Option<MetricsConfig>,
+    /// `None` when the file has no `[fleet]` section: this agent probes its own targets only.
+    pub fleet: Option<FleetConfig>,
     /// Where the passwords came from, so `check-config` can say so without showing them.
     pub secrets: SecretSources,
 }
@@ -209,6 +223,58 @@ pub struct MetricsConfig {
     /// `/probe?module=NAME` templates: a [`Target`] whose `id` is the name and `url` empty.
     pub modules: std::collections::BTreeMap<String, Target>,
 }
+
+/// `[fleet]`: targets shared by the agents of a group through a compacted topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// Compacted; key = target id, value = the target as a `[[target]]` table in TOML.
+    pub targets_topic: String,
+    /// The group's name as written; agents with an `[agent] location` join
+    /// `<group>.<location>` (see [`FleetConfig::group_id`]).
+    pub group: String,
+    /// `[agent] location`, copied here because it picks the group.
+    pub location: Option<String>,
+    /// Partitions of the targets topic when sitewatch creates it: the most agents that can
+    /// share one group's targets.
+    pub partitions: i32,
+    /// A member silent this long is out of the group and its targets go to the others.
+    pub session_timeout: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> FleetConfig {
+        FleetConfig {
+            targets_topic: DEFAULT_TARGETS_TOPIC.into(),
+            group: DEFAULT_FLEET_GROUP.into(),
+            location: None,
+            partitions: DEFAULT_FLEET_PARTITIONS,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The consumer group this agent joins. The one place that decides it: every location
+    /// probes every target, so each location's agents form a group of their own and split
+    /// the targets among themselves (`sitewatch.fleet.eu-west`); agents without a location
+    /// share `group` itself.
+    pub fn group_id(&self) -> String {
+        match &self.location {
+            Some(location) => format!("{}.{location}", self.group),
+            None => self.group.clone(),
+        }
+    }
+}
+
+pub const DEFAULT_TARGETS_TOPIC: &str = "sitewatch.targets";
+pub const DEFAULT_FLEET_GROUP: &str = "sitewatch.fleet";
+pub const DEFAULT_FLEET_PARTITIONS: i32 = 12;
+/// Failover takes about this plus one heartbeat; Kafka refuses less than its
+/// `group.min.session.timeout.ms` (6 s by default).
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where each secret of a [`Config`] came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -690,6 +756,50 @@ fn deserialize_location<'de, D: serde::Deserializer<'de>>(
     Ok(Some(location))
 }
 
+#[cfg(feature = "fleet")]
+impl Config {
+    /// Validates a target that comes from elsewhere than this file (the fleet's targets
+    /// topic, a `targets push` file) exactly as a `[[target]]` of this file: this config's
+    /// defaults, relative paths against its directory. `source` names where it came from
+    /// (it is the error's "file").
+    pub fn validate_target(&self, source: &str, raw: &RawTarget) -> Result<Target, ConfigError> {
+        let v = Validator {
+            file: source.to_string(),
+            base: self
+                .source
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            env: &|_| None,
+            regexes: RefCell::new(HashMap::new()),
+            secrets: RefCell::new(SecretSources::default()),
+        };
+        let t = v.target(0, raw, &self.agent)?;
+        if jitter_too_big(&self.agent, &t) {
+            return Err(v.err(jitter_error(&self.agent, &t)));
+        }
+        Ok(t)
+    }
+}
+
+fn jitter_too_big(agent: &AgentConfig, t: &Target) -> bool {
+    matches!(agent.jitter, Jitter::Fixed(j) if j > t.interval / 2)
+}
+
+fn jitter_error(agent: &AgentConfig, t: &Target) -> String {
+    let jitter = match agent.jitter {
+        Jitter::Fixed(d) => d,
+        Jitter::Fraction(f) => t.interval.mul_f64(f),
+    };
+    format!(
+        "agent: jitter {:?}: more than half the interval of target {:?} ({}); \
+         a fixed jitter may be at most half of every interval",
+        format_duration(jitter),
+        t.id,
+        format_duration(t.interval)
+    )
+}
+
 /// `line 3, column 5: unknown field `intervall`, expected one of ...`
 fn toml_error_message(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().trim().to_string();
@@ -782,6 +892,9 @@ impl Validator<'_> {
             .as_ref()
             .map(|m| self.metrics(m, &agent))
             .transpose()?;
+        let fleet = (raw.fleet.as_ref())
+            .map(|f| self.fleet(f, agent.location.clone()))
+            .transpose()?;
         let mut targets = Vec::with_capacity(raw.targets.len());
         let mut seen = HashSet::new();
         for (i, t) in raw.targets.iter().enumerate() {
@@ -791,16 +904,8 @@ impl Validator<'_> {
             }
             targets.push(target);
         }
-        if let Jitter::Fixed(jitter) = agent.jitter
-            && let Some(t) = targets.iter().find(|t| jitter > t.interval / 2)
-        {
-            return Err(self.err(format!(
-                "agent: jitter {:?}: more than half the interval of target {:?} ({}); \
-                 a fixed jitter may be at most half of every interval",
-                format_duration(jitter),
-                t.id,
-                format_duration(t.interval)
-            )));
+        if let Some(t) = targets.iter().find(|t| jitter_too_big(&agent, t)) {
+            return Err(self.err(jitter_error(&agent, t)));
         }
         Ok(Config {
             source: path.to_path_buf(),
@@ -810,6 +915,7 @@ impl Validator<'_> {
             rules,
             targets,
             metrics,
+            fleet,
             secrets: self.secrets.take(),
         })
     }
@@ -1306,6 +1412,67 @@ impl Validator<'_> {
         })
     }
 
+    fn fleet(&self, raw: &RawFleet, location: Option<String>) -> Result<FleetConfig, ConfigError> {
+        let ctx = "fleet: ";
+        if !cfg!(feature = "fleet") {
+            return Err(self.err(format!(
+                "{ctx}this sitewatch was built without the `fleet` feature; remove [fleet]"
+            )));
+        }
+        let name = |field: &str, v: &Option<String>, default: &str| {
+            let v = v.clone().unwrap_or_else(|| default.to_string());
+            // Kafka's rule for topic names (legal characters, at most 249); group ids share it
+            // here so both print and type the same.
+            let ok = !v.is_empty()
+                && v.len() <= 249
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if ok {
+                Ok(v)
+            } else {
+                Err(self.err(format!(
+                    "{ctx}{field} {v:?}: expected 1 to 249 of a-z, A-Z, 0-9, '.', '_', '-'"
+                )))
+            }
+        };
+        let targets_topic = name("targets_topic", &raw.targets_topic, DEFAULT_TARGETS_TOPIC)?;
+        let group = name("group", &raw.group, DEFAULT_FLEET_GROUP)?;
+        let partitions = raw.partitions.unwrap_or(DEFAULT_FLEET_PARTITIONS);
+        if !(1..=1000).contains(&partitions) {
+            return Err(self.err(format!("{ctx}partitions {partitions}: expected 1 to 1000")));
+        }
+        let session_timeout = match &raw.session_timeout {
+            Some(v) => self.duration(ctx, "session_timeout", v)?,
+            None => DEFAULT_SESSION_TIMEOUT,
+        };
+        if !(Duration::from_secs(1)..=Duration::from_secs(1800)).contains(&session_timeout) {
+            return Err(self.err(format!(
+                "{ctx}session_timeout {:?}: expected 1s to 30m",
+                format_duration(session_timeout)
+            )));
+        }
+        let heartbeat_interval = match &raw.heartbeat_interval {
+            Some(v) => self.positive_duration(ctx, "heartbeat_interval", v)?,
+            None => DEFAULT_HEARTBEAT_INTERVAL.min(session_timeout / 3),
+        };
+        // Kafka's advice: three heartbeats per session, so one lost heartbeat is no eviction.
+        if heartbeat_interval > session_timeout / 3 {
+            return Err(self.err(format!(
+                "{ctx}heartbeat_interval {:?}: at most a third of session_timeout ({})",
+                format_duration(heartbeat_interval),
+                format_duration(session_timeout)
+            )));
+        }
+        Ok(FleetConfig {
+            targets_topic,
+            group,
+            location,
+            partitions,
+            session_timeout,
+            heartbeat_interval,
+        })
+    }
+
     fn metrics(&self, raw: &RawMetrics, agent: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
         let ctx = "metrics: ";
         if !cfg!(feature = "metrics") {
@@ -1576,6 +1743,9 @@ impl Config {
         for t in &self.targets {
             t.write_toml(&mut out);
         }
+        if let Some(f) = &self.fleet {
+            f.write_toml(&mut out);
+        }
         if let Some(m) = &self.metrics {
             m.write_toml(&mut out);
         }
@@ -1720,6 +1890,17 @@ impl RulesConfig {
         if let Some(fuel) = self.fuel {
             out.value("fuel", fuel);
         }
+    }
+}
+
+impl FleetConfig {
+    fn write_toml(&self, out: &mut TomlWriter) {
+        out.table("[fleet]");
+        out.string("targets_topic", &self.targets_topic);
+        out.string("group", &self.group);
+        out.value("partitions", self.partitions);
+        out.duration("session_timeout", self.session_timeout);
+        out.duration("heartbeat_interval", self.heartbeat_interval);
     }
 }
 
@@ -1896,6 +2077,77 @@ mod tests {
         assert!(!t.expect_status.contains(404));
         assert!(c.kafka.is_none() && c.postgres.is_none());
         assert_eq!(c.agent.body_cap, DEFAULT_BODY_CAP);
+    }
+
+    #[cfg(feature = "fleet")]
+    #[test]
+    fn fleet_defaults_and_errors_name_the_field() {
+        let f = parse("[fleet]\n").unwrap().fleet.unwrap();
+        assert_eq!(f.targets_topic, DEFAULT_TARGETS_TOPIC);
+        assert_eq!(f.group_id(), DEFAULT_FLEET_GROUP);
+        let c = parse("[agent]\nlocation = \"eu-west\"\n\n[fleet]\ngroup = \"g\"\n").unwrap();
+        assert_eq!(c.fleet.unwrap().group_id(), "g.eu-west");
+        assert_eq!(f.session_timeout, DEFAULT_SESSION_TIMEOUT);
+        assert_eq!(f.heartbeat_interval, DEFAULT_HEARTBEAT_INTERVAL);
+        // A short session gets a heartbeat that fits it three times.
+        let f = parse("[fleet]\nsession_timeout = \"1500ms\"\n")
+            .unwrap()
+            .fleet
+            .unwrap();
+        assert_eq!(f.heartbeat_interval, Duration::from_millis(500));
+        for (text, want) in [
+            (
+                "session_timeout = \"10s\"\nheartbeat_interval = \"5s\"",
+                "agent.toml: fleet: heartbeat_interval \"5s\": at most a third of session_timeout (10s)",
+            ),
+            (
+                "session_timeout = \"2h\"",
+                "fleet: session_timeout \"2h\": expected 1s to 30m",
+            ),
+            (
+                "heartbeat_interval = \"0s\"",
+                "fleet: heartbeat_interval \"0s\": must be greater",
+            ),
+            (
+                "targets_topic = \"a b\"",
+                "fleet: targets_topic \"a b\": expected 1 to 249",
+            ),
+            ("group = \"\"", "fleet: group \"\": expected"),
+            ("partitions = 0", "fleet: partitions 0: expected 1 to 1000"),
+            ("sesion_timeout = \"1s\"", "unknown field `sesion_timeout`"),
+        ] {
+            check_err(&format!("[fleet]\n{text}\n"), want);
+        }
+    }
+
+    #[cfg(feature = "fleet")]
+    #[test]
+    fn a_target_from_elsewhere_is_validated_like_one_of_the_file() {
+        let c = parse("[agent]\ninterval = \"7s\"\njitter = \"2s\"\n").unwrap();
+        let raw: RawTarget = toml::from_str("id = \"a\"\nurl = \"http://127.0.0.1/\"").unwrap();
+        let t = c.validate_target("topic t", &raw).unwrap();
+        assert_eq!(
+            t.interval,
+            Duration::from_secs(7),
+            "the agent's defaults apply"
+        );
+        let raw: RawTarget =
+            toml::from_str("id = \"b\"\nurl = \"http://127.0.0.1/\"\ntimeout = \"5x\"").unwrap();
+        let err = c
+            .validate_target("topic t key \"b\"", &raw)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("topic t key \"b\": target \"b\": timeout \"5x\""),
+            "{err}"
+        );
+        let raw: RawTarget =
+            toml::from_str("id = \"c\"\nurl = \"http://127.0.0.1/\"\ninterval = \"3s\"").unwrap();
+        let err = c.validate_target("f", &raw).unwrap_err().to_string();
+        assert!(
+            err.contains("jitter \"2s\": more than half the interval of target \"c\""),
+            "{err}"
+        );
     }
 
     #[cfg(feature = "metrics")]
@@ -2131,6 +2383,8 @@ mod tests {
 
     /// Sets every key of every table (see the file's header).
     const EVERY_KEY: &str = include_str!("../../tests/fixtures/config/every-key.toml");
+    /// The fixture's `[fleet]` table, refused by a build without the `fleet` feature.
+    const EVERY_KEY_FLEET: &str = "[fleet]\ntargets_topic = \"fleet.targets-1\"\ngroup = \"eu_west.1\"\npartitions = 24\nsession_timeout = \"45s\"\nheartbeat_interval = \"3s\"\n\n";
 
     fn every_key_files(dir: &Scratch) -> PathBuf {
         dir.write("sasl-password", "sasl-secret-2\n");
@@ -2144,6 +2398,9 @@ mod tests {
         if !cfg!(feature = "metrics") {
             // Without the listener `[metrics]` is refused; it is the file's last table.
             text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);
+        }
+        if !cfg!(feature = "fleet") {
+            text = text.replace(EVERY_KEY_FLEET, "");
         }
         dir.write("agent.toml", &text)
     }
@@ -2244,6 +2501,7 @@ mod tests {
             ("[kafka.sasl]", &["kafka", "sasl"]),
             ("[postgres]", &["postgres"]),
             ("[rules]", &["rules"]),
+            ("[fleet]", &["fleet"]),
             ("[[target]]", &["target"]),
             ("[[target]]\n[target.tls]", &["target", "tls"]),
         ] {

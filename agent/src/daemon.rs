@@ -254,6 +254,18 @@ fn run_agent(
 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel::<Reload>();
     let shutdown = signals.shutdown.clone();
+    // With [fleet], SIGHUP reloads go through the fleet, which adds its targets; the
+    // [metrics] registry then keeps the series of the targets the agent runs now.
+    #[cfg(feature = "fleet")]
+    let (reload_tx, fleet) = {
+        let m = metrics.cloned();
+        let on_targets: crate::fleet::OnTargets = Box::new(move |c, p| {
+            if let Some(m) = &m {
+                m.reloaded(c, p);
+            }
+        });
+        crate::fleet::start_if_configured(&cfg, &prober, reload_tx, &shutdown, on_targets)
+    };
     let reloader = Reloader {
         path: path.to_path_buf(),
         current: cfg.clone(),
@@ -295,6 +307,10 @@ fn run_agent(
         },
         output,
     );
+    #[cfg(feature = "fleet")]
+    if let Some(f) = fleet {
+        f.join();
+    }
     log::info!(
         "agent stopped after {} checks ({} up, {} down)",
         summary.checks,
@@ -382,6 +398,9 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.postgres != new.postgres {
         changed.push("postgres");
+    }
+    if old.fleet != new.fleet {
+        changed.push("fleet");
     }
     // Modules, the allow-list and probe_concurrency apply on reload; the socket does not.
     let socket = |c: &Config| c.metrics.as_ref().map(|m| (m.listen, m.connections));
@@ -550,6 +569,14 @@ mod tests {
         );
         assert_eq!(format!("{:?}", old.kafka), format!("{:?}", new.kafka));
         assert_eq!(needs_restart(&old, &new), vec!["kafka", "postgres"]);
+    }
+
+    #[cfg(feature = "fleet")]
+    #[test]
+    fn a_changed_fleet_needs_a_restart() {
+        let old = parse("[fleet]\n", &[]);
+        let new = parse("[fleet]\ngroup = \"eu-west\"\n", &[]);
+        assert_eq!(needs_restart(&old, &new), vec!["fleet"]);
     }
 
     #[test]

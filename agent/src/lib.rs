@@ -12,6 +12,8 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod kafka;
 #[cfg(feature = "metrics")]
 pub mod metrics;

@@ -89,6 +89,7 @@ fn run() -> Result<u8, Failure> {
             eprintln!("init-db: schema is up to date");
             Ok(exit::OK)
         }
+        Command::Targets { action, config } => targets(action, config.as_deref()),
         Command::Daemon { role, config } => {
             let path = config_path(config.as_deref());
             match daemon::run(role, &path) {
@@ -147,6 +148,24 @@ fn once(config: Option<&Path>, format: Option<Format>) -> Result<u8, Failure> {
     } else {
         exit::SOME_DOWN
     })
+}
+
+/// `targets push|list`: needs `[kafka]`; `[fleet]` gives the topic (defaults without it).
+fn targets(action: cli::TargetsAction, config: Option<&Path>) -> Result<u8, Failure> {
+    let cfg = load(config)?;
+    #[cfg(feature = "fleet")]
+    {
+        let out = sitewatch::fleet::topic::command(&cfg, &action).map_err(Failure::unknown)?;
+        print!("{out}");
+        Ok(exit::OK)
+    }
+    #[cfg(not(feature = "fleet"))]
+    {
+        let _ = (cfg, action);
+        Err(Failure::unknown(
+            "this sitewatch was built without the `fleet` feature",
+        ))
+    }
 }
 
 fn rule_test(args: Option<sitewatch::rules::cli::Args>) -> Result<u8, Failure> {

@@ -166,6 +166,12 @@ fn every_key_config(dir: &TempDir) -> PathBuf {
         // Without the listener `[metrics]` is refused; it is the file's last table.
         text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);
     }
+    if !cfg!(feature = "fleet") {
+        // Without the fleet `[fleet]` is refused.
+        let start = text.find("[fleet]\n").unwrap_or(0);
+        let end = start + text[start..].find("\n\n").map_or(0, |i| i + 2);
+        text.replace_range(start..end, "");
+    }
     write(dir, "agent.toml", &text)
 }
 

@@ -9,6 +9,8 @@ mod apache_kafka;
 mod bench;
 mod cli;
 mod cluster;
+#[cfg(feature = "fleet")]
+mod fleet;
 mod kafka;
 mod llhttp;
 mod metrics;

@@ -6,6 +6,10 @@
     kpeer.py consume BROKERS TOPIC COUNT [--timeout SECONDS]
         Reads COUNT records from the beginning of every partition (no consumer group
         offsets: explicit assignment). Prints "partition<TAB>offset<TAB>key<TAB>value<TAB>ts".
+    kpeer.py group BROKERS TOPIC GROUP
+        Joins consumer group GROUP (range assignor, session timeout 6 s) subscribed to TOPIC
+        and prints "assigned P,Q,..." after every rebalance (an empty list when it got none),
+        until stdin closes; then leaves the group and prints "left".
     kpeer.py versions
         Prints the librdkafka version.
 
@@ -93,6 +97,33 @@ def consume(brokers, topic, count, opts):
         sys.exit(1)
 
 
+def group(brokers, topic, group_id):
+    import threading
+
+    c = ck.Consumer({
+        "bootstrap.servers": brokers,
+        "group.id": group_id,
+        "partition.assignment.strategy": "range",
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 500,
+        "enable.auto.commit": False,
+    })
+
+    def assigned(_consumer, partitions):
+        print("assigned " + ",".join(str(p.partition) for p in sorted(partitions, key=lambda p: p.partition)), flush=True)
+
+    def revoked(_consumer, _partitions):
+        print("revoked", flush=True)
+
+    c.subscribe([topic], on_assign=assigned, on_revoke=revoked)
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    while not done.is_set():
+        c.poll(0.2)
+    c.close()
+    print("left", flush=True)
+
+
 def main():
     args = sys.argv[1:]
     if not args:
@@ -103,6 +134,8 @@ def main():
         produce(args[1], args[2], args[3:])
     elif cmd == "consume" and len(args) >= 4:
         consume(args[1], args[2], int(args[3]), args[4:])
+    elif cmd == "group" and len(args) == 4:
+        group(args[1], args[2], args[3])
     elif cmd == "versions":
         print(ck.libversion()[0])
     else:

@@ -14,9 +14,12 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, CreateTopicsResponse,
-    FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader,
-    SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
+    FetchRequest, FetchResponse, FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest,
+    HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+    SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse, SyncGroupRequest,
+    SyncGroupResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
@@ -40,6 +43,13 @@ pub const OUR_VERSIONS: &[(i16, i16, i16)] = &[
     (API_API_VERSIONS, 0, 3),
     (API_CREATE_TOPICS, 2, 7),
     (API_SASL_AUTHENTICATE, 0, 2),
+    // The classic group protocol (the fleet). FindCoordinator from v1 (v0 has no key type),
+    // JoinGroup from v2 (rebalance timeout; Kafka 4 refuses v0-1).
+    (API_FIND_COORDINATOR, 1, 6),
+    (API_JOIN_GROUP, 2, 9),
+    (API_HEARTBEAT, 1, 4),
+    (API_LEAVE_GROUP, 1, 5),
+    (API_SYNC_GROUP, 1, 5),
 ];
 
 /// The APIs a connection is refused without: every command needs them.
@@ -49,6 +59,11 @@ pub const API_PRODUCE: i16 = 0;
 pub const API_FETCH: i16 = 1;
 pub const API_LIST_OFFSETS: i16 = 2;
 pub const API_METADATA: i16 = 3;
+pub const API_FIND_COORDINATOR: i16 = 10;
+pub const API_JOIN_GROUP: i16 = 11;
+pub const API_HEARTBEAT: i16 = 12;
+pub const API_LEAVE_GROUP: i16 = 13;
+pub const API_SYNC_GROUP: i16 = 14;
 pub const API_SASL_HANDSHAKE: i16 = 17;
 pub const API_API_VERSIONS: i16 = 18;
 pub const API_CREATE_TOPICS: i16 = 19;
@@ -80,6 +95,11 @@ requests! {
     ApiVersionsRequest => ApiVersionsResponse = API_API_VERSIONS,
     CreateTopicsRequest => CreateTopicsResponse = API_CREATE_TOPICS,
     SaslAuthenticateRequest => SaslAuthenticateResponse = API_SASL_AUTHENTICATE,
+    FindCoordinatorRequest => FindCoordinatorResponse = API_FIND_COORDINATOR,
+    JoinGroupRequest => JoinGroupResponse = API_JOIN_GROUP,
+    HeartbeatRequest => HeartbeatResponse = API_HEARTBEAT,
+    LeaveGroupRequest => LeaveGroupResponse = API_LEAVE_GROUP,
+    SyncGroupRequest => SyncGroupResponse = API_SYNC_GROUP,
 }
 
 /// Settings shared by every connection of a client.

@@ -3,9 +3,10 @@
 //!
 //! What it owns: broker connections ([`conn`]), the record format ([`records`]), SASL
 //! ([`sasl`]), TLS setup ([`tls`]), the metadata cache (who leads which partition) and the
-//! retry policy around it. What it is not: a consumer group member (the sink assigns itself
-//! partitions with PostgreSQL advisory locks), transactional or idempotent (delivery is
-//! at-least-once; the sink dedupes by `check_id`).
+//! retry policy around it; with the `fleet` feature, consumer-group membership ([`group`]) for
+//! the fleet's targets topic. What it is not: a committer of consumer offsets (the sink
+//! assigns itself partitions with PostgreSQL advisory locks and keeps its offsets there),
+//! transactional or idempotent (delivery is at-least-once; the sink dedupes by `check_id`).
 //!
 //! Works with Kafka 2.x–4.x and tansu: ApiVersions picks, per API, the highest version inside
 //! both our range ([`conn::OUR_VERSIONS`]) and the broker's. Retries: a request that fails
@@ -16,6 +17,8 @@
 //! died to get a new one, as long as some broker answers (see `Client::with_leader_retry`).
 
 pub mod conn;
+#[cfg(feature = "fleet")]
+pub mod group;
 pub mod records;
 pub mod sasl;
 pub mod tls;
@@ -28,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -42,7 +45,8 @@ use kafka_protocol::protocol::StrBytes;
 use crate::backoff::Backoff;
 use crate::config::{Compression, KafkaConfig};
 use conn::{Conn, ConnSettings};
-use records::{Codec, RecordRef};
+use records::Codec;
+pub use records::RecordRef;
 
 /// Tries per request (the first plus retries) before a retriable error is returned.
 pub const MAX_ATTEMPTS: u32 = 4;
@@ -354,6 +358,11 @@ pub fn api_name(key: i16) -> &'static str {
         conn::API_API_VERSIONS => "ApiVersions",
         conn::API_CREATE_TOPICS => "CreateTopics",
         conn::API_SASL_AUTHENTICATE => "SaslAuthenticate",
+        conn::API_FIND_COORDINATOR => "FindCoordinator",
+        conn::API_JOIN_GROUP => "JoinGroup",
+        conn::API_HEARTBEAT => "Heartbeat",
+        conn::API_LEAVE_GROUP => "LeaveGroup",
+        conn::API_SYNC_GROUP => "SyncGroup",
         _ => "(other API)",
     }
 }
@@ -552,6 +561,18 @@ impl Client {
         partitions: i32,
         replication_factor: i16,
     ) -> Result<(), KafkaError> {
+        self.ensure_topic_with(topic, partitions, replication_factor, &[])
+    }
+
+    /// [`Client::ensure_topic`] with topic configs for a topic it creates (e.g.
+    /// `cleanup.policy=compact`); an existing topic is left as it is.
+    pub fn ensure_topic_with(
+        &mut self,
+        topic: &str,
+        partitions: i32,
+        replication_factor: i16,
+        configs: &[(&str, &str)],
+    ) -> Result<(), KafkaError> {
         match self.refresh_metadata(&[topic]) {
             Ok(()) if self.topics.contains_key(topic) => return Ok(()),
             Ok(()) | Err(KafkaError::UnknownTopic(_)) => {}
@@ -561,6 +582,15 @@ impl Client {
         t.name = TopicName(StrBytes::from_string(topic.to_string()));
         t.num_partitions = partitions;
         t.replication_factor = replication_factor;
+        t.configs = configs
+            .iter()
+            .map(|(k, v)| {
+                let mut c = CreatableTopicConfig::default();
+                c.name = StrBytes::from_string(k.to_string());
+                c.value = Some(StrBytes::from_string(v.to_string()));
+                c
+            })
+            .collect();
         let mut req = CreateTopicsRequest::default();
         req.topics = vec![t];
         req.timeout_ms = self.timeout_ms();
@@ -721,27 +751,36 @@ impl Client {
     /// ([`partition_for_key`]). Returns `Ok` only when every record is acknowledged; on error
     /// some partitions may have been written (at-least-once: the caller sends all again).
     pub fn produce(&mut self, topic: &str, records: &[ProduceRecord]) -> Result<(), KafkaError> {
+        let refs: Vec<RecordRef<'_>> = records
+            .iter()
+            .map(|r| RecordRef {
+                key: &r.key,
+                value: Some(&r.value),
+                timestamp_ms: r.timestamp_ms,
+            })
+            .collect();
+        self.produce_refs(topic, &refs)
+    }
+
+    /// [`Client::produce`] of borrowed records, which may be tombstones (null values).
+    pub fn produce_refs(
+        &mut self,
+        topic: &str,
+        records: &[RecordRef<'_>],
+    ) -> Result<(), KafkaError> {
         if records.is_empty() {
             return Ok(());
         }
         let n = self.topic(topic)?.partitions.len() as i32;
-        let mut by_partition: HashMap<i32, Vec<&ProduceRecord>> = HashMap::new();
+        let mut by_partition: HashMap<i32, Vec<RecordRef<'_>>> = HashMap::new();
         for r in records {
             by_partition
-                .entry(partition_for_key(&r.key, n))
+                .entry(partition_for_key(r.key, n))
                 .or_default()
-                .push(r);
+                .push(*r);
         }
         let mut pending: Vec<(i32, Bytes)> = Vec::with_capacity(by_partition.len());
-        for (p, rs) in by_partition {
-            let refs: Vec<RecordRef<'_>> = rs
-                .iter()
-                .map(|r| RecordRef {
-                    key: &r.key,
-                    value: &r.value,
-                    timestamp_ms: r.timestamp_ms,
-                })
-                .collect();
+        for (p, refs) in by_partition {
             pending.push((p, Bytes::from(records::encode_batch(&refs, self.codec)?)));
         }
         let mut attempt = 0;
@@ -988,6 +1027,21 @@ impl Client {
             self.conns.remove(&key);
         }
         result
+    }
+
+    /// Runs `f` on some broker's connection (FindCoordinator: any broker answers it).
+    #[cfg(feature = "fleet")]
+    pub(crate) fn with_any_broker<T>(
+        &mut self,
+        f: impl FnOnce(&mut Conn) -> Result<T, KafkaError>,
+    ) -> Result<T, KafkaError> {
+        self.with_conn(None, f)
+    }
+
+    /// The settings every connection of this client uses (the group coordinator's too).
+    #[cfg(feature = "fleet")]
+    pub(crate) fn conn_settings(&self) -> &ConnSettings {
+        &self.settings
     }
 
     /// Some open connection: an existing one, else the first bootstrap broker that answers.

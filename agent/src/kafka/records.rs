@@ -30,9 +30,11 @@ pub enum Codec {
 }
 
 /// One record to encode: borrowed so the producer encodes straight from its queue.
+#[derive(Clone, Copy, Debug)]
 pub struct RecordRef<'a> {
     pub key: &'a [u8],
-    pub value: &'a [u8],
+    /// `None` is a null value: a tombstone, which compaction turns into "key removed".
+    pub value: Option<&'a [u8]>,
     pub timestamp_ms: i64,
 }
 
@@ -57,18 +59,23 @@ pub fn encode_batch(records: &[RecordRef<'_>], codec: Codec) -> Result<Vec<u8>, 
     let mut body = Vec::with_capacity(
         records
             .iter()
-            .map(|r| r.key.len() + r.value.len() + 16)
+            .map(|r| r.key.len() + r.value.map_or(0, <[u8]>::len) + 16)
             .sum(),
     );
     for (i, r) in records.iter().enumerate() {
-        let mut rec = Vec::with_capacity(r.key.len() + r.value.len() + 16);
+        let mut rec = Vec::with_capacity(r.key.len() + r.value.map_or(0, <[u8]>::len) + 16);
         rec.push(0u8); // record attributes (unused)
         put_varlong(&mut rec, r.timestamp_ms - base_ts);
         put_varlong(&mut rec, i as i64);
         put_varlong(&mut rec, r.key.len() as i64);
         rec.extend_from_slice(r.key);
-        put_varlong(&mut rec, r.value.len() as i64);
-        rec.extend_from_slice(r.value);
+        match r.value {
+            Some(v) => {
+                put_varlong(&mut rec, v.len() as i64);
+                rec.extend_from_slice(v);
+            }
+            None => put_varlong(&mut rec, -1),
+        }
         put_varlong(&mut rec, 0); // no headers
         put_varlong(&mut body, rec.len() as i64);
         body.extend_from_slice(&rec);
@@ -342,7 +349,7 @@ mod tests {
             .iter()
             .map(|(k, v, t)| RecordRef {
                 key: k,
-                value: v,
+                value: Some(v),
                 timestamp_ms: *t,
             })
             .collect();
