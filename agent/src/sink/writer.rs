@@ -420,6 +420,9 @@ pub struct Writer {
     retention: Duration,
     /// Days (since the epoch) whose `checks` partition is known to exist.
     days_ready: HashSet<i64>,
+    /// Decides alert transitions inside each batch's transaction (`[alerts]`).
+    #[cfg(feature = "alerts")]
+    alerts: Option<crate::alerts::eval::Evaluator>,
 }
 
 impl Writer {
@@ -444,7 +447,19 @@ impl Writer {
             },
             retention,
             days_ready: HashSet::new(),
+            #[cfg(feature = "alerts")]
+            alerts: None,
         })
+    }
+
+    /// Evaluates alerts for every batch, in its transaction.
+    #[cfg(feature = "alerts")]
+    pub fn with_alerts(
+        mut self,
+        cfg: std::sync::Arc<crate::alerts::config::AlertsConfig>,
+    ) -> Writer {
+        self.alerts = Some(crate::alerts::eval::Evaluator::new(cfg));
+        self
     }
 
     /// The stored next offset of this partition, `None` when the sink never committed one.
@@ -579,6 +594,12 @@ impl Writer {
             p.insert_dead_letters(&mut tx, &all_dead)?;
         }
         p.upsert_targets(&mut tx, &landed)?;
+        #[cfg(feature = "alerts")]
+        if let Some(alerts) = &self.alerts {
+            let checks: Vec<(&CheckResult, i64)> =
+                landed.iter().map(|r| (&r.record, r.started_ms)).collect();
+            alerts.evaluate(&mut tx, &checks)?;
+        }
         tx.commit()?;
         Ok(BatchOutcome {
             inserted,
