@@ -19,6 +19,7 @@ USAGE:
     sitewatch run [--config FILE]          agent and sink in one process
     sitewatch init-db [--config FILE]      create or upgrade the PostgreSQL schema
     sitewatch check-config [--config FILE] validate and print the effective config
+    sitewatch alerts [--config FILE]       open alerts and recent alert events (PostgreSQL)
     sitewatch rule test RULE.wasm --url URL [--status N --body-file F --header 'k: v']
     sitewatch --version | --help
 
@@ -47,6 +48,10 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     CheckConfig {
+        config: Option<PathBuf>,
+    },
+    /// `alerts`: open alerts and recent events, as tables.
+    Alerts {
         config: Option<PathBuf>,
     },
     /// `rule test ...`; `None` asks for its usage text.
@@ -79,6 +84,7 @@ enum Word {
     Daemon(Role),
     InitDb,
     CheckConfig,
+    Alerts,
 }
 
 impl Word {
@@ -90,6 +96,7 @@ impl Word {
             Word::Daemon(Role::Both) => "run",
             Word::InitDb => "init-db",
             Word::CheckConfig => "check-config",
+            Word::Alerts => "alerts",
         }
     }
 }
@@ -149,6 +156,7 @@ where
                 Some("run") => set(&mut word, Word::Daemon(Role::Both))?,
                 Some("init-db") => set(&mut word, Word::InitDb)?,
                 Some("check-config") => set(&mut word, Word::CheckConfig)?,
+                Some("alerts") => set(&mut word, Word::Alerts)?,
                 Some("rule") => {
                     if let Some(w) = word {
                         return Err(usage(format!("two commands given: {} and rule", w.name())));
@@ -181,6 +189,7 @@ where
         Some(Word::Daemon(role)) => Ok(Command::Daemon { role, config }),
         Some(Word::InitDb) => Ok(Command::InitDb { config }),
         Some(Word::CheckConfig) => Ok(Command::CheckConfig { config }),
+        Some(Word::Alerts) => Ok(Command::Alerts { config }),
     }
 }
 
@@ -232,6 +241,7 @@ mod tests {
         check("run", "Daemon { role: Both, config: None }");
         check("init-db", "InitDb");
         check("check-config", "CheckConfig");
+        check("alerts -c a.toml", "Alerts { config: Some(\"a.toml\") }");
         check("--version", "Version");
         check("agent --help", "Help");
         check("help", "Help");

@@ -50,7 +50,7 @@ pub struct RawConfig {
     pub rules: RawRules,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
-    pub alerts: Option<crate::alerts::config::RawAlerts>,
+    pub alerts: Option<crate::alerts::RawAlerts>,
     pub metrics: Option<RawMetrics>,
 }
 
@@ -188,7 +188,7 @@ pub struct Config {
     pub rules: RulesConfig,
     pub targets: Vec<Target>,
     /// `None` when the file has no `[alerts]` section: the sink decides no alerts.
-    pub alerts: Option<crate::alerts::config::AlertsConfig>,
+    pub alerts: Option<crate::alerts::AlertsConfig>,
     /// `None` when the file has no `[metrics]` section: no listener.
     pub metrics: Option<MetricsConfig>,
     /// Where the passwords came from, so `check-config` can say so without showing them.
@@ -757,12 +757,12 @@ impl Validator<'_> {
             .alerts
             .as_ref()
             .map(|a| {
-                let cx = crate::alerts::config::Ctx {
+                let cx = crate::alerts::Ctx {
                     env: &|k| self.env(k),
                     path: &|p| self.path(p),
                     read_secret: &read_secret_file,
                 };
-                crate::alerts::config::validate(a, &cx).map_err(|m| self.err(m))
+                crate::alerts::validate(a, &cx).map_err(|m| self.err(m))
             })
             .transpose()?;
         let mut targets = Vec::with_capacity(raw.targets.len());
@@ -1560,7 +1560,7 @@ impl Config {
             t.write_toml(&mut out);
         }
         if let Some(a) = &self.alerts {
-            a.write_toml(&mut out.0, &|s| toml_string(s));
+            crate::alerts::write_toml(a, &mut out.0, &|s| toml_string(s));
         }
         if let Some(m) = &self.metrics {
             m.write_toml(&mut out);
@@ -2257,6 +2257,10 @@ mod tests {
             ("[[alerts.override]]", &["alerts", "override"]),
             ("[[alerts.maintenance]]", &["alerts", "maintenance"]),
         ] {
+            // Without the feature `[alerts]` is read as anything (and refused later).
+            if header.contains("alerts") && !cfg!(feature = "alerts") {
+                continue;
+            }
             let fields = fields_of(header);
             assert!(fields.len() > 1, "{header}: {fields:?}");
             let set = get(path);

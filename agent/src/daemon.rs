@@ -383,6 +383,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.postgres != new.postgres {
         changed.push("postgres");
     }
+    // The sink's evaluators and notifier threads are built from `[alerts]` at start.
+    if old.alerts != new.alerts {
+        changed.push("alerts");
+    }
     // Modules, the allow-list and probe_concurrency apply on reload; the socket does not.
     let socket = |c: &Config| c.metrics.as_ref().map(|m| (m.listen, m.connections));
     if socket(old) != socket(new) {
@@ -550,6 +554,17 @@ mod tests {
         );
         assert_eq!(format!("{:?}", old.kafka), format!("{:?}", new.kafka));
         assert_eq!(needs_restart(&old, &new), vec!["kafka", "postgres"]);
+    }
+
+    #[cfg(feature = "alerts")]
+    #[test]
+    fn a_changed_alert_channel_secret_needs_a_restart() {
+        let text =
+            "[alerts]\n[[alerts.channel]]\nname = \"s\"\nkind = \"slack\"\nurl_env = \"S\"\n";
+        let old = parse(text, &[("S", "http://127.0.0.1:9/one")]);
+        let new = parse(text, &[("S", "http://127.0.0.1:9/two")]);
+        assert_eq!(needs_restart(&old, &old.clone()), Vec::<&str>::new());
+        assert_eq!(needs_restart(&old, &new), vec!["alerts"]);
     }
 
     #[test]

@@ -82,6 +82,7 @@ fn run() -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::RuleTest(args) => rule_test(args),
+        Command::Alerts { config } => alerts(config.as_deref()),
         Command::InitDb { config } => {
             let cfg = load(config.as_deref())?;
             sitewatch::sink::init_db(&cfg)
@@ -147,6 +148,25 @@ fn once(config: Option<&Path>, format: Option<Format>) -> Result<u8, Failure> {
     } else {
         exit::SOME_DOWN
     })
+}
+
+/// `sitewatch alerts`: the open alerts and recent events, as tables.
+fn alerts(config: Option<&Path>) -> Result<u8, Failure> {
+    let cfg = load(config)?;
+    #[cfg(feature = "alerts")]
+    {
+        let text = sitewatch::alerts::report::report(&cfg)
+            .map_err(|e| Failure::unknown(format!("alerts: {e}")))?;
+        print!("{text}");
+        Ok(exit::OK)
+    }
+    #[cfg(not(feature = "alerts"))]
+    {
+        let _ = cfg;
+        Err(Failure::unknown(
+            "this sitewatch was built without the `alerts` feature",
+        ))
+    }
 }
 
 fn rule_test(args: Option<sitewatch::rules::cli::Args>) -> Result<u8, Failure> {

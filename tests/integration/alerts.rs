@@ -108,6 +108,20 @@ fn checks(target: &str, pattern: &[bool], end_ago_ms: i64) -> Vec<CheckResult> {
         .collect()
 }
 
+/// `targets` targets checked in rounds (up or not per `pattern`), 1 s apart: round by round,
+/// so every fetch carries part of each target's history.
+fn rounds(prefix: &str, targets: usize, pattern: &[bool]) -> Vec<CheckResult> {
+    let mut records = Vec::new();
+    for (i, &up) in pattern.iter().enumerate() {
+        for t in 0..targets {
+            let ago = (pattern.len() - i) as i64 * 1000;
+            let failure = (!up).then_some(FailureReason::Timeout);
+            records.push(record(&format!("{prefix}{t:03}"), ago, failure, 5.0));
+        }
+    }
+    records
+}
+
 /// (target, kind, reason) of every outbox event, oldest first.
 fn events(p: &Pipeline) -> Vec<(String, String, String)> {
     let mut c = p.db.client();
@@ -353,6 +367,29 @@ fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
     sink.join().expect("sink stops cleanly");
 }
 
+/// A config file for a sink process: the pipeline's, then `alerts` with every `*_env`
+/// replaced by a `*_file` holding the same secret.
+fn config_file(
+    p: &Pipeline,
+    r: &Receivers,
+    dir: &crate::support::TempDir,
+    alerts: &str,
+) -> std::path::PathBuf {
+    let env = r.env();
+    let mut alerts = alerts.to_string();
+    for var in ["HOOK_URL", "HOOK_SECRET", "SLACK_URL", "PD_URL", "PD_KEY"] {
+        let file = dir.path().join(var.to_lowercase());
+        std::fs::write(&file, env(var).unwrap()).unwrap();
+        alerts = alerts.replace(
+            &format!("_env = \"{var}\""),
+            &format!("_file = {:?}", file.display().to_string()),
+        );
+    }
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, format!("{}\n{alerts}", p.config_text())).unwrap();
+    path
+}
+
 /// Issue 16, shown 2: a sink killed (SIGKILL) after the transition committed and while its
 /// delivery is in flight: after a restart the event is delivered again with the same key, so
 /// a receiver that honours the key acts once; the outbox holds the transition once.
@@ -366,23 +403,7 @@ fn a_sink_killed_mid_delivery_redelivers_after_restart_with_the_same_key() {
     });
     let r = Receivers::with_hook(hook);
     let dir = crate::support::TempDir::new("alerts-kill");
-    for (name, value) in [
-        ("hook-url", r.hook.url("/hook")),
-        ("hook-secret", HOOK_SECRET.to_string()),
-        ("slack-url", r.slack.url("/services/T0/B0/xyz")),
-        ("pd-url", r.pd.url("/v2/enqueue")),
-        ("pd-key", ROUTING_KEY.to_string()),
-    ] {
-        std::fs::write(dir.path().join(name), value).unwrap();
-    }
-    let alerts = alerts_text("", "")
-        .replace("_env = \"HOOK_URL\"", "_file = \"hook-url\"")
-        .replace("_env = \"HOOK_SECRET\"", "_file = \"hook-secret\"")
-        .replace("_env = \"SLACK_URL\"", "_file = \"slack-url\"")
-        .replace("_env = \"PD_URL\"", "_file = \"pd-url\"")
-        .replace("_env = \"PD_KEY\"", "_file = \"pd-key\"");
-    let path = dir.path().join("agent.toml");
-    std::fs::write(&path, format!("{}\n{alerts}", p.config_text())).unwrap();
+    let path = config_file(&p, &r, &dir, &alerts_text("", ""));
     let log = dir.path().join("sink.log");
     let sink = SinkProcess::start(&path, &log);
     p.produce(&checks("db", &[false, false, false], 10_000));
@@ -500,6 +521,233 @@ fn depends_on_maintenance_and_degraded_states() {
         })
         .collect();
     assert_eq!(severities, set(&["critical", "warning"]));
+    wait_for("every delivery", WITHIN, || delivered(&p) == 12);
+    // `sitewatch alerts` shows the same for a person at a terminal.
+    let dir = crate::support::TempDir::new("alerts-cli");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, p.config_text()).unwrap();
+    let o = crate::support::sitewatch()
+        .args(["alerts", "--config"])
+        .arg(&path)
+        .output()
+        .expect("sitewatch alerts");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "OPEN ALERTS",
+        "muted: depends_on router (down)",
+        "muted: maintenance",
+        "RECENT EVENTS",
+        "3 delivered, 0 pending, 0 failed",
+        "warning level 14 days",
+        "CHANNELS",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    let router = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("router"))
+        .unwrap_or("");
+    assert!(
+        router.contains("down") && router.contains("alerted"),
+        "{text}"
+    );
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
+}
+
+/// Issue 16, shown 2: the sink process SIGKILLed again and again in the middle of fetches and
+/// deliveries: the rows are exactly once, every target's transitions are in the outbox exactly
+/// once and in order, and every event reaches the receiver (some twice, with the same key).
+#[test]
+fn transitions_are_decided_once_while_the_sink_is_killed_repeatedly() {
+    let p = Pipeline::new(4);
+    let r = Receivers::start();
+    let dir = crate::support::TempDir::new("alerts-kills");
+    let hook_only = "[alerts]\n[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\n\
+                     url_env = \"HOOK_URL\"\ntimeout = \"2s\"\n";
+    let path = config_file(&p, &r, &dir, hook_only);
+    let log = dir.path().join("sink.log");
+    // 400 targets, each down (3 failures) and up (2 successes) twice.
+    const TARGETS: usize = 400;
+    let pattern = [
+        false, false, false, true, true, false, false, false, true, true,
+    ];
+    let records = rounds("t", TARGETS, &pattern);
+    p.produce(&records);
+    let total = records.len() as i64;
+    let mut c = p.db.client();
+    let mut kills = 0;
+    let sink = loop {
+        let before = count(&mut c, "SELECT count(*) FROM checks");
+        let sink = SinkProcess::start(&path, &log);
+        let progressed = crate::support::poll(WITHIN, || {
+            let have = count(&mut c, "SELECT count(*) FROM checks");
+            (have >= total || have >= before + 250).then_some(have)
+        });
+        let Some(have) = progressed else {
+            panic!(
+                "stalled; sink log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        if have >= total {
+            break sink;
+        }
+        sink.kill();
+        kills += 1;
+    };
+    p.wait_offsets_at_end();
+    let events_total = (TARGETS * 4) as i64;
+    wait_for("every event delivered", WITHIN, || {
+        delivered(&p) == events_total
+    });
+    sink.kill();
+    eprintln!("sink SIGKILLed {kills} times");
+    assert!(kills >= 3, "only {kills} kills");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM checks"), total);
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT check_id) FROM checks"),
+        total
+    );
+    let per_target: Vec<(String, String)> = c
+        .query(
+            "SELECT target, string_agg(kind, ',' ORDER BY id) FROM alert_events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(per_target.len(), TARGETS);
+    for (target, kinds) in &per_target {
+        assert_eq!(kinds, "down,resolved,down,resolved", "{target}");
+    }
+    let requests = r.hook.requests();
+    let keys: BTreeSet<Option<&str>> = requests
+        .iter()
+        .map(|q| q.header("idempotency-key"))
+        .collect();
+    assert_eq!(
+        keys.len() as i64,
+        events_total,
+        "every event reached the receiver"
+    );
+    eprintln!(
+        "{} webhook requests for {events_total} events ({} repeated after a kill)",
+        requests.len(),
+        requests.len() as i64 - events_total
+    );
+}
+
+/// Issue 16, measured 6: the batch writer's throughput with the evaluator on and off, in the
+/// same run, alternating, on 20,000 records over 500 targets (some going down and up).
+#[test]
+fn writer_throughput_with_alerts_on_and_off() {
+    let records: Vec<CheckResult> = (0..20_000)
+        .map(|i| {
+            let (round, t) = (i / 500, i % 500);
+            // Every 10th target fails rounds 10..15: a down and a resolve each.
+            let failing = t % 10 == 0 && (10..15).contains(&round);
+            let failure = failing.then_some(FailureReason::Connect);
+            record(
+                &format!("site-{t}"),
+                (40 - round) as i64 * 1000,
+                failure,
+                20.0,
+            )
+        })
+        .collect();
+    let values: Vec<Vec<u8>> = records.iter().map(|r| r.to_json().into_bytes()).collect();
+    let cfg = Config::parse(
+        "[alerts]\n[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl_env = \"U\"\n",
+        std::path::Path::new("test.toml"),
+        &|k| (k == "U").then(|| "http://127.0.0.1:9/".to_string()),
+    )
+    .expect("config");
+    let alerts = Arc::new(cfg.alerts.expect("[alerts]"));
+    let rate = |with_alerts: bool| -> f64 {
+        let db = crate::sink::fresh_db();
+        let pg = db.pg_config();
+        let client = sitewatch::sink::db::connect(&pg, "sitewatch-test-writer").expect("connect");
+        let mut w = sitewatch::sink::Writer::new(client, "t", 0, pg.retention).expect("writer");
+        if with_alerts {
+            w = w.with_alerts(alerts.clone());
+        }
+        let start = std::time::Instant::now();
+        let mut from = None;
+        for (i, chunk) in values.chunks(1000).enumerate() {
+            let messages: Vec<sitewatch::sink::Message> = (chunk.iter().enumerate())
+                .map(|(j, v)| sitewatch::sink::Message {
+                    offset: (i * 1000 + j) as i64,
+                    timestamp_ms: 0,
+                    key: None,
+                    value: Some(v.clone()),
+                })
+                .collect();
+            from = Some(w.write(from, &messages, 0).expect("write").next_offset);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if with_alerts {
+            let mut c = db.client();
+            assert_eq!(count(&mut c, "SELECT count(*) FROM alert_events"), 100);
+        }
+        20_000.0 / secs
+    };
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for _ in 0..2 {
+        off.push(rate(false));
+        on.push(rate(true));
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    eprintln!(
+        "writer rows/s, batches of 1000: alerts off {off:.0?}, on {on:.0?}; best on/off = {:.2}",
+        best(&on) / best(&off)
+    );
+}
+
+/// Issue 16, shown 3: two sinks share the partitions (and both run a notifier for every
+/// channel): one event per transition, and each delivered exactly once, since a delivery is
+/// leased by one notifier at a time.
+#[test]
+fn two_sinks_sharing_the_partitions_alert_once_per_transition() {
+    let p = Pipeline::new(4);
+    let r = Receivers::start();
+    let (a, stop_a) = start_sink(&p, &alerts_text("", ""), &r);
+    let (b, stop_b) = start_sink(&p, &alerts_text("", ""), &r);
+    wait_for("both sinks to own partitions", WITHIN, || {
+        !a.status().partitions.is_empty() && !b.status().partitions.is_empty()
+    });
+    const TARGETS: usize = 100;
+    let pattern = [false, false, false, true, true];
+    let records = rounds("s", TARGETS, &pattern);
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let events_total = (TARGETS * 2) as i64;
+    wait_for("every event delivered to each channel", WITHIN, || {
+        delivered(&p) == events_total * 3
+    });
+    let mut c = p.db.client();
+    let per_target = count(
+        &mut c,
+        "SELECT count(*) FROM (SELECT target FROM alert_events GROUP BY target \
+         HAVING string_agg(kind, ',' ORDER BY id) = 'down,resolved') x",
+    );
+    assert_eq!(per_target, TARGETS as i64);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM alert_events"),
+        events_total
+    );
+    for server in [&r.hook, &r.slack, &r.pd] {
+        assert_eq!(server.requests().len() as i64, events_total, "once each");
+    }
+    stop_a.trigger();
+    stop_b.trigger();
+    a.join().expect("sink a stops");
+    b.join().expect("sink b stops");
 }

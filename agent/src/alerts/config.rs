@@ -1,19 +1,20 @@
 //! `[alerts]` in the sink's config: the raw TOML form, the validated [`AlertsConfig`], and its
 //! effective TOML for `check-config`.
 //!
-//! Compiled in every build (the config must say "built without alerts" rather than "unknown
-//! field"); everything that acts on it is behind the `alerts` feature.
+//! Behind the `alerts` feature like the rest; without it `[alerts]` is refused by name (see
+//! `alerts::validate`).
 //!
 //! Channel URLs, webhook secrets and PagerDuty routing keys are secrets: they are only read
 //! from an environment variable (`url_env`) or a file (`url_file`), never written inline, so
 //! the effective config shows where they come from and parses back to the same values.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::Ctx;
 use crate::config::Secret;
 use crate::util::{format_duration, format_rfc3339_ms, parse_duration, parse_rfc3339_ms};
 
@@ -294,21 +295,8 @@ impl AlertsConfig {
     }
 }
 
-/// What validation needs from the config loader.
-pub struct Ctx<'a> {
-    pub env: &'a dyn Fn(&str) -> Option<String>,
-    /// Resolves a relative path against the config file's directory.
-    pub path: &'a dyn Fn(&str) -> PathBuf,
-    pub read_secret: &'a dyn Fn(&Path) -> Result<String, String>,
-}
-
 /// Validates `[alerts]`; the error is the message after the file name.
 pub fn validate(raw: &RawAlerts, cx: &Ctx) -> Result<AlertsConfig, String> {
-    if !cfg!(feature = "alerts") {
-        return Err(
-            "alerts: this sitewatch was built without the `alerts` feature; remove [alerts]".into(),
-        );
-    }
     let ctx = "alerts: ";
     let defaults = Policy {
         failure_threshold: threshold(ctx, "failure_threshold", raw.failure_threshold)?
@@ -644,10 +632,14 @@ fn days_list(v: &[u32]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// `[alerts]` as TOML (appended to `out`); secrets as where they come from
+/// (`url_env`/`url_file`), which parses back to the same values.
+pub fn write_toml(a: &AlertsConfig, out: &mut String, q: Quote) {
+    a.write_toml(out, q)
+}
+
 impl AlertsConfig {
-    /// The `[alerts]` tables as TOML; secrets as where they come from (`url_env`/`url_file`),
-    /// which parses back to the same values.
-    pub fn write_toml(&self, out: &mut String, q: Quote) {
+    fn write_toml(&self, out: &mut String, q: Quote) {
         let p = &self.defaults;
         let _ = writeln!(out, "\n[alerts]");
         let _ = writeln!(out, "failure_threshold = {}", p.failure_threshold);
@@ -827,15 +819,14 @@ mod tests {
         assert_eq!(cfg.policy("b", &[]).failure_threshold, 3);
     }
 
-    #[cfg(feature = "alerts")]
     fn parse(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<crate::config::Config, String> {
-        crate::config::Config::parse(text, Path::new("agent.toml"), env).map_err(|e| e.to_string())
+        crate::config::Config::parse(text, std::path::Path::new("agent.toml"), env)
+            .map_err(|e| e.to_string())
     }
 
-    #[cfg(feature = "alerts")]
     #[test]
     fn channel_secrets_come_from_the_environment_and_are_never_printed() {
         let env = |k: &str| match k {
@@ -861,7 +852,6 @@ mod tests {
         assert_eq!(a.defaults.remind_every, None);
     }
 
-    #[cfg(feature = "alerts")]
     #[test]
     fn alert_errors_name_the_table_and_field_never_the_secret() {
         let env = |k: &str| (k == "BAD").then(|| "ftp://secret-host/x".to_string());
@@ -922,6 +912,39 @@ mod tests {
         check(
             "[[alerts.maintenance]]\ndays = [\"sun\"]\ntime = \"25:00\"\nduration = \"1h\"\n",
             "time \"25:00\": expected HH:MM",
+        );
+    }
+
+    /// The README's example is a working config (its files and variables provided).
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n[alerts]").expect("the example") + 8;
+        let len = readme[start..].find("```").unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("sitewatch-alerts-{}", crate::util::new_check_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("pagerduty-key");
+        std::fs::write(&key, "k").unwrap();
+        let text = readme[start..start + len]
+            .replace("/etc/sitewatch/pagerduty-key", key.to_str().unwrap());
+        let vars = [
+            "SITEWATCH_SLACK_URL",
+            "SITEWATCH_AUDIT_HOOK",
+            "SITEWATCH_AUDIT_SECRET",
+        ];
+        let env = |k: &str| {
+            vars.contains(&k)
+                .then(|| "http://127.0.0.1:9/x".to_string())
+        };
+        let cfg = parse(&text, &env);
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = cfg.unwrap().alerts.unwrap();
+        assert_eq!(a.channels.len(), 3);
+        assert_eq!(a.maintenance.len(), 2);
+        assert_eq!(
+            a.policy("x", &["shop".into()]).depends_on.as_deref(),
+            Some("router")
         );
     }
 }

@@ -33,6 +33,7 @@
 //!   offset (`+02:00`). Named zones need the tz database and DST rules (a crate such as
 //!   chrono-tz adds ~1 MB); refused with a clear message for now.
 
+#[cfg(feature = "alerts")]
 pub mod config;
 #[cfg(feature = "alerts")]
 pub mod eval;
@@ -40,6 +41,8 @@ pub mod eval;
 pub mod notify;
 #[cfg(feature = "alerts")]
 pub mod payload;
+#[cfg(feature = "alerts")]
+pub mod report;
 
 /// What one channel's notifier did since start, for the STATUS line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -49,4 +52,50 @@ pub struct ChannelStatus {
     pub failures: u64,
     /// The last failure (the URL never in it).
     pub last_error: Option<String>,
+}
+
+#[cfg(feature = "alerts")]
+pub use config::{AlertsConfig, RawAlerts, validate, write_toml};
+
+/// Without the feature no alerts config can exist: `[alerts]` is read as anything and
+/// refused by [`validate`], so none of the alerts code is in the smallest binary.
+#[cfg(not(feature = "alerts"))]
+pub type AlertsConfig = std::convert::Infallible;
+#[cfg(not(feature = "alerts"))]
+pub type RawAlerts = serde::de::IgnoredAny;
+
+#[cfg(not(feature = "alerts"))]
+pub fn validate(_: &RawAlerts, _: &Ctx) -> Result<AlertsConfig, String> {
+    Err("alerts: this sitewatch was built without the `alerts` feature; remove [alerts]".into())
+}
+
+#[cfg(not(feature = "alerts"))]
+pub fn write_toml(a: &AlertsConfig, _: &mut String, _: &dyn Fn(&str) -> String) {
+    match *a {}
+}
+
+/// What validating `[alerts]` needs from the config loader.
+pub struct Ctx<'a> {
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Resolves a relative path against the config file's directory.
+    pub path: &'a dyn Fn(&str) -> std::path::PathBuf,
+    pub read_secret: &'a dyn Fn(&std::path::Path) -> Result<String, String>,
+}
+
+#[cfg(all(test, not(feature = "alerts")))]
+mod tests {
+    #[test]
+    fn alerts_are_refused_by_name_without_the_feature() {
+        let e = crate::config::Config::parse(
+            "[alerts]\nfailure_threshold = 3\n",
+            std::path::Path::new("agent.toml"),
+            &|_| None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("alerts: this sitewatch was built without the `alerts` feature"),
+            "{e}"
+        );
+    }
 }

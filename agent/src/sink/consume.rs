@@ -169,6 +169,8 @@ impl Sink {
             .kafka
             .clone()
             .ok_or(SinkError::NotConfigured { section: "kafka" })?;
+        // Without the feature the type is `Infallible`, which is Copy.
+        #[allow(clippy::clone_on_copy)]
         let alerts = cfg.alerts.clone().map(Arc::new);
         match db::connect(&pg, "sitewatch sink") {
             Ok(mut client) => {
@@ -284,7 +286,7 @@ struct Coordinator {
     hb: Heartbeat,
     /// One heartbeat per partition ever owned, reused when a partition comes back.
     worker_beats: BTreeMap<i32, Heartbeat>,
-    alerts: Option<Arc<crate::alerts::config::AlertsConfig>>,
+    alerts: Option<Arc<crate::alerts::AlertsConfig>>,
 }
 
 impl Coordinator {
@@ -527,7 +529,7 @@ struct Worker {
     status: SharedStatus,
     /// Without the feature `[alerts]` is refused by the config, so this is always `None`.
     #[cfg_attr(not(feature = "alerts"), allow(dead_code))]
-    alerts: Option<Arc<crate::alerts::config::AlertsConfig>>,
+    alerts: Option<Arc<crate::alerts::AlertsConfig>>,
 }
 
 /// What a worker carries from one pass to the next. Every failure drops the part that failed

@@ -454,10 +454,7 @@ impl Writer {
 
     /// Evaluates alerts for every batch, in its transaction.
     #[cfg(feature = "alerts")]
-    pub fn with_alerts(
-        mut self,
-        cfg: std::sync::Arc<crate::alerts::config::AlertsConfig>,
-    ) -> Writer {
+    pub fn with_alerts(mut self, cfg: std::sync::Arc<crate::alerts::AlertsConfig>) -> Writer {
         self.alerts = Some(crate::alerts::eval::Evaluator::new(cfg));
         self
     }
