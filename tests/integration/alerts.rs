@@ -751,3 +751,37 @@ fn two_sinks_sharing_the_partitions_alert_once_per_transition() {
     a.join().expect("sink a stops");
     b.join().expect("sink b stops");
 }
+
+/// Retention also applies to the outbox: events older than it go once every channel is done
+/// with them; one still waiting for a delivery stays, whatever its age.
+#[test]
+fn retention_drops_old_delivered_events_and_keeps_what_is_still_to_deliver() {
+    let db = crate::sink::fresh_db();
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO alert_events (key, target, url, kind, state, previous, reason, incident, \
+           check_id, at, created_at) \
+         SELECT 'k' || n, 't', 'u', 'down', 'down', 'up', 'r', 'i', 'c', now(), \
+                now() - (n || ' days')::interval \
+         FROM (VALUES (10), (11), (1)) AS v(n); \
+         INSERT INTO alert_deliveries (event_id, channel, state) \
+         SELECT id, 'hook', CASE key WHEN 'k11' THEN 'pending' ELSE 'delivered' END \
+         FROM alert_events;",
+    )
+    .expect("events");
+    let done = sitewatch::sink::schema::maintain(
+        &mut c,
+        Duration::from_secs(7 * 86_400),
+        sitewatch::util::unix_ms_now(),
+    )
+    .expect("maintain");
+    assert_eq!(done.alert_events_deleted, 1);
+    let left: Vec<String> = c
+        .query("SELECT key FROM alert_events ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["k1", "k11"]);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM alert_deliveries"), 2);
+}

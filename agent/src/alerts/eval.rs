@@ -263,9 +263,10 @@ fn leave(st: &mut State, p: &Policy, t_ms: i64) -> Option<Draft> {
     })
 }
 
+/// No `FOR UPDATE`: the batch transaction already holds the partition's offset row (its
+/// first statement), which serializes the writers of the partition, and so of its targets.
 const SELECT_STATES: &str = "SELECT target, state, fails, oks, slows, cert_level, since, last_check, \
-     incident, alerted, muted, last_event, reason FROM alert_state WHERE target = ANY($1) \
-     ORDER BY target FOR UPDATE";
+     incident, alerted, muted, last_event, reason FROM alert_state WHERE target = ANY($1)";
 
 const UPSERT_STATES: &str = "INSERT INTO alert_state (target, state, fails, oks, slows, cert_level, \
      since, last_check, incident, alerted, muted, last_event, reason) \
@@ -326,8 +327,9 @@ impl Evaluator {
             let st = states
                 .entry(target.to_string())
                 .or_insert_with(|| State::new(list[0].1));
+            // One policy per target and batch (from its latest record's tags), not per record.
+            let policy = self.cfg.policy(target, &list[list.len() - 1].0.tags);
             for &(r, t) in list.iter() {
-                let policy = self.cfg.policy(target, &r.tags);
                 let muted = || self.muted(&policy, target, &r.tags, t, &parents);
                 if let Some(d) = step(st, &policy, r, t, &muted) {
                     drafts.push((d, r, t));

@@ -91,6 +91,8 @@ pub fn ensure_partition(client: &mut Client, day: i64) -> Result<(), SinkError> 
 pub struct Maintenance {
     pub dropped_partitions: Vec<String>,
     pub dead_letters_deleted: u64,
+    /// Alert events older than the retention whose deliveries are all done (`[alerts]`).
+    pub alert_events_deleted: u64,
 }
 
 /// Creates partitions from yesterday to [`DAYS_AHEAD`] days ahead and drops every partition
@@ -117,10 +119,21 @@ pub fn maintain(
         "DELETE FROM dead_letters WHERE received_at < $1",
         &[&cutoff],
     )?;
+    // The outbox keeps what is still to deliver, whatever its age.
+    let alert_events_deleted = if tables_exist(client, &["alert_events", "alert_deliveries"])? {
+        client.execute(
+            "DELETE FROM alert_events e WHERE e.created_at < $1 AND NOT EXISTS \
+             (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id AND d.state = 'pending')",
+            &[&cutoff],
+        )?
+    } else {
+        0
+    };
     client.batch_execute("RESET lock_timeout")?;
     Ok(Maintenance {
         dropped_partitions: dropped,
         dead_letters_deleted,
+        alert_events_deleted,
     })
 }
 
