@@ -256,7 +256,8 @@ fn check_pagerduty(r: &Request, action: &str, target: &str, severity: &str) -> S
 }
 
 /// Issue 16, shown 1 and 5: three failures → one down event, delivered once to each
-/// channel; two successes → one resolve; flapping below the thresholds → nothing. The
+/// channel; two successes → one resolve; flapping below the thresholds, or one failure
+/// delivered thrice by Kafka, → nothing. The
 /// payloads match the webhook, Slack and PagerDuty formats field by field.
 #[test]
 fn three_failures_alert_once_two_successes_resolve_and_flapping_sends_nothing() {
@@ -265,11 +266,16 @@ fn three_failures_alert_once_two_successes_resolve_and_flapping_sends_nothing() 
     let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
     let mut first = checks("flappy", &[false, false, true, false, false, true], 60_000);
     first.extend(checks("shop", &[true, false, false, false, false], 50_000));
+    // One failed check delivered three times (a producer retrying) counts once.
+    let dup = checks("dup", &[false], 55_000).remove(0);
+    first.extend([dup.clone(), dup.clone(), dup.clone()]);
     p.produce(&first);
     wait_requests(&r.hook, 1, "the down event at the webhook");
     wait_requests(&r.slack, 1, "the down event at Slack");
     wait_requests(&r.pd, 1, "the down event at PagerDuty");
-    p.produce(&checks("shop", &[true, false, true, true], 10_000));
+    let mut second = checks("shop", &[true, false, true, true], 10_000);
+    second.extend([dup.clone(), dup]);
+    p.produce(&second);
     wait_requests(&r.hook, 2, "the resolve at the webhook");
     wait_requests(&r.slack, 2, "the resolve at Slack");
     wait_requests(&r.pd, 2, "the resolve at PagerDuty");
@@ -700,14 +706,18 @@ fn writer_throughput_with_alerts_on_and_off() {
     };
     let mut off = Vec::new();
     let mut on = Vec::new();
-    for _ in 0..2 {
+    // Alternating, so load from the other tests on this machine hits both alike.
+    for _ in 0..3 {
         off.push(rate(false));
         on.push(rate(true));
     }
-    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     eprintln!(
-        "writer rows/s, batches of 1000: alerts off {off:.0?}, on {on:.0?}; best on/off = {:.2}",
-        best(&on) / best(&off)
+        "writer rows/s, batches of 1000: alerts off {off:.0?}, on {on:.0?}; median on/off = {:.2}",
+        median(&mut on.clone()) / median(&mut off.clone())
     );
 }
 

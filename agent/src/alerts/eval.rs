@@ -5,8 +5,13 @@
 //! the transaction that stores the same records' rows and moves the partition's offset. A
 //! sink killed at any point either committed the rows, the transitions and the offset, or
 //! none of them; the next owner re-reads the batch and decides the same transitions once.
-//! A record is evaluated only when it is newer than the target's `last_check`, so a
-//! redelivered (duplicate) record never counts twice.
+//! Only records this transaction inserted are evaluated (a producer's duplicate, dropped by
+//! the `checks` key, never counts twice), and only when newer than the target's `last_check`.
+//!
+//! Cost: counters saturate at their threshold, so a target that stays up (or down) leaves its
+//! state row as it was, and only changed rows are written: a steady fleet costs one SELECT
+//! per batch. `last_check` is written with the other changes (it guards against late records,
+//! not duplicates), so after a restart it may be older than the last check evaluated.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -150,7 +155,7 @@ pub fn step(
     let (ft, okt) = (p.failure_threshold as i32, p.success_threshold as i32);
     match class {
         Class::Failed(reason) => {
-            st.fails += 1;
+            st.fails = (st.fails + 1).min(ft);
             st.oks = 0;
             st.slows = 0;
             if st.health != Health::Down && st.fails >= ft {
@@ -163,7 +168,7 @@ pub fn step(
         _ if st.health == Health::Down => {
             // Any answering check counts toward recovery; degradation is judged once up.
             st.fails = 0;
-            st.oks += 1;
+            st.oks = (st.oks + 1).min(okt);
             if st.oks >= okt {
                 return leave(st, p, t_ms);
             }
@@ -171,7 +176,7 @@ pub fn step(
         Class::Good => {
             st.fails = 0;
             st.slows = 0;
-            st.oks += 1;
+            st.oks = (st.oks + 1).min(okt);
             if st.health == Health::Degraded && st.oks >= okt {
                 return leave(st, p, t_ms);
             }
@@ -179,7 +184,7 @@ pub fn step(
         Class::Slow(reason) => {
             st.fails = 0;
             st.oks = 0;
-            st.slows += 1;
+            st.slows = (st.slows + 1).min(ft);
             if st.health == Health::Up && st.slows >= ft {
                 return enter(st, Health::Degraded, reason, t_ms, muted);
             }
@@ -292,6 +297,25 @@ fn ms_of(t: SystemTime) -> i64 {
     }
 }
 
+/// One check as the writer landed it in `checks`.
+#[derive(Clone, Copy, Debug)]
+pub struct Landed<'a> {
+    pub record: &'a CheckResult,
+    pub started_ms: i64,
+    /// Its Kafka offset (in the writer's partition).
+    pub offset: i64,
+}
+
+/// Whether two states differ in more than `last_check`.
+fn changed(before: Option<&State>, after: &State) -> bool {
+    before.is_none_or(|b| {
+        State {
+            last_check_ms: after.last_check_ms,
+            ..b.clone()
+        } != *after
+    })
+}
+
 /// Decides alerts for the batches of one partition's writer.
 #[derive(Clone, Debug)]
 pub struct Evaluator {
@@ -303,23 +327,35 @@ impl Evaluator {
         Evaluator { cfg }
     }
 
-    /// Applies `checks` (record, started_at in Unix ms) in time order per target, writes the
-    /// changed states and one outbox event (with a pending delivery per channel) per
-    /// transition. Returns the number of events.
+    /// Applies the checks this transaction inserted (all of `landed` when `all_new`, else
+    /// found by their offsets in `partition`) in time order per target, writes the changed
+    /// states and one outbox event (with a pending delivery per channel) per transition.
+    /// Returns the number of events.
     pub fn evaluate(
         &self,
         tx: &mut Transaction,
-        checks: &[(&CheckResult, i64)],
+        landed: &[Landed],
+        partition: i32,
+        all_new: bool,
     ) -> Result<u64, postgres::Error> {
+        let ours = if all_new {
+            None
+        } else {
+            Some(inserted_offsets(tx, landed, partition)?)
+        };
         let mut by_target: BTreeMap<&str, Vec<(&CheckResult, i64)>> = BTreeMap::new();
-        for &(r, t) in checks {
-            by_target.entry(r.target.as_str()).or_default().push((r, t));
+        for l in landed {
+            if ours.as_ref().is_none_or(|o| o.contains(&l.offset)) {
+                let list = by_target.entry(l.record.target.as_str()).or_default();
+                list.push((l.record, l.started_ms));
+            }
         }
         if by_target.is_empty() {
             return Ok(0);
         }
         let ids: Vec<&str> = by_target.keys().copied().collect();
         let mut states = load(tx, SELECT_STATES, &ids)?;
+        let before = states.clone();
         let parents = self.parent_states(tx, &by_target, &states)?;
         let mut drafts: Vec<(Draft, &CheckResult, i64)> = Vec::new();
         for (target, list) in &mut by_target {
@@ -336,7 +372,12 @@ impl Evaluator {
                 }
             }
         }
-        store(tx, &ids, &states)?;
+        let dirty: Vec<&str> = (ids.iter().copied())
+            .filter(|id| changed(before.get(*id), &states[*id]))
+            .collect();
+        if !dirty.is_empty() {
+            store(tx, &dirty, &states)?;
+        }
         for (d, r, t) in &drafts {
             let row = tx.query_one(
                 INSERT_EVENT,
@@ -428,6 +469,23 @@ impl Evaluator {
         }
         Ok(out)
     }
+}
+
+/// The offsets of `landed` that this transaction inserted into `checks` (the others were
+/// already there: a producer's duplicate, stored from another offset).
+fn inserted_offsets(
+    tx: &mut Transaction,
+    landed: &[Landed],
+    partition: i32,
+) -> Result<std::collections::HashSet<i64>, postgres::Error> {
+    let ids: Vec<&str> = landed.iter().map(|l| l.record.check_id.as_str()).collect();
+    let offsets: Vec<i64> = landed.iter().map(|l| l.offset).collect();
+    let rows = tx.query(
+        "SELECT kafka_offset FROM checks WHERE check_id = ANY($1) AND kafka_partition = $2 \
+         AND kafka_offset = ANY($3)",
+        &[&ids, &partition, &offsets],
+    )?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 fn load(
@@ -617,6 +675,24 @@ mod tests {
         assert_eq!(st.fails, 1);
         assert!(step(&mut st, &p, &bad, 50, &|| None).is_none());
         assert_eq!(st.fails, 1);
+    }
+
+    #[test]
+    fn a_steady_target_leaves_its_state_row_unchanged() {
+        let p = policy();
+        let (ok, bad) = (check(true, 10.0, None), check(false, 10.0, None));
+        let mut st = State::new(0);
+        run(&mut st, &p, &[ok.clone(), ok.clone(), ok.clone()], false);
+        let before = st.clone();
+        run(&mut st, &p, &[ok.clone(), ok.clone()], false);
+        assert!(!changed(Some(&before), &st), "{before:?} {st:?}");
+        run(&mut st, &p, &vec![bad.clone(); 4], false);
+        let before = st.clone();
+        run(&mut st, &p, &vec![bad.clone(); 4], false);
+        assert!(!changed(Some(&before), &st), "{before:?} {st:?}");
+        assert!(changed(None, &st));
+        run(&mut st, &p, std::slice::from_ref(&ok), false);
+        assert!(changed(Some(&before), &st));
     }
 
     #[test]

@@ -593,9 +593,16 @@ impl Writer {
         p.upsert_targets(&mut tx, &landed)?;
         #[cfg(feature = "alerts")]
         if let Some(alerts) = &self.alerts {
-            let checks: Vec<(&CheckResult, i64)> =
-                landed.iter().map(|r| (&r.record, r.started_ms)).collect();
-            alerts.evaluate(&mut tx, &checks)?;
+            let checks: Vec<crate::alerts::eval::Landed> = (landed.iter())
+                .map(|r| crate::alerts::eval::Landed {
+                    record: &r.record,
+                    started_ms: r.started_ms,
+                    offset: r.message.offset,
+                })
+                .collect();
+            // Every landed row is new unless some were already stored (duplicates).
+            let all_new = inserted == landed.len() as u64;
+            alerts.evaluate(&mut tx, &checks, partition, all_new)?;
         }
         tx.commit()?;
         Ok(BatchOutcome {
