@@ -350,6 +350,22 @@ fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
     // The other channels were not held up by the failing one.
     wait_requests(&r.slack, 1, "Slack");
     wait_requests(&r.pd, 1, "PagerDuty");
+    // Nor is the sink: 5000 records while the hook fails, 5000 once it works.
+    let rows = |prefix: &str| {
+        let before = count(&mut p.db.client(), "SELECT count(*) FROM checks");
+        let start = std::time::Instant::now();
+        p.produce(&rounds(prefix, 50, &[true; 100]));
+        wait_for("5000 rows", WITHIN, || {
+            count(&mut p.db.client(), "SELECT count(*) FROM checks") == before + 5000
+        });
+        5000.0 / start.elapsed().as_secs_f64()
+    };
+    let failing = rows("f");
+    assert!(
+        sink.status()
+            .line()
+            .contains("alert channel hook failing (")
+    );
     recovered.store(true, Ordering::SeqCst);
     wait_for("the event delivered to the hook", WITHIN, || {
         let delivered = count(
@@ -369,6 +385,10 @@ fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
     wait_for("the status line to clear", WITHIN, || {
         !sink.status().line().contains("failing")
     });
+    let working = rows("w");
+    eprintln!(
+        "sink rows/s (produce to stored) while a channel fails: {failing:.0}; after: {working:.0}"
+    );
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
 }
