@@ -815,3 +815,25 @@ fn retention_drops_old_delivered_events_and_keeps_what_is_still_to_deliver() {
     assert_eq!(left, ["k1", "k11"]);
     assert_eq!(count(&mut c, "SELECT count(*) FROM alert_deliveries"), 2);
 }
+
+/// A sink with `[alerts]` on a database whose schema predates alerts refuses to start and
+/// says to run `init-db`, rather than failing every batch.
+#[test]
+fn a_sink_with_alerts_needs_the_alert_tables() {
+    let p = Pipeline::new(1);
+    p.db.client()
+        .batch_execute("DROP TABLE alert_deliveries, alert_events, alert_state CASCADE")
+        .expect("drop");
+    let r = Receivers::start();
+    let cfg = config(&p, &alerts_text("", ""), &r.env());
+    let e = Sink::start(&cfg, &Shutdown::new()).err().expect("refused");
+    assert!(
+        e.to_string().contains("run `sitewatch init-db` first"),
+        "{e}"
+    );
+    sitewatch::sink::init_db(&cfg).expect("init-db adds them");
+    let shutdown = Shutdown::new();
+    let sink = Sink::start(&cfg, &shutdown).expect("starts");
+    shutdown.trigger();
+    sink.join().expect("stops");
+}

@@ -307,9 +307,13 @@ impl Coordinator {
                     Ok(mut c) => {
                         // Started while the database was down: check now what start() could
                         // not. A missing schema is not something retrying fixes.
-                        if let Err(e @ SinkError::SchemaMissing { .. }) =
-                            schema::require(&mut c, &self.pg.url)
-                        {
+                        let required = schema::require(&mut c, &self.pg.url).and_then(|()| {
+                            match self.alerts.is_some() {
+                                true => schema::require_alerts(&mut c, &self.pg.url),
+                                false => Ok(()),
+                            }
+                        });
+                        if let Err(e @ SinkError::SchemaMissing { .. }) = required {
                             self.stop_all();
                             return Err(e);
                         }
