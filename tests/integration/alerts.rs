@@ -833,7 +833,14 @@ fn a_sink_with_alerts_needs_the_alert_tables() {
     );
     sitewatch::sink::init_db(&cfg).expect("init-db adds them");
     let shutdown = Shutdown::new();
-    let sink = Sink::start(&cfg, &shutdown).expect("starts");
+    let health = sitewatch::service::Health::new();
+    let sink = Sink::start_with_health(&cfg, &shutdown, &health).expect("starts");
+    // The watchdog sees the notifier threads too.
+    let names = health.names();
+    for channel in ["alerts-hook", "alerts-slack", "alerts-pd"] {
+        assert!(names.iter().any(|n| n == channel), "{names:?}");
+    }
+    assert!(health.stuck().is_empty());
     shutdown.trigger();
     sink.join().expect("stops");
 }

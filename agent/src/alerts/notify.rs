@@ -19,7 +19,7 @@ use super::config::{AlertsConfig, Channel, ChannelKind};
 use super::payload::{self, Event, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
 use crate::backoff::Backoff;
 use crate::config::PostgresConfig;
-use crate::service::Shutdown;
+use crate::service::{Health, Heartbeat, Shutdown};
 use crate::sink::{SinkError, db};
 use crate::util::format_rfc3339_ms;
 
@@ -109,11 +109,13 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Starts one thread per channel; they stop when `shutdown` is triggered.
+    /// Starts one thread per channel, each registered with `health` (the watchdog sees a
+    /// stuck one); they stop when `shutdown` is triggered.
     pub fn start(
         cfg: &AlertsConfig,
         pg: &PostgresConfig,
         shutdown: &Shutdown,
+        health: &Health,
     ) -> Result<Notifier, SinkError> {
         let status: Arc<Mutex<BTreeMap<String, ChannelStatus>>> = Arc::default();
         let mut threads = Vec::new();
@@ -125,6 +127,7 @@ impl Notifier {
                 shutdown: shutdown.clone(),
                 status: status.clone(),
                 backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+                hb: health.register(&format!("alerts-{}", ch.name)),
             };
             lock(&status).insert(ch.name.clone(), ChannelStatus::default());
             let t = std::thread::Builder::new()
@@ -175,6 +178,7 @@ struct ChannelWorker {
     shutdown: Shutdown,
     status: Arc<Mutex<BTreeMap<String, ChannelStatus>>>,
     backoff: Backoff,
+    hb: Heartbeat,
 }
 
 impl ChannelWorker {
@@ -183,6 +187,8 @@ impl ChannelWorker {
         let mut client: Option<Client> = None;
         let mut db_backoff = Backoff::new(RETRY_MIN, Duration::from_secs(10));
         while !self.shutdown.is_triggered() {
+            // Every pass is bounded: statements, the NOTIFY wait, one request (see `pass`).
+            self.hb.beat();
             let c = match client.as_mut() {
                 Some(c) => c,
                 None => match self.connect() {
@@ -209,6 +215,7 @@ impl ChannelWorker {
                 }
             }
         }
+        self.hb.idle();
     }
 
     fn connect(&self) -> Result<Client, SinkError> {
@@ -243,6 +250,8 @@ impl ChannelWorker {
             at: format_rfc3339_ms(at_ms),
         };
         let name = &self.channel.name;
+        // A request may take the channel's timeout, longer than the default budget.
+        self.hb.busy(lease);
         match send(&self.agent, &self.channel, &ev) {
             Ok(status) => {
                 c.execute(DELIVERED, &[&ev.id, name, &i32::from(status)])?;

@@ -211,6 +211,7 @@ impl Sink {
                 a,
                 &coordinator.pg,
                 shutdown,
+                health,
             )?),
             _ => None,
         };
