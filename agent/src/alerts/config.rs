@@ -150,7 +150,7 @@ impl ChannelKind {
 
 /// Where a channel secret came from: what `check-config` prints instead of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum From {
+pub enum SecretFrom {
     Env(String),
     File(PathBuf),
 }
@@ -159,7 +159,7 @@ pub enum From {
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecretValue {
     pub value: Secret,
-    pub from: From,
+    pub from: SecretFrom,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -387,7 +387,7 @@ fn secret(
         (Some(var), None) => match (cx.env)(var).filter(|v| !v.is_empty()) {
             Some(v) => Ok(Some(SecretValue {
                 value: Secret(v),
-                from: From::Env(var.clone()),
+                from: SecretFrom::Env(var.clone()),
             })),
             None => Err(format!("{ctx}{what}_env {var:?}: the variable is not set")),
         },
@@ -399,7 +399,7 @@ fn secret(
             }
             Ok(Some(SecretValue {
                 value: Secret(v),
-                from: From::File(path),
+                from: SecretFrom::File(path),
             }))
         }
         (None, None) => Ok(None),
@@ -658,10 +658,10 @@ impl AlertsConfig {
                 ("routing_key", &c.routing_key),
             ] {
                 match v.as_ref().map(|s| &s.from) {
-                    Some(From::Env(var)) => {
+                    Some(SecretFrom::Env(var)) => {
                         let _ = writeln!(out, "{what}_env = {}", q(var));
                     }
-                    Some(From::File(path)) => {
+                    Some(SecretFrom::File(path)) => {
                         let _ = writeln!(out, "{what}_file = {}", q(&path.display().to_string()));
                     }
                     None => {}
