@@ -696,6 +696,17 @@ mod tests {
     }
 
     #[test]
+    fn without_send_resolved_recovery_is_silent() {
+        let mut p = policy();
+        p.send_resolved = false;
+        let (ok, bad) = (check(true, 10.0, None), check(false, 10.0, None));
+        let mut st = State::new(0);
+        let checks = [&bad, &bad, &bad, &ok, &ok].map(Clone::clone);
+        assert_eq!(run(&mut st, &p, &checks, false), ["down"]);
+        assert_eq!(st.health, Health::Up);
+    }
+
+    #[test]
     fn reminders_repeat_while_down() {
         let mut p = policy();
         p.remind_every = Some(Duration::from_millis(10));
