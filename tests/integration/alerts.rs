@@ -844,3 +844,34 @@ fn a_sink_with_alerts_needs_the_alert_tables() {
     shutdown.trigger();
     sink.join().expect("stops");
 }
+
+/// `depends_on` when parent and child fail in the same fetch (one partition): the parent's
+/// checks of the batch decide, so the child's alert is still not created.
+#[test]
+fn depends_on_holds_when_parent_and_child_fail_in_one_batch() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let extra = "[[alerts.override]]\ntag = \"behind-router\"\ndepends_on = \"router\"\n";
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", extra), &r);
+    let mut records = Vec::new();
+    for (router, mut app) in
+        checks("router", &[false; 3], 5_000)
+            .into_iter()
+            .zip(checks("app", &[false; 3], 4_900))
+    {
+        app.tags = vec!["behind-router".into()];
+        records.extend([router, app]);
+    }
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let got: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    assert_eq!(got, [("router".to_string(), "down".to_string())]);
+    let mut c = p.db.client();
+    let muted: Option<String> = c
+        .query_one("SELECT muted FROM open_alerts WHERE target = 'app'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(muted.as_deref(), Some("depends_on router (down)"));
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
