@@ -207,6 +207,94 @@ JOIN checks c ON c.started_at >= now() - w.span AND c.started_at <= now()
 GROUP BY c.target, w.name, w.ord
 ORDER BY c.target, w.ord;
 
+-- Alerts (`[alerts]`, cargo feature `alerts`). The sink decides state changes in the same
+-- transaction that stores a fetch's rows and offset, so a transition is written exactly once:
+-- alert_state holds each target's state, alert_events is the outbox, and alert_deliveries says
+-- per event and channel whether the notifier has delivered it.
+
+-- One row per target the sink has evaluated. Written only by the owner of the target's
+-- partition (records are keyed by target), inside its batch transaction.
+CREATE TABLE IF NOT EXISTS alert_state (
+    target     text        PRIMARY KEY,
+    state      text        NOT NULL,            -- up, down, degraded
+    fails      integer     NOT NULL DEFAULT 0,  -- consecutive failed checks
+    oks        integer     NOT NULL DEFAULT 0,  -- consecutive up checks (toward recovery)
+    slows      integer     NOT NULL DEFAULT 0,  -- consecutive checks over the latency budget
+    cert_level integer,                         -- certificate warning level alerted (days)
+    since      timestamptz NOT NULL,            -- when the current state began
+    last_check timestamptz NOT NULL,            -- the newest check evaluated (older ones are not)
+    incident   text,                            -- key of the current episode (PagerDuty dedup_key)
+    alerted    boolean     NOT NULL DEFAULT false, -- an event went out for this episode
+    muted      text,                            -- why this episode's event was not created
+    last_event timestamptz,                     -- for reminders
+    reason     text
+);
+
+-- The outbox: one row per transition. `key` is the idempotency key receivers see.
+CREATE TABLE IF NOT EXISTS alert_events (
+    id         bigserial   PRIMARY KEY,
+    key        text        NOT NULL UNIQUE,
+    target     text        NOT NULL,
+    url        text        NOT NULL,
+    kind       text        NOT NULL,  -- down, degraded, reminder, resolved
+    state      text        NOT NULL,  -- the state after the transition
+    previous   text        NOT NULL,
+    reason     text        NOT NULL,
+    incident   text        NOT NULL,
+    check_id   text        NOT NULL,  -- the check that decided it
+    at         timestamptz NOT NULL,  -- that check's started_at
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS alert_events_target ON alert_events (target, id DESC);
+
+-- Delivery of each event to each channel configured when it was created.
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    event_id     bigint      NOT NULL REFERENCES alert_events (id) ON DELETE CASCADE,
+    channel      text        NOT NULL,
+    state        text        NOT NULL DEFAULT 'pending',  -- pending, delivered, failed
+    attempts     integer     NOT NULL DEFAULT 0,
+    next_attempt timestamptz NOT NULL DEFAULT now(),
+    lease_until  timestamptz,  -- a notifier is delivering it until then
+    last_status  integer,
+    last_error   text,
+    delivered_at timestamptz,
+    PRIMARY KEY (event_id, channel)
+);
+CREATE INDEX IF NOT EXISTS alert_deliveries_pending
+    ON alert_deliveries (channel, event_id) WHERE state = 'pending';
+
+-- Targets not up now, with the event that opened the episode (if one went out).
+CREATE OR REPLACE VIEW open_alerts AS
+SELECT s.target, s.state, s.since, now() - s.since AS for_duration, s.reason, s.alerted,
+       s.muted, s.incident, s.last_check
+FROM alert_state s
+WHERE s.state <> 'up';
+
+-- Every event, newest first, with its deliveries summed up.
+CREATE OR REPLACE VIEW alert_history AS
+SELECT e.id, e.created_at, e.at, e.target, e.kind, e.previous, e.state, e.reason, e.key,
+       count(d.*) FILTER (WHERE d.state = 'delivered') AS delivered,
+       count(d.*) FILTER (WHERE d.state = 'pending')   AS pending,
+       count(d.*) FILTER (WHERE d.state = 'failed')    AS failed
+FROM alert_events e
+LEFT JOIN alert_deliveries d ON d.event_id = e.id
+GROUP BY e.id
+ORDER BY e.id DESC;
+
+-- Per channel: what waits, what failed, and the last error (a channel that keeps failing).
+CREATE OR REPLACE VIEW alert_channels AS
+SELECT d.channel,
+       count(*) FILTER (WHERE d.state = 'pending')   AS pending,
+       count(*) FILTER (WHERE d.state = 'delivered') AS delivered,
+       count(*) FILTER (WHERE d.state = 'failed')    AS failed,
+       max(d.attempts) FILTER (WHERE d.state = 'pending') AS max_attempts,
+       max(d.delivered_at) AS last_delivered,
+       (SELECT x.last_error FROM alert_deliveries x
+        WHERE x.channel = d.channel AND x.last_error IS NOT NULL
+        ORDER BY x.event_id DESC LIMIT 1) AS last_error
+FROM alert_deliveries d
+GROUP BY d.channel;
+
 INSERT INTO sitewatch_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
 
 -- Version 2: where the agent probes from (`[agent] location`); null for records of agents

@@ -22,6 +22,7 @@ USAGE:
     sitewatch targets push FILE [--dry-run] [--config FILE]
                                            make the fleet's targets topic match FILE's [[target]]s
     sitewatch targets list [--config FILE] print the fleet's targets topic as [[target]]s
+    sitewatch alerts [--config FILE]       open alerts and recent alert events (PostgreSQL)
     sitewatch rule test RULE.wasm --url URL [--status N --body-file F --header 'k: v']
     sitewatch --version | --help
 
@@ -50,6 +51,10 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     CheckConfig {
+        config: Option<PathBuf>,
+    },
+    /// `alerts`: open alerts and recent events, as tables.
+    Alerts {
         config: Option<PathBuf>,
     },
     /// `rule test ...`; `None` asks for its usage text.
@@ -97,6 +102,7 @@ enum Word {
     InitDb,
     CheckConfig,
     Targets,
+    Alerts,
 }
 
 impl Word {
@@ -109,6 +115,7 @@ impl Word {
             Word::InitDb => "init-db",
             Word::CheckConfig => "check-config",
             Word::Targets => "targets",
+            Word::Alerts => "alerts",
         }
     }
 }
@@ -174,6 +181,7 @@ where
                 Some("run") => set(&mut word, Word::Daemon(Role::Both))?,
                 Some("init-db") => set(&mut word, Word::InitDb)?,
                 Some("check-config") => set(&mut word, Word::CheckConfig)?,
+                Some("alerts") => set(&mut word, Word::Alerts)?,
                 Some("rule") => {
                     if let Some(w) = word {
                         return Err(usage(format!("two commands given: {} and rule", w.name())));
@@ -209,6 +217,7 @@ where
         Some(Word::Daemon(role)) => Ok(Command::Daemon { role, config }),
         Some(Word::InitDb) => Ok(Command::InitDb { config }),
         Some(Word::CheckConfig) => Ok(Command::CheckConfig { config }),
+        Some(Word::Alerts) => Ok(Command::Alerts { config }),
         Some(Word::Targets) => {
             targets_action(words, dry_run).map(|action| Command::Targets { action, config })
         }
@@ -284,6 +293,7 @@ mod tests {
         check("run", "Daemon { role: Both, config: None }");
         check("init-db", "InitDb");
         check("check-config", "CheckConfig");
+        check("alerts -c a.toml", "Alerts { config: Some(\"a.toml\") }");
         check("--version", "Version");
         check("agent --help", "Help");
         check("help", "Help");

@@ -50,6 +50,7 @@ pub struct RawConfig {
     pub rules: RawRules,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+    pub alerts: Option<crate::alerts::RawAlerts>,
     pub metrics: Option<RawMetrics>,
     pub fleet: Option<RawFleet>,
 }
@@ -201,6 +202,8 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     pub rules: RulesConfig,
     pub targets: Vec<Target>,
+    /// `None` when the file has no `[alerts]` section: the sink decides no alerts.
+    pub alerts: Option<crate::alerts::AlertsConfig>,
     /// `None` when the file has no `[metrics]` section: no listener.
     pub metrics: Option<MetricsConfig>,
     /// `None` when the file has no `[fleet]` section: this agent probes its own targets only.
@@ -895,6 +898,18 @@ impl Validator<'_> {
         let fleet = (raw.fleet.as_ref())
             .map(|f| self.fleet(f, agent.location.clone()))
             .transpose()?;
+        let alerts = raw
+            .alerts
+            .as_ref()
+            .map(|a| {
+                let cx = crate::alerts::Ctx {
+                    env: &|k| self.env(k),
+                    path: &|p| self.path(p),
+                    read_secret: &read_secret_file,
+                };
+                crate::alerts::validate(a, &cx).map_err(|m| self.err(m))
+            })
+            .transpose()?;
         let mut targets = Vec::with_capacity(raw.targets.len());
         let mut seen = HashSet::new();
         for (i, t) in raw.targets.iter().enumerate() {
@@ -914,6 +929,7 @@ impl Validator<'_> {
             postgres,
             rules,
             targets,
+            alerts,
             metrics,
             fleet,
             secrets: self.secrets.take(),
@@ -1746,6 +1762,9 @@ impl Config {
         if let Some(f) = &self.fleet {
             f.write_toml(&mut out);
         }
+        if let Some(a) = &self.alerts {
+            crate::alerts::write_toml(a, &mut out.0, &|s| toml_string(s));
+        }
         if let Some(m) = &self.metrics {
             m.write_toml(&mut out);
         }
@@ -2390,11 +2409,20 @@ mod tests {
         dir.write("sasl-password", "sasl-secret-2\n");
         dir.write("pg-password", "pg-secret-3\n");
         dir.write("target-ca.pem", "not read at load");
+        for (name, text) in ALERT_SECRET_FILES {
+            dir.write(name, text);
+        }
         let mut text = match cfg!(feature = "wasm") {
             true => EVERY_KEY.to_string(),
             // Without the rule engine a `rule` is refused, so it cannot be part of this config.
             false => EVERY_KEY.replace("rule = \"status_ok.wasm\"\n", ""),
         };
+        if !cfg!(feature = "alerts") {
+            // Without alerts `[alerts]` is refused; its tables come just before `[metrics]`.
+            if let (Some(a), Some(m)) = (text.find("\n[alerts]"), text.find("\n[metrics]")) {
+                text.replace_range(a..m, "");
+            }
+        }
         if !cfg!(feature = "metrics") {
             // Without the listener `[metrics]` is refused; it is the file's last table.
             text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);
@@ -2405,11 +2433,32 @@ mod tests {
         dir.write("agent.toml", &text)
     }
 
+    /// The alert channels' secret files named by the every-key config, and their contents.
+    const ALERT_SECRET_FILES: [(&str, &str); 5] = [
+        (
+            "hook-url",
+            "http://127.0.0.1:9/hook?token=hook-url-secret-4\n",
+        ),
+        ("hook-secret", "hook-secret-5\n"),
+        (
+            "slack-url",
+            "http://127.0.0.1:9/services/T0/B0/slack-secret-6\n",
+        ),
+        ("pd-url", "http://127.0.0.1:9/v2/enqueue\n"),
+        ("pd-key", "pd-secret-7\n"),
+    ];
+
     /// `effective()` printed, parsed again: the same config, and the second print the same text
     /// but for the masked headers, which are not part of the printed config.
     fn round_trip(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> (Config, Config, String) {
         let first = Config::load_with_env(path, env).unwrap();
         let printed = first.effective();
+        for (_, secret) in ALERT_SECRET_FILES {
+            assert!(
+                !printed.contains(secret.trim()),
+                "{secret} shown:\n{printed}"
+            );
+        }
         let second = Config::parse(&printed, path, env)
             .unwrap_or_else(|e| panic!("{e}\nin the printed config:\n{printed}"));
         let unmasked: String = (printed.lines())
@@ -2488,7 +2537,12 @@ mod tests {
                 };
             }
             match v {
-                toml::Value::Array(a) => a[0].as_table().unwrap().clone(),
+                // Keys that exclude each other (`target` / `tag`) are set in different
+                // elements: every key must be set in one of them.
+                toml::Value::Array(a) => a
+                    .iter()
+                    .flat_map(|e| e.as_table().unwrap().clone())
+                    .collect(),
                 toml::Value::Table(t) => t,
                 other => panic!("{other}"),
             }
@@ -2504,13 +2558,22 @@ mod tests {
             ("[fleet]", &["fleet"]),
             ("[[target]]", &["target"]),
             ("[[target]]\n[target.tls]", &["target", "tls"]),
+            ("[alerts]", &["alerts"]),
+            ("[[alerts.channel]]", &["alerts", "channel"]),
+            ("[[alerts.override]]", &["alerts", "override"]),
+            ("[[alerts.maintenance]]", &["alerts", "maintenance"]),
         ] {
+            // Without the feature `[alerts]` is read as anything (and refused later).
+            if header.contains("alerts") && !cfg!(feature = "alerts") {
+                continue;
+            }
             let fields = fields_of(header);
             assert!(fields.len() > 1, "{header}: {fields:?}");
             let set = get(path);
             for field in fields {
-                // `password` is the inline form of `password_file`: see the masking tests.
-                if field == "password" {
+                // `password` is the inline form of `password_file`, and an alert channel's
+                // `*_env` the environment form of its `*_file`: see the masking tests.
+                if field == "password" || field.ends_with("_env") {
                     continue;
                 }
                 assert!(set.contains_key(&field), "{header} {field} is not set");

@@ -402,6 +402,10 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.fleet != new.fleet {
         changed.push("fleet");
     }
+    // The sink's evaluators and notifier threads are built from `[alerts]` at start.
+    if old.alerts != new.alerts {
+        changed.push("alerts");
+    }
     // Modules, the allow-list and probe_concurrency apply on reload; the socket does not.
     let socket = |c: &Config| c.metrics.as_ref().map(|m| (m.listen, m.connections));
     if socket(old) != socket(new) {
@@ -577,6 +581,17 @@ mod tests {
         let old = parse("[fleet]\n", &[]);
         let new = parse("[fleet]\ngroup = \"eu-west\"\n", &[]);
         assert_eq!(needs_restart(&old, &new), vec!["fleet"]);
+    }
+
+    #[cfg(feature = "alerts")]
+    #[test]
+    fn a_changed_alert_channel_secret_needs_a_restart() {
+        let text =
+            "[alerts]\n[[alerts.channel]]\nname = \"s\"\nkind = \"slack\"\nurl_env = \"S\"\n";
+        let old = parse(text, &[("S", "http://127.0.0.1:9/one")]);
+        let new = parse(text, &[("S", "http://127.0.0.1:9/two")]);
+        assert_eq!(needs_restart(&old, &old.clone()), Vec::<&str>::new());
+        assert_eq!(needs_restart(&old, &new), vec!["alerts"]);
     }
 
     #[test]

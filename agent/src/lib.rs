@@ -8,6 +8,7 @@
 //! [`sink`] persists them to PostgreSQL exactly once. [`service`] owns signals, sd_notify and
 //! shutdown.
 
+pub mod alerts;
 pub mod backoff;
 pub mod cli;
 pub mod config;

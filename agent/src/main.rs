@@ -82,6 +82,7 @@ fn run() -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::RuleTest(args) => rule_test(args),
+        Command::Alerts { config } => alerts(config.as_deref()),
         Command::InitDb { config } => {
             let cfg = load(config.as_deref())?;
             sitewatch::sink::init_db(&cfg)
@@ -164,6 +165,25 @@ fn targets(action: cli::TargetsAction, config: Option<&Path>) -> Result<u8, Fail
         let _ = (cfg, action);
         Err(Failure::unknown(
             "this sitewatch was built without the `fleet` feature",
+        ))
+    }
+}
+
+/// `sitewatch alerts`: the open alerts and recent events, as tables.
+fn alerts(config: Option<&Path>) -> Result<u8, Failure> {
+    let cfg = load(config)?;
+    #[cfg(feature = "alerts")]
+    {
+        let text = sitewatch::alerts::report::report(&cfg)
+            .map_err(|e| Failure::unknown(format!("alerts: {e}")))?;
+        print!("{text}");
+        Ok(exit::OK)
+    }
+    #[cfg(not(feature = "alerts"))]
+    {
+        let _ = cfg;
+        Err(Failure::unknown(
+            "this sitewatch was built without the `alerts` feature",
         ))
     }
 }

@@ -157,10 +157,29 @@ fn every_key_config(dir: &TempDir) -> PathBuf {
     write(dir, "sasl-password", "sasl-secret-2\n");
     write(dir, "pg-password", "pg-secret-3\n");
     write(dir, "target-ca.pem", "not read at load");
+    write(
+        dir,
+        "hook-url",
+        "http://127.0.0.1:9/hook?token=hook-url-secret-4\n",
+    );
+    write(dir, "hook-secret", "hook-secret-5\n");
+    write(
+        dir,
+        "slack-url",
+        "http://127.0.0.1:9/services/T0/B0/slack-secret-6\n",
+    );
+    write(dir, "pd-url", "http://127.0.0.1:9/v2/enqueue\n");
+    write(dir, "pd-key", "pd-secret-7\n");
     let mut text = std::fs::read_to_string(fixture("config/every-key.toml")).unwrap();
     if !cfg!(feature = "wasm") {
         // Without the rule engine a `rule` is refused.
         text = text.replace("rule = \"status_ok.wasm\"\n", "");
+    }
+    if !cfg!(feature = "alerts") {
+        // Without alerts `[alerts]` is refused; its tables come just before `[metrics]`.
+        if let (Some(a), Some(m)) = (text.find("\n[alerts]"), text.find("\n[metrics]")) {
+            text.replace_range(a..m, "");
+        }
     }
     if !cfg!(feature = "metrics") {
         // Without the listener `[metrics]` is refused; it is the file's last table.
@@ -188,7 +207,15 @@ fn check_config_output_is_a_config_that_prints_back_to_itself() {
         String::from_utf8(o.stdout).unwrap()
     };
     let first = check_config(&original);
-    for secret in ["key-secret-1", "sasl-secret-2", "pg-secret-3"] {
+    for secret in [
+        "key-secret-1",
+        "sasl-secret-2",
+        "pg-secret-3",
+        "hook-url-secret-4",
+        "hook-secret-5",
+        "slack-secret-6",
+        "pd-secret-7",
+    ] {
         assert!(!first.contains(secret), "{secret} shown:\n{first}");
     }
     let printed = write(&dir, "printed.toml", &first);

@@ -5,6 +5,7 @@
 mod support;
 
 mod agent;
+mod alerts;
 mod apache_kafka;
 mod bench;
 mod cli;

@@ -24,7 +24,7 @@ fn config_for(db: &TestDb) -> Config {
 }
 
 /// A database with the schema applied.
-fn fresh_db() -> TestDb {
+pub(crate) fn fresh_db() -> TestDb {
     let db = TestDb::create();
     sink::init_db(&config_for(&db)).expect("init-db");
     db
@@ -37,7 +37,12 @@ fn writer(db: &TestDb, partition: i32) -> Writer {
 }
 
 /// A record for `target` started `ago_ms` before now, up or failing with `failure`.
-fn record(target: &str, ago_ms: i64, failure: Option<FailureReason>, total: f64) -> CheckResult {
+pub(crate) fn record(
+    target: &str,
+    ago_ms: i64,
+    failure: Option<FailureReason>,
+    total: f64,
+) -> CheckResult {
     let mut r = CheckResult::new(
         target,
         &format!("http://127.0.0.1/{target}"),
@@ -812,15 +817,15 @@ fn sslmodes_against_a_tls_only_server() {
 // With a broker: the consume loop.
 
 /// A broker, a database with the schema, and a topic with `partitions` partitions.
-struct Pipeline {
+pub(crate) struct Pipeline {
     broker: Box<dyn crate::support::TestBroker>,
-    db: TestDb,
+    pub(crate) db: TestDb,
     topic: String,
     partitions: i32,
 }
 
 impl Pipeline {
-    fn new(partitions: i32) -> Pipeline {
+    pub(crate) fn new(partitions: i32) -> Pipeline {
         Pipeline::on(partitions, fresh_db())
     }
 
@@ -873,7 +878,7 @@ impl Pipeline {
         sitewatch::kafka::Client::connect(&self.broker.config(&self.topic)).expect("kafka")
     }
 
-    fn config_text(&self) -> String {
+    pub(crate) fn config_text(&self) -> String {
         format!(
             "[kafka]\nbrokers = [\"{}\"]\ntopic = \"{}\"\npartitions = {}\n\n\
              [postgres]\nurl = \"{}\"\nsslmode = \"disable\"\nbatch_size = 500\n",
@@ -899,7 +904,7 @@ impl Pipeline {
         (s, shutdown)
     }
 
-    fn produce(&self, records: &[CheckResult]) {
+    pub(crate) fn produce(&self, records: &[CheckResult]) {
         self.produce_raw(
             &records
                 .iter()
@@ -1006,7 +1011,7 @@ impl Pipeline {
     }
 
     /// Waits until every partition's stored offset is its high watermark.
-    fn wait_offsets_at_end(&self) {
+    pub(crate) fn wait_offsets_at_end(&self) {
         crate::support::wait_for("offsets to reach the end", Duration::from_secs(120), || {
             self.stored_offsets() == self.high_watermarks()
         });
@@ -1271,12 +1276,12 @@ fn postgres_restarting_mid_stream_loses_nothing() {
 // The real `sitewatch sink` process, killed with SIGKILL.
 
 /// A `sitewatch sink --config F` process, SIGKILLed on drop.
-struct SinkProcess {
+pub(crate) struct SinkProcess {
     child: std::process::Child,
 }
 
 impl SinkProcess {
-    fn start(config: &std::path::Path, log: &std::path::Path) -> SinkProcess {
+    pub(crate) fn start(config: &std::path::Path, log: &std::path::Path) -> SinkProcess {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1297,7 +1302,7 @@ impl SinkProcess {
     }
 
     /// SIGKILL: no shutdown code runs, transactions in flight are cut off.
-    fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

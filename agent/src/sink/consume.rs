@@ -70,6 +70,8 @@ pub struct SinkStatus {
     pub retries: u64,
     /// Why Kafka refuses the sink as configured (credentials, certificates), while it does.
     pub kafka_refusal: Option<String>,
+    /// Alert channels by name (`[alerts]`): deliveries and failures.
+    pub alert_channels: BTreeMap<String, crate::alerts::ChannelStatus>,
 }
 
 impl SinkStatus {
@@ -93,8 +95,19 @@ impl SinkStatus {
             .as_ref()
             .map(|e| format!("; Kafka refuses us: {e}"))
             .unwrap_or_default();
+        // A failing alert channel must be visible where the operator looks first.
+        let failing: String = (self.alert_channels.iter())
+            .filter(|(_, c)| c.failures > 0)
+            .map(|(name, c)| {
+                format!(
+                    "; alert channel {name} failing ({} tries: {})",
+                    c.failures,
+                    c.last_error.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
         format!(
-            "sink: {} partitions {} lag {}; {rows} rows, {dead} dead letters{refusal}",
+            "sink: {} partitions {} lag {}; {rows} rows, {dead} dead letters{refusal}{failing}",
             self.topic,
             if parts.is_empty() {
                 "none".to_string()
@@ -130,6 +143,8 @@ fn kafka_failed(status: &SharedStatus, what: std::fmt::Arguments<'_>, e: &KafkaE
 pub struct Sink {
     coordinator: JoinHandle<Result<(), SinkError>>,
     status: SharedStatus,
+    #[cfg(feature = "alerts")]
+    notifier: Option<crate::alerts::notify::Notifier>,
 }
 
 impl Sink {
@@ -154,8 +169,16 @@ impl Sink {
             .kafka
             .clone()
             .ok_or(SinkError::NotConfigured { section: "kafka" })?;
+        // Without the feature the type is `Infallible`, which is Copy.
+        #[allow(clippy::clone_on_copy)]
+        let alerts = cfg.alerts.clone().map(Arc::new);
         match db::connect(&pg, "sitewatch sink") {
-            Ok(mut client) => schema::require(&mut client, &pg.url)?,
+            Ok(mut client) => {
+                schema::require(&mut client, &pg.url)?;
+                if alerts.is_some() {
+                    schema::require_alerts(&mut client, &pg.url)?;
+                }
+            }
             Err(e @ (SinkError::Tls { .. } | SinkError::CaFile { .. })) => return Err(e),
             Err(e) => log::warn!(target: "sitewatch::sink", "{e}; retrying"),
         }
@@ -180,6 +203,17 @@ impl Sink {
             hb: health.register("sink"),
             health: health.clone(),
             worker_beats: BTreeMap::new(),
+            alerts: alerts.clone(),
+        };
+        #[cfg(feature = "alerts")]
+        let notifier = match &alerts {
+            Some(a) if !a.channels.is_empty() => Some(crate::alerts::notify::Notifier::start(
+                a,
+                &coordinator.pg,
+                shutdown,
+                health,
+            )?),
+            _ => None,
         };
         let thread = std::thread::Builder::new()
             .name("sink".into())
@@ -188,15 +222,24 @@ impl Sink {
         Ok(Sink {
             coordinator: thread,
             status,
+            #[cfg(feature = "alerts")]
+            notifier,
         })
     }
 
     /// A snapshot of the owned partitions and their progress.
     pub fn status(&self) -> SinkStatus {
-        self.status
+        #[allow(unused_mut)]
+        let mut s = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        #[cfg(feature = "alerts")]
+        if let Some(n) = &self.notifier {
+            s.alert_channels = n.status();
+        }
+        s
     }
 
     /// True once the sink has stopped (shutdown, or an error retrying cannot fix).
@@ -206,7 +249,12 @@ impl Sink {
 
     /// Waits until the sink stops (after the shutdown it was started with is triggered).
     pub fn join(self) -> Result<(), SinkError> {
-        self.coordinator.join().unwrap_or(Err(SinkError::Panicked))
+        let result = self.coordinator.join().unwrap_or(Err(SinkError::Panicked));
+        #[cfg(feature = "alerts")]
+        if let Some(n) = self.notifier {
+            n.join();
+        }
+        result
     }
 }
 
@@ -239,6 +287,7 @@ struct Coordinator {
     hb: Heartbeat,
     /// One heartbeat per partition ever owned, reused when a partition comes back.
     worker_beats: BTreeMap<i32, Heartbeat>,
+    alerts: Option<Arc<crate::alerts::AlertsConfig>>,
 }
 
 impl Coordinator {
@@ -259,9 +308,13 @@ impl Coordinator {
                     Ok(mut c) => {
                         // Started while the database was down: check now what start() could
                         // not. A missing schema is not something retrying fixes.
-                        if let Err(e @ SinkError::SchemaMissing { .. }) =
-                            schema::require(&mut c, &self.pg.url)
-                        {
+                        let required = schema::require(&mut c, &self.pg.url).and_then(|()| {
+                            match self.alerts.is_some() {
+                                true => schema::require_alerts(&mut c, &self.pg.url),
+                                false => Ok(()),
+                            }
+                        });
+                        if let Err(e @ SinkError::SchemaMissing { .. }) = required {
                             self.stop_all();
                             return Err(e);
                         }
@@ -415,6 +468,7 @@ impl Coordinator {
             kafka: self.kafka.clone(),
             stop: stop.clone(),
             status: self.status.clone(),
+            alerts: self.alerts.clone(),
         };
         update(&self.status, |s| {
             s.partitions.insert(partition, PartitionStatus::default());
@@ -478,6 +532,9 @@ struct Worker {
     kafka: KafkaConfig,
     stop: Shutdown,
     status: SharedStatus,
+    /// Without the feature `[alerts]` is refused by the config, so this is always `None`.
+    #[cfg_attr(not(feature = "alerts"), allow(dead_code))]
+    alerts: Option<Arc<crate::alerts::AlertsConfig>>,
 }
 
 /// What a worker carries from one pass to the next. Every failure drops the part that failed
@@ -697,6 +754,10 @@ impl Worker {
     fn open_writer(&self) -> Result<(Writer, Option<i64>), SinkError> {
         let client = db::connect(&self.pg, &format!("sitewatch sink p{}", self.partition))?;
         let mut w = Writer::new(client, &self.kafka.topic, self.partition, self.pg.retention)?;
+        #[cfg(feature = "alerts")]
+        if let Some(a) = &self.alerts {
+            w = w.with_alerts(a.clone());
+        }
         let stored = w.stored_offset()?;
         Ok((w, stored))
     }

@@ -40,12 +40,7 @@ pub fn apply(client: &mut Client) -> Result<(), SinkError> {
 
 /// Fails with [`SinkError::SchemaMissing`] unless `init-db` has run (at this version or later).
 pub fn require(client: &mut Client, url: &str) -> Result<(), SinkError> {
-    let row = client.query_one(
-        "SELECT to_regclass('sitewatch_schema') IS NOT NULL AND \
-             to_regclass('checks') IS NOT NULL",
-        &[],
-    )?;
-    let present: bool = row.get(0);
+    let present = tables_exist(client, &["sitewatch_schema", "checks"])?;
     let version: Option<i32> = if present {
         client
             .query_one("SELECT max(version) FROM sitewatch_schema", &[])?
@@ -59,6 +54,26 @@ pub fn require(client: &mut Client, url: &str) -> Result<(), SinkError> {
         });
     }
     Ok(())
+}
+
+/// Fails with [`SinkError::SchemaMissing`] unless the alert tables exist (`init-db` of a
+/// sitewatch with alerts). Checked only when `[alerts]` is configured, so an older database
+/// keeps working for a sink without alerts.
+pub fn require_alerts(client: &mut Client, url: &str) -> Result<(), SinkError> {
+    if !tables_exist(client, &["alert_state", "alert_events", "alert_deliveries"])? {
+        return Err(SinkError::SchemaMissing {
+            url: url.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn tables_exist(client: &mut Client, names: &[&str]) -> Result<bool, SinkError> {
+    let row = client.query_one(
+        "SELECT bool_and(to_regclass(n) IS NOT NULL) FROM unnest($1::text[]) AS n",
+        &[&names],
+    )?;
+    Ok(row.get(0))
 }
 
 /// Creates the partition of `checks` for `day` (days since the epoch, UTC) unless it exists.
@@ -76,6 +91,8 @@ pub fn ensure_partition(client: &mut Client, day: i64) -> Result<(), SinkError> 
 pub struct Maintenance {
     pub dropped_partitions: Vec<String>,
     pub dead_letters_deleted: u64,
+    /// Alert events older than the retention whose deliveries are all done (`[alerts]`).
+    pub alert_events_deleted: u64,
 }
 
 /// Creates partitions from yesterday to [`DAYS_AHEAD`] days ahead and drops every partition
@@ -102,10 +119,21 @@ pub fn maintain(
         "DELETE FROM dead_letters WHERE received_at < $1",
         &[&cutoff],
     )?;
+    // The outbox keeps what is still to deliver, whatever its age.
+    let alert_events_deleted = if tables_exist(client, &["alert_events", "alert_deliveries"])? {
+        client.execute(
+            "DELETE FROM alert_events e WHERE e.created_at < $1 AND NOT EXISTS \
+             (SELECT 1 FROM alert_deliveries d WHERE d.event_id = e.id AND d.state = 'pending')",
+            &[&cutoff],
+        )?
+    } else {
+        0
+    };
     client.batch_execute("RESET lock_timeout")?;
     Ok(Maintenance {
         dropped_partitions: dropped,
         dead_letters_deleted,
+        alert_events_deleted,
     })
 }
 

@@ -425,6 +425,9 @@ pub struct Writer {
     retention: Duration,
     /// Days (since the epoch) whose `checks` partition is known to exist.
     days_ready: HashSet<i64>,
+    /// Decides alert transitions inside each batch's transaction (`[alerts]`).
+    #[cfg(feature = "alerts")]
+    alerts: Option<crate::alerts::eval::Evaluator>,
 }
 
 impl Writer {
@@ -449,7 +452,16 @@ impl Writer {
             },
             retention,
             days_ready: HashSet::new(),
+            #[cfg(feature = "alerts")]
+            alerts: None,
         })
+    }
+
+    /// Evaluates alerts for every batch, in its transaction.
+    #[cfg(feature = "alerts")]
+    pub fn with_alerts(mut self, cfg: std::sync::Arc<crate::alerts::AlertsConfig>) -> Writer {
+        self.alerts = Some(crate::alerts::eval::Evaluator::new(cfg));
+        self
     }
 
     /// The stored next offset of this partition, `None` when the sink never committed one.
@@ -584,6 +596,19 @@ impl Writer {
             p.insert_dead_letters(&mut tx, &all_dead)?;
         }
         p.upsert_targets(&mut tx, &landed)?;
+        #[cfg(feature = "alerts")]
+        if let Some(alerts) = &self.alerts {
+            let checks: Vec<crate::alerts::eval::Landed> = (landed.iter())
+                .map(|r| crate::alerts::eval::Landed {
+                    record: &r.record,
+                    started_ms: r.started_ms,
+                    offset: r.message.offset,
+                })
+                .collect();
+            // Every landed row is new unless some were already stored (duplicates).
+            let all_new = inserted == landed.len() as u64;
+            alerts.evaluate(&mut tx, &checks, partition, all_new)?;
+        }
         tx.commit()?;
         Ok(BatchOutcome {
             inserted,

@@ -1,0 +1,347 @@
+//! The notifier: one `alerts-<channel>` thread per channel delivers that channel's pending
+//! outbox rows in event order, at least once, with backoff. See the module docs of `alerts`
+//! for the guarantees.
+//!
+//! A channel's URL, secret and routing key never appear in a log line, an error or the
+//! status: errors say what failed with the URL replaced by the channel's name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use postgres::Client;
+use postgres::fallible_iterator::FallibleIterator;
+
+use super::ChannelStatus;
+use super::config::{AlertsConfig, Channel, ChannelKind};
+use super::payload::{self, Event, IDEMPOTENCY_HEADER, SIGNATURE_HEADER};
+use crate::backoff::Backoff;
+use crate::config::PostgresConfig;
+use crate::service::{Health, Heartbeat, Shutdown};
+use crate::sink::{SinkError, db};
+use crate::util::format_rfc3339_ms;
+
+/// Retry delays of one channel after a failed delivery.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long a thread waits for a NOTIFY before it looks again (also its reaction to stop).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// A lease outlives the request's timeout by this much before another try may start.
+const LEASE_SLACK: Duration = Duration::from_secs(5);
+
+/// Takes the channel's first pending delivery if it is due and not leased; with its event.
+const CLAIM: &str = "WITH first AS ( \
+       SELECT event_id FROM alert_deliveries WHERE channel = $1 AND state = 'pending' \
+       ORDER BY event_id LIMIT 1 FOR UPDATE), \
+     claimed AS ( \
+       UPDATE alert_deliveries d \
+       SET lease_until = now() + ($2::float8 * interval '1 millisecond'), attempts = d.attempts + 1 \
+       FROM first WHERE d.event_id = first.event_id AND d.channel = $1 \
+         AND d.next_attempt <= now() AND (d.lease_until IS NULL OR d.lease_until < now()) \
+       RETURNING d.event_id) \
+     SELECT e.id, e.key, e.target, e.url, e.kind, e.state, e.previous, e.reason, e.incident, \
+            e.check_id, e.at \
+     FROM alert_events e JOIN claimed c ON c.event_id = e.id";
+
+const DELIVERED: &str = "UPDATE alert_deliveries SET state = 'delivered', delivered_at = now(), \
+     lease_until = NULL, last_status = $3, last_error = NULL WHERE event_id = $1 AND channel = $2";
+
+const FAILED: &str = "UPDATE alert_deliveries SET state = 'failed', lease_until = NULL, \
+     last_status = $3, last_error = $4 WHERE event_id = $1 AND channel = $2";
+
+const RETRY: &str = "UPDATE alert_deliveries SET lease_until = NULL, last_status = $3, \
+     last_error = $4, next_attempt = now() + ($5::float8 * interval '1 millisecond') \
+     WHERE event_id = $1 AND channel = $2";
+
+/// Why one delivery failed.
+#[derive(Debug)]
+pub enum DeliveryError {
+    /// No answer: connection, TLS, timeout. `message` has the URL replaced.
+    Transport {
+        message: String,
+        source: ureq::Error,
+    },
+    /// An answer that is not 2xx. `permanent`: a 4xx other than 408/429, which a retry of the
+    /// same request cannot fix.
+    Status {
+        status: u16,
+        body: String,
+        permanent: bool,
+    },
+}
+
+impl DeliveryError {
+    fn status(&self) -> Option<i32> {
+        match self {
+            DeliveryError::Status { status, .. } => Some(i32::from(*status)),
+            DeliveryError::Transport { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for DeliveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliveryError::Transport { message, .. } => write!(f, "no answer: {message}"),
+            DeliveryError::Status { status, body, .. } if body.is_empty() => {
+                write!(f, "HTTP {status}")
+            }
+            DeliveryError::Status { status, body, .. } => write!(f, "HTTP {status}: {body}"),
+        }
+    }
+}
+
+impl std::error::Error for DeliveryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DeliveryError::Transport { source, .. } => Some(source),
+            DeliveryError::Status { .. } => None,
+        }
+    }
+}
+
+/// The running notifier threads.
+pub struct Notifier {
+    threads: Vec<JoinHandle<()>>,
+    status: Arc<Mutex<BTreeMap<String, ChannelStatus>>>,
+}
+
+impl Notifier {
+    /// Starts one thread per channel, each registered with `health` (the watchdog sees a
+    /// stuck one); they stop when `shutdown` is triggered.
+    pub fn start(
+        cfg: &AlertsConfig,
+        pg: &PostgresConfig,
+        shutdown: &Shutdown,
+        health: &Health,
+    ) -> Result<Notifier, SinkError> {
+        let status: Arc<Mutex<BTreeMap<String, ChannelStatus>>> = Arc::default();
+        let mut threads = Vec::new();
+        for ch in &cfg.channels {
+            let w = ChannelWorker {
+                agent: agent(ch),
+                channel: ch.clone(),
+                pg: pg.clone(),
+                shutdown: shutdown.clone(),
+                status: status.clone(),
+                backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
+                hb: health.register(&format!("alerts-{}", ch.name)),
+            };
+            lock(&status).insert(ch.name.clone(), ChannelStatus::default());
+            let t = std::thread::Builder::new()
+                .name(format!("alerts-{}", ch.name))
+                .spawn(move || w.run())
+                .map_err(|source| SinkError::Thread { source })?;
+            threads.push(t);
+        }
+        Ok(Notifier { threads, status })
+    }
+
+    pub fn status(&self) -> BTreeMap<String, ChannelStatus> {
+        lock(&self.status).clone()
+    }
+
+    /// Waits for the threads (after the shutdown they were started with).
+    pub fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn agent(ch: &Channel) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(ch.timeout))
+        .user_agent(concat!("sitewatch/", env!("CARGO_PKG_VERSION")))
+        // Alerts go where the config says, not through a proxy from the environment.
+        .proxy(None)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .provider(ureq::tls::TlsProvider::NativeTls)
+                .build(),
+        )
+        .build()
+        .into()
+}
+
+struct ChannelWorker {
+    agent: ureq::Agent,
+    channel: Channel,
+    pg: PostgresConfig,
+    shutdown: Shutdown,
+    status: Arc<Mutex<BTreeMap<String, ChannelStatus>>>,
+    backoff: Backoff,
+    hb: Heartbeat,
+}
+
+impl ChannelWorker {
+    fn run(mut self) {
+        let name = self.channel.name.clone();
+        let mut client: Option<Client> = None;
+        let mut db_backoff = Backoff::new(RETRY_MIN, Duration::from_secs(10));
+        while !self.shutdown.is_triggered() {
+            // Every pass is bounded: statements, the NOTIFY wait, one request (see `pass`).
+            self.hb.beat();
+            let c = match client.as_mut() {
+                Some(c) => c,
+                None => match self.connect() {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        log::warn!(target: "sitewatch::alerts", "channel {name}: {e}; retrying");
+                        self.shutdown.sleep(db_backoff.next_delay());
+                        continue;
+                    }
+                },
+            };
+            match self.pass(c) {
+                Ok(true) => db_backoff.reset(),
+                Ok(false) => {
+                    db_backoff.reset();
+                    // Woken by the evaluator's NOTIFY at commit, or looks again soon (a
+                    // retry that became due).
+                    let _ = c.notifications().timeout_iter(IDLE_WAIT).next();
+                }
+                Err(e) => {
+                    log::warn!(target: "sitewatch::alerts", "channel {name}: {e}; reconnecting");
+                    client = None;
+                    self.shutdown.sleep(db_backoff.next_delay());
+                }
+            }
+        }
+        self.hb.idle();
+    }
+
+    fn connect(&self) -> Result<Client, SinkError> {
+        let mut c = db::connect(&self.pg, &format!("sitewatch alerts {}", self.channel.name))?;
+        c.batch_execute("LISTEN sitewatch_alerts")?;
+        Ok(c)
+    }
+
+    /// Delivers the channel's next due event, if any; `Ok(false)` when there was none.
+    fn pass(&mut self, c: &mut Client) -> Result<bool, SinkError> {
+        let lease = self.channel.timeout + LEASE_SLACK;
+        let rows = c.query(CLAIM, &[&self.channel.name, &(lease.as_millis() as f64)])?;
+        let Some(row) = rows.first() else {
+            return Ok(false);
+        };
+        let at: SystemTime = row.get(10);
+        let at_ms = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let ev = Event {
+            id: row.get(0),
+            key: row.get(1),
+            target: row.get(2),
+            url: row.get(3),
+            kind: row.get(4),
+            state: row.get(5),
+            previous: row.get(6),
+            reason: row.get(7),
+            incident: row.get(8),
+            check_id: row.get(9),
+            at: format_rfc3339_ms(at_ms),
+        };
+        let name = &self.channel.name;
+        // A request may take the channel's timeout, longer than the default budget.
+        self.hb.busy(lease);
+        match send(&self.agent, &self.channel, &ev) {
+            Ok(status) => {
+                c.execute(DELIVERED, &[&ev.id, name, &i32::from(status)])?;
+                self.backoff.reset();
+                let mut s = lock(&self.status);
+                let st = s.entry(name.clone()).or_default();
+                st.delivered += 1;
+                st.failures = 0;
+                st.last_error = None;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let permanent = matches!(
+                    e,
+                    DeliveryError::Status {
+                        permanent: true,
+                        ..
+                    }
+                );
+                if permanent {
+                    log::error!(target: "sitewatch::alerts",
+                        "channel {name}: event {} ({} {}) refused: {text}; not retried",
+                        ev.key, ev.target, ev.kind);
+                    c.execute(FAILED, &[&ev.id, name, &e.status(), &text])?;
+                } else {
+                    let delay = self.backoff.next_delay();
+                    log::warn!(target: "sitewatch::alerts",
+                        "channel {name}: event {} ({} {}): {text}; retrying in {}",
+                        ev.key, ev.target, ev.kind, crate::util::format_duration(delay));
+                    let ms = delay.as_millis() as f64;
+                    c.execute(RETRY, &[&ev.id, name, &e.status(), &text, &ms])?;
+                }
+                let mut s = lock(&self.status);
+                let st = s.entry(name.clone()).or_default();
+                st.failures += 1;
+                st.last_error = Some(text);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The request body for `ch`'s kind.
+pub fn body(ch: &Channel, ev: &Event) -> String {
+    match ch.kind {
+        ChannelKind::Webhook => payload::webhook(ev),
+        ChannelKind::Slack => payload::slack(ev),
+        ChannelKind::PagerDuty => payload::pagerduty(
+            ev,
+            ch.routing_key
+                .as_ref()
+                .map(|k| k.value.expose())
+                .unwrap_or(""),
+        ),
+    }
+    .to_string()
+}
+
+/// One POST of `ev` to `ch`; the status on a 2xx answer.
+pub fn send(agent: &ureq::Agent, ch: &Channel, ev: &Event) -> Result<u16, DeliveryError> {
+    let body = body(ch, ev);
+    let mut req = agent
+        .post(ch.url())
+        .header("Content-Type", "application/json")
+        .header(IDEMPOTENCY_HEADER, &ev.key);
+    if let Some(secret) = &ch.secret {
+        let sig = payload::signature(secret.value.expose().as_bytes(), body.as_bytes());
+        req = req.header(SIGNATURE_HEADER, &sig);
+    }
+    let resp = req
+        .send(body.as_bytes())
+        .map_err(|source| DeliveryError::Transport {
+            message: source
+                .to_string()
+                .replace(ch.url(), &format!("<{} url>", ch.name)),
+            source,
+        })?;
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) {
+        return Ok(status);
+    }
+    let text = resp
+        .into_body()
+        .with_config()
+        .limit(512)
+        .read_to_string()
+        .unwrap_or_default();
+    Err(DeliveryError::Status {
+        status,
+        body: text.trim().chars().take(200).collect(),
+        permanent: (400..500).contains(&status) && status != 408 && status != 429,
+    })
+}

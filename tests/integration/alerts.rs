@@ -1,0 +1,877 @@
+//! Alerts end to end: records produced to a real broker, a real sink deciding transitions in
+//! PostgreSQL, real HTTP receivers on 127.0.0.1 for the webhook, Slack and PagerDuty channels.
+#![cfg(feature = "alerts")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+use sitewatch::config::Config;
+use sitewatch::result::{CheckResult, FailureReason};
+use sitewatch::service::Shutdown;
+use sitewatch::sink::Sink;
+use sitewatch::util::parse_rfc3339_ms;
+
+use crate::sink::{Pipeline, SinkProcess, record};
+use crate::support::http::{HttpServer, Reply, Request};
+use crate::support::wait_for;
+
+/// One generous deadline for everything a test waits on (the machine is shared).
+const WITHIN: Duration = Duration::from_secs(120);
+const HOOK_SECRET: &str = "hook-secret-for-tests";
+const ROUTING_KEY: &str = "R0UT1NGKEY0123456789abcdefABCDEF";
+
+/// The three receivers: a webhook that honours `Idempotency-Key` only in what the tests
+/// count, a Slack and a PagerDuty stand-in answering as the real services do.
+struct Receivers {
+    hook: HttpServer,
+    slack: HttpServer,
+    pd: HttpServer,
+}
+
+impl Receivers {
+    fn start() -> Receivers {
+        Receivers::with_hook(HttpServer::start(|_, _| Reply::status(200, "")))
+    }
+
+    fn with_hook(hook: HttpServer) -> Receivers {
+        Receivers {
+            hook,
+            slack: HttpServer::start(|_, _| Reply::status(200, "ok")),
+            pd: HttpServer::start(|_, _| Reply::Response {
+                status: 202,
+                headers: vec![("Content-Type".into(), "application/json".into())],
+                body: br#"{"status":"success","message":"Event processed"}"#.to_vec(),
+            }),
+        }
+    }
+
+    /// The channel secrets, as the sink's environment.
+    fn env(&self) -> impl Fn(&str) -> Option<String> + use<> {
+        let (hook, slack, pd) = (
+            self.hook.url("/hook"),
+            self.slack.url("/services/T0/B0/xyz"),
+            self.pd.url("/v2/enqueue"),
+        );
+        move |k: &str| match k {
+            "HOOK_URL" => Some(hook.clone()),
+            "HOOK_SECRET" => Some(HOOK_SECRET.into()),
+            "SLACK_URL" => Some(slack.clone()),
+            "PD_URL" => Some(pd.clone()),
+            "PD_KEY" => Some(ROUTING_KEY.into()),
+            _ => None,
+        }
+    }
+}
+
+/// `[alerts]` with the three channels, then `extra` (overrides, windows).
+fn alerts_text(defaults: &str, extra: &str) -> String {
+    format!(
+        "[alerts]\n{defaults}\n\
+         [[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl_env = \"HOOK_URL\"\n\
+         secret_env = \"HOOK_SECRET\"\ntimeout = \"2s\"\n\
+         [[alerts.channel]]\nname = \"slack\"\nkind = \"slack\"\nurl_env = \"SLACK_URL\"\n\
+         [[alerts.channel]]\nname = \"pd\"\nkind = \"pagerduty\"\nurl_env = \"PD_URL\"\n\
+         routing_key_env = \"PD_KEY\"\n\
+         {extra}"
+    )
+}
+
+fn config(p: &Pipeline, alerts: &str, env: &dyn Fn(&str) -> Option<String>) -> Config {
+    let text = format!("{}\n{alerts}", p.config_text());
+    Config::parse(&text, std::path::Path::new("test.toml"), env).expect("config")
+}
+
+fn start_sink(p: &Pipeline, alerts: &str, r: &Receivers) -> (Sink, Shutdown) {
+    let shutdown = Shutdown::new();
+    let sink = Sink::start(&config(p, alerts, &r.env()), &shutdown).expect("sink starts");
+    (sink, shutdown)
+}
+
+/// `n` checks of `target`, failing or not, 1 s apart, the last one `end_ago_ms` ago.
+fn checks(target: &str, pattern: &[bool], end_ago_ms: i64) -> Vec<CheckResult> {
+    let n = pattern.len() as i64;
+    (pattern.iter().enumerate())
+        .map(|(i, &up)| {
+            let failure = (!up).then_some(FailureReason::Connect);
+            record(
+                target,
+                end_ago_ms + (n - 1 - i as i64) * 1000,
+                failure,
+                12.0,
+            )
+        })
+        .collect()
+}
+
+/// `targets` targets checked in rounds (up or not per `pattern`), 1 s apart: round by round,
+/// so every fetch carries part of each target's history.
+fn rounds(prefix: &str, targets: usize, pattern: &[bool]) -> Vec<CheckResult> {
+    let mut records = Vec::new();
+    for (i, &up) in pattern.iter().enumerate() {
+        for t in 0..targets {
+            let ago = (pattern.len() - i) as i64 * 1000;
+            let failure = (!up).then_some(FailureReason::Timeout);
+            records.push(record(&format!("{prefix}{t:03}"), ago, failure, 5.0));
+        }
+    }
+    records
+}
+
+/// (target, kind, reason) of every outbox event, oldest first.
+fn events(p: &Pipeline) -> Vec<(String, String, String)> {
+    let mut c = p.db.client();
+    c.query(
+        "SELECT target, kind, reason FROM alert_events ORDER BY id",
+        &[],
+    )
+    .expect("events")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).expect(sql).get(0)
+}
+
+/// Deliveries marked delivered, over every channel.
+fn delivered(p: &Pipeline) -> i64 {
+    let sql = "SELECT count(*) FROM alert_deliveries WHERE state = 'delivered'";
+    count(&mut p.db.client(), sql)
+}
+
+fn json(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).expect("a JSON body")
+}
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object().expect("an object").keys().cloned().collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn wait_requests(server: &HttpServer, n: usize, what: &str) {
+    wait_for(what, WITHIN, || server.requests().len() >= n);
+}
+
+/// The webhook request: JSON with our fields, the HMAC-SHA256 signature of the exact body,
+/// the event's key as the idempotency key.
+fn check_webhook(r: &Request, target: &str, kind: &str) -> String {
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+    mac.update(&r.body);
+    let hex: String = (mac.finalize().into_bytes().iter())
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        r.header("x-sitewatch-signature"),
+        Some(format!("sha256={hex}").as_str())
+    );
+    let v = json(r);
+    assert_eq!(v["target"], target);
+    assert_eq!(v["kind"], kind);
+    let key = v["id"].as_str().expect("id").to_string();
+    assert_eq!(r.header("idempotency-key"), Some(key.as_str()));
+    key
+}
+
+/// Slack incoming webhooks take `text` (the notification fallback, required when blocks are
+/// given) and `blocks`; a `section` block's `text` is a text object (`mrkdwn`, at most 3000
+/// characters).
+fn check_slack(r: &Request, target: &str) {
+    assert_eq!(r.path, "/services/T0/B0/xyz");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = json(r);
+    assert_eq!(keys(&v), set(&["text", "blocks"]));
+    let text = v["text"].as_str().expect("text is a string");
+    assert!(text.contains(target), "{text}");
+    let blocks = v["blocks"].as_array().expect("blocks is an array");
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(keys(&blocks[0]), set(&["type", "text"]));
+    assert_eq!(blocks[0]["type"], "section");
+    assert_eq!(keys(&blocks[0]["text"]), set(&["type", "text"]));
+    assert_eq!(blocks[0]["text"]["type"], "mrkdwn");
+    let section = blocks[0]["text"]["text"].as_str().expect("section text");
+    assert!(!section.is_empty() && section.chars().count() <= 3000);
+}
+
+/// PagerDuty Events API v2: a trigger has `routing_key`, `event_action`, `dedup_key` and a
+/// `payload` with the required `summary` (≤ 1024 chars), `source` and `severity` (critical,
+/// error, warning or info) and optional `timestamp` (ISO 8601), `component`, `group`,
+/// `class`, `custom_details`; a resolve needs only `routing_key`, `event_action` and the
+/// trigger's `dedup_key`. Returns the dedup key.
+fn check_pagerduty(r: &Request, action: &str, target: &str, severity: &str) -> String {
+    assert_eq!(r.path, "/v2/enqueue");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = json(r);
+    assert_eq!(v["routing_key"], ROUTING_KEY);
+    assert_eq!(v["event_action"], action);
+    let dedup = v["dedup_key"].as_str().expect("dedup_key").to_string();
+    assert!(!dedup.is_empty() && dedup.len() <= 255);
+    if action == "resolve" {
+        assert_eq!(keys(&v), set(&["routing_key", "event_action", "dedup_key"]));
+        return dedup;
+    }
+    let top = keys(&v);
+    let allowed = set(&[
+        "routing_key",
+        "event_action",
+        "dedup_key",
+        "payload",
+        "client",
+        "client_url",
+        "links",
+        "images",
+    ]);
+    assert!(top.is_subset(&allowed), "{top:?}");
+    let p = &v["payload"];
+    let fields = keys(p);
+    let allowed = set(&[
+        "summary",
+        "source",
+        "severity",
+        "timestamp",
+        "component",
+        "group",
+        "class",
+        "custom_details",
+    ]);
+    assert!(fields.is_subset(&allowed), "{fields:?}");
+    let summary = p["summary"].as_str().expect("summary");
+    assert!(summary.contains(target) && summary.chars().count() <= 1024);
+    assert!(!p["source"].as_str().expect("source").is_empty());
+    assert_eq!(p["severity"], severity);
+    assert!(parse_rfc3339_ms(p["timestamp"].as_str().expect("timestamp")).is_some());
+    assert_eq!(p["component"], target);
+    assert!(p["custom_details"].is_object());
+    dedup
+}
+
+/// Issue 16, shown 1 and 5: three failures → one down event, delivered once to each
+/// channel; two successes → one resolve; flapping below the thresholds, or one failure
+/// delivered thrice by Kafka, → nothing. The
+/// payloads match the webhook, Slack and PagerDuty formats field by field.
+#[test]
+fn three_failures_alert_once_two_successes_resolve_and_flapping_sends_nothing() {
+    let p = Pipeline::new(2);
+    let r = Receivers::start();
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    let mut first = checks("flappy", &[false, false, true, false, false, true], 60_000);
+    first.extend(checks("shop", &[true, false, false, false, false], 50_000));
+    // One failed check delivered three times (a producer retrying) counts once.
+    let dup = checks("dup", &[false], 55_000).remove(0);
+    first.extend([dup.clone(), dup.clone(), dup.clone()]);
+    p.produce(&first);
+    wait_requests(&r.hook, 1, "the down event at the webhook");
+    wait_requests(&r.slack, 1, "the down event at Slack");
+    wait_requests(&r.pd, 1, "the down event at PagerDuty");
+    let mut second = checks("shop", &[true, false, true, true], 10_000);
+    second.extend([dup.clone(), dup]);
+    p.produce(&second);
+    wait_requests(&r.hook, 2, "the resolve at the webhook");
+    wait_requests(&r.slack, 2, "the resolve at Slack");
+    wait_requests(&r.pd, 2, "the resolve at PagerDuty");
+    p.wait_offsets_at_end();
+    let kinds: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    let want = [("shop", "down"), ("shop", "resolved")].map(|(t, k)| (t.into(), k.into()));
+    assert_eq!(kinds, want);
+
+    let hook = r.hook.requests();
+    assert_eq!(hook.len(), 2, "once per event");
+    let down_key = check_webhook(&hook[0], "shop", "down");
+    let up_key = check_webhook(&hook[1], "shop", "resolved");
+    assert_ne!(down_key, up_key);
+    let slack = r.slack.requests();
+    assert_eq!(slack.len(), 2);
+    check_slack(&slack[0], "shop");
+    check_slack(&slack[1], "shop");
+    let pd = r.pd.requests();
+    assert_eq!(pd.len(), 2);
+    let trigger = check_pagerduty(&pd[0], "trigger", "shop", "critical");
+    let resolve = check_pagerduty(&pd[1], "resolve", "shop", "");
+    assert_eq!(
+        trigger, resolve,
+        "the resolve closes the trigger's incident"
+    );
+    let mut c = p.db.client();
+    let undelivered = count(
+        &mut c,
+        "SELECT count(*) FROM alert_deliveries WHERE state <> 'delivered'",
+    );
+    assert_eq!(undelivered, 0);
+    let open = count(&mut c, "SELECT count(*) FROM open_alerts");
+    assert_eq!(open, 0);
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// Issue 16, shown 3: a receiver that answers 500 gets the event once it recovers; meanwhile
+/// the channel shows as failing in the STATUS line and the `alert_channels` view, and the
+/// retries carry the same idempotency key.
+#[test]
+fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
+    let p = Pipeline::new(1);
+    let recovered = Arc::new(AtomicBool::new(false));
+    let flag = recovered.clone();
+    let hook = HttpServer::start(move |_, _| match flag.load(Ordering::SeqCst) {
+        true => Reply::status(200, ""),
+        false => Reply::status(500, "upstream broken"),
+    });
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    p.produce(&checks("api", &[false, false, false], 10_000));
+    wait_for("the hook channel to show as failing", WITHIN, || {
+        sink.status()
+            .line()
+            .contains("alert channel hook failing (")
+    });
+    assert!(
+        sink.status().line().contains("HTTP 500: upstream broken"),
+        "{}",
+        sink.status().line()
+    );
+    let mut c = p.db.client();
+    let row = c
+        .query_one(
+            "SELECT pending, last_error FROM alert_channels WHERE channel = 'hook'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    assert!(row.get::<_, String>(1).contains("HTTP 500"));
+    // The other channels were not held up by the failing one.
+    wait_requests(&r.slack, 1, "Slack");
+    wait_requests(&r.pd, 1, "PagerDuty");
+    // Nor is the sink: 5000 records while the hook fails, 5000 once it works.
+    let rows = |prefix: &str| {
+        let before = count(&mut p.db.client(), "SELECT count(*) FROM checks");
+        let start = std::time::Instant::now();
+        p.produce(&rounds(prefix, 50, &[true; 100]));
+        wait_for("5000 rows", WITHIN, || {
+            count(&mut p.db.client(), "SELECT count(*) FROM checks") == before + 5000
+        });
+        5000.0 / start.elapsed().as_secs_f64()
+    };
+    let failing = rows("f");
+    assert!(
+        sink.status()
+            .line()
+            .contains("alert channel hook failing (")
+    );
+    recovered.store(true, Ordering::SeqCst);
+    wait_for("the event delivered to the hook", WITHIN, || {
+        let delivered = count(
+            &mut c,
+            "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state = 'delivered'",
+        );
+        delivered == 1
+    });
+    let requests = r.hook.requests();
+    assert!(requests.len() >= 2, "{}", requests.len());
+    let first_key = requests[0].header("idempotency-key").map(str::to_string);
+    assert!(
+        requests
+            .iter()
+            .all(|q| q.header("idempotency-key").map(str::to_string) == first_key)
+    );
+    wait_for("the status line to clear", WITHIN, || {
+        !sink.status().line().contains("failing")
+    });
+    let working = rows("w");
+    eprintln!(
+        "sink rows/s (produce to stored) while a channel fails: {failing:.0}; after: {working:.0}"
+    );
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// A config file for a sink process: the pipeline's, then `alerts` with every `*_env`
+/// replaced by a `*_file` holding the same secret.
+fn config_file(
+    p: &Pipeline,
+    r: &Receivers,
+    dir: &crate::support::TempDir,
+    alerts: &str,
+) -> std::path::PathBuf {
+    let env = r.env();
+    let mut alerts = alerts.to_string();
+    for var in ["HOOK_URL", "HOOK_SECRET", "SLACK_URL", "PD_URL", "PD_KEY"] {
+        let file = dir.path().join(var.to_lowercase());
+        std::fs::write(&file, env(var).unwrap()).unwrap();
+        alerts = alerts.replace(
+            &format!("_env = \"{var}\""),
+            &format!("_file = {:?}", file.display().to_string()),
+        );
+    }
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, format!("{}\n{alerts}", p.config_text())).unwrap();
+    path
+}
+
+/// Issue 16, shown 2: a sink killed (SIGKILL) after the transition committed and while its
+/// delivery is in flight: after a restart the event is delivered again with the same key, so
+/// a receiver that honours the key acts once; the outbox holds the transition once.
+#[test]
+fn a_sink_killed_mid_delivery_redelivers_after_restart_with_the_same_key() {
+    let p = Pipeline::new(1);
+    // The first delivery is received and never answered: the sink dies waiting.
+    let hook = HttpServer::start(|_, i| match i {
+        0 => Reply::Hang,
+        _ => Reply::status(200, ""),
+    });
+    let r = Receivers::with_hook(hook);
+    let dir = crate::support::TempDir::new("alerts-kill");
+    let path = config_file(&p, &r, &dir, &alerts_text("", ""));
+    let log = dir.path().join("sink.log");
+    let sink = SinkProcess::start(&path, &log);
+    p.produce(&checks("db", &[false, false, false], 10_000));
+    wait_requests(&r.hook, 1, "the first delivery to arrive");
+    // Slack and PagerDuty are done (marked), so only the hook's delivery is cut off.
+    wait_for("Slack and PagerDuty marked delivered", WITHIN, || {
+        delivered(&p) == 2
+    });
+    sink.kill();
+    let sink = SinkProcess::start(&path, &log);
+    wait_for("the redelivery after the restart", WITHIN, || {
+        delivered(&p) == 3
+    });
+    sink.kill();
+    let hook = r.hook.requests();
+    assert_eq!(
+        hook.len(),
+        2,
+        "one try cut off by the kill, one after the restart"
+    );
+    let keys: BTreeSet<Option<&str>> = hook.iter().map(|q| q.header("idempotency-key")).collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "the same event: a receiver honouring the key acts once"
+    );
+    assert_eq!(r.slack.requests().len(), 1);
+    assert_eq!(r.pd.requests().len(), 1);
+    assert_eq!(events(&p).len(), 1, "one transition in the outbox");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    for secret in [HOOK_SECRET, ROUTING_KEY, "/services/T0/B0/xyz"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+/// Issue 16, shown 4: while a parent is down its children's alerts are not created, nor are
+/// alerts of a target in a maintenance window; a slow target and an expiring certificate
+/// each degrade with their own event, the certificate once per warning level.
+#[test]
+fn depends_on_maintenance_and_degraded_states() {
+    let p = Pipeline::new(2);
+    let r = Receivers::start();
+    let now = sitewatch::util::unix_ms_now();
+    let extra = format!(
+        "[[alerts.override]]\ntarget = \"app\"\ndepends_on = \"router\"\n\
+         [[alerts.maintenance]]\ntargets = [\"quiet\"]\nstart = \"{}\"\nduration = \"2h\"\n",
+        sitewatch::util::format_rfc3339_ms(now - 3_600_000)
+    );
+    let defaults = "latency_budget = \"500ms\"\ncert_expiry_days = [21, 14, 7]\n";
+    let (sink, shutdown) = start_sink(&p, &alerts_text(defaults, &extra), &r);
+    p.produce(&checks("router", &[false, false, false], 60_000));
+    wait_for("router down in the outbox", WITHIN, || {
+        !events(&p).is_empty()
+    });
+    let mut later = checks("app", &[false, false, false], 30_000);
+    later.extend(checks("quiet", &[false, false, false], 30_000));
+    let mut slow = checks("slow", &[true, true, true], 30_000);
+    for c in &mut slow {
+        c.timings.total = 900.0;
+    }
+    later.extend(slow);
+    let mut cert = checks("cert", &[true, true, true], 30_000);
+    for (c, days) in cert.iter_mut().zip([20.0, 19.0, 13.0]) {
+        c.cert_days_left = Some(days);
+    }
+    later.extend(cert);
+    p.produce(&later);
+    p.wait_offsets_at_end();
+    let got: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    let want = [
+        ("cert", "degraded"),
+        ("cert", "degraded"),
+        ("router", "down"),
+        ("slow", "degraded"),
+    ]
+    .map(|(t, k)| (t.to_string(), k.to_string()));
+    assert_eq!(got_sorted, want, "{got:?}");
+    let reasons: Vec<String> = (events(&p).into_iter())
+        .filter(|(t, _, _)| t == "cert")
+        .map(|(_, _, r)| r)
+        .collect();
+    assert!(reasons[0].contains("warning level 21 days"), "{reasons:?}");
+    assert!(reasons[1].contains("warning level 14 days"), "{reasons:?}");
+    let mut c = p.db.client();
+    let muted: Vec<(String, String, Option<String>)> = c
+        .query(
+            "SELECT target, state, muted FROM open_alerts WHERE target IN ('app', 'quiet') ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        muted,
+        [
+            (
+                "app".into(),
+                "down".into(),
+                Some("depends_on router (down)".into())
+            ),
+            ("quiet".into(), "down".into(), Some("maintenance".into())),
+        ]
+    );
+    // Degraded events reach PagerDuty as warnings.
+    wait_requests(&r.pd, 4, "four events at PagerDuty");
+    let severities: BTreeSet<String> = (r.pd.requests().iter())
+        .map(|q| {
+            json(q)["payload"]["severity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(severities, set(&["critical", "warning"]));
+    wait_for("every delivery", WITHIN, || delivered(&p) == 12);
+    // `sitewatch alerts` shows the same for a person at a terminal.
+    let dir = crate::support::TempDir::new("alerts-cli");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, p.config_text()).unwrap();
+    let o = crate::support::sitewatch()
+        .args(["alerts", "--config"])
+        .arg(&path)
+        .output()
+        .expect("sitewatch alerts");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for want in [
+        "OPEN ALERTS",
+        "muted: depends_on router (down)",
+        "muted: maintenance",
+        "RECENT EVENTS",
+        "3 delivered, 0 pending, 0 failed",
+        "warning level 14 days",
+        "CHANNELS",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    let router = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("router"))
+        .unwrap_or("");
+    assert!(
+        router.contains("down") && router.contains("alerted"),
+        "{text}"
+    );
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// Issue 16, shown 2: the sink process SIGKILLed again and again in the middle of fetches and
+/// deliveries: the rows are exactly once, every target's transitions are in the outbox exactly
+/// once and in order, and every event reaches the receiver (some twice, with the same key).
+#[test]
+fn transitions_are_decided_once_while_the_sink_is_killed_repeatedly() {
+    let p = Pipeline::new(4);
+    let r = Receivers::start();
+    let dir = crate::support::TempDir::new("alerts-kills");
+    let hook_only = "[alerts]\n[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\n\
+                     url_env = \"HOOK_URL\"\ntimeout = \"2s\"\n";
+    let path = config_file(&p, &r, &dir, hook_only);
+    let log = dir.path().join("sink.log");
+    // 400 targets, each down (3 failures) and up (2 successes) twice.
+    const TARGETS: usize = 400;
+    let pattern = [
+        false, false, false, true, true, false, false, false, true, true,
+    ];
+    let records = rounds("t", TARGETS, &pattern);
+    p.produce(&records);
+    let total = records.len() as i64;
+    let mut c = p.db.client();
+    let mut kills = 0;
+    let sink = loop {
+        let before = count(&mut c, "SELECT count(*) FROM checks");
+        let sink = SinkProcess::start(&path, &log);
+        let progressed = crate::support::poll(WITHIN, || {
+            let have = count(&mut c, "SELECT count(*) FROM checks");
+            (have >= total || have >= before + 250).then_some(have)
+        });
+        let Some(have) = progressed else {
+            panic!(
+                "stalled; sink log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        if have >= total {
+            break sink;
+        }
+        sink.kill();
+        kills += 1;
+    };
+    p.wait_offsets_at_end();
+    let events_total = (TARGETS * 4) as i64;
+    wait_for("every event delivered", WITHIN, || {
+        delivered(&p) == events_total
+    });
+    sink.kill();
+    eprintln!("sink SIGKILLed {kills} times");
+    assert!(kills >= 3, "only {kills} kills");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM checks"), total);
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT check_id) FROM checks"),
+        total
+    );
+    let per_target: Vec<(String, String)> = c
+        .query(
+            "SELECT target, string_agg(kind, ',' ORDER BY id) FROM alert_events GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(per_target.len(), TARGETS);
+    for (target, kinds) in &per_target {
+        assert_eq!(kinds, "down,resolved,down,resolved", "{target}");
+    }
+    let requests = r.hook.requests();
+    let keys: BTreeSet<Option<&str>> = requests
+        .iter()
+        .map(|q| q.header("idempotency-key"))
+        .collect();
+    assert_eq!(
+        keys.len() as i64,
+        events_total,
+        "every event reached the receiver"
+    );
+    eprintln!(
+        "{} webhook requests for {events_total} events ({} repeated after a kill)",
+        requests.len(),
+        requests.len() as i64 - events_total
+    );
+}
+
+/// Issue 16, measured 6: the batch writer's throughput with the evaluator on and off, in the
+/// same run, alternating, on 20,000 records over 500 targets (some going down and up).
+#[test]
+fn writer_throughput_with_alerts_on_and_off() {
+    let records: Vec<CheckResult> = (0..20_000)
+        .map(|i| {
+            let (round, t) = (i / 500, i % 500);
+            // Every 10th target fails rounds 10..15: a down and a resolve each.
+            let failing = t % 10 == 0 && (10..15).contains(&round);
+            let failure = failing.then_some(FailureReason::Connect);
+            record(
+                &format!("site-{t}"),
+                (40 - round) as i64 * 1000,
+                failure,
+                20.0,
+            )
+        })
+        .collect();
+    let values: Vec<Vec<u8>> = records.iter().map(|r| r.to_json().into_bytes()).collect();
+    let cfg = Config::parse(
+        "[alerts]\n[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl_env = \"U\"\n",
+        std::path::Path::new("test.toml"),
+        &|k| (k == "U").then(|| "http://127.0.0.1:9/".to_string()),
+    )
+    .expect("config");
+    let alerts = Arc::new(cfg.alerts.expect("[alerts]"));
+    let rate = |with_alerts: bool| -> f64 {
+        let db = crate::sink::fresh_db();
+        let pg = db.pg_config();
+        let client = sitewatch::sink::db::connect(&pg, "sitewatch-test-writer").expect("connect");
+        let mut w = sitewatch::sink::Writer::new(client, "t", 0, pg.retention).expect("writer");
+        if with_alerts {
+            w = w.with_alerts(alerts.clone());
+        }
+        let start = std::time::Instant::now();
+        let mut from = None;
+        for (i, chunk) in values.chunks(1000).enumerate() {
+            let messages: Vec<sitewatch::sink::Message> = (chunk.iter().enumerate())
+                .map(|(j, v)| sitewatch::sink::Message {
+                    offset: (i * 1000 + j) as i64,
+                    timestamp_ms: 0,
+                    key: None,
+                    value: Some(v.clone()),
+                })
+                .collect();
+            from = Some(w.write(from, &messages, 0).expect("write").next_offset);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if with_alerts {
+            let mut c = db.client();
+            assert_eq!(count(&mut c, "SELECT count(*) FROM alert_events"), 100);
+        }
+        20_000.0 / secs
+    };
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    // Alternating, so load from the other tests on this machine hits both alike.
+    for _ in 0..3 {
+        off.push(rate(false));
+        on.push(rate(true));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "writer rows/s, batches of 1000: alerts off {off:.0?}, on {on:.0?}; median on/off = {:.2}",
+        median(&mut on.clone()) / median(&mut off.clone())
+    );
+}
+
+/// Issue 16, shown 3: two sinks share the partitions (and both run a notifier for every
+/// channel): one event per transition, and each delivered exactly once, since a delivery is
+/// leased by one notifier at a time.
+#[test]
+fn two_sinks_sharing_the_partitions_alert_once_per_transition() {
+    let p = Pipeline::new(4);
+    let r = Receivers::start();
+    let (a, stop_a) = start_sink(&p, &alerts_text("", ""), &r);
+    let (b, stop_b) = start_sink(&p, &alerts_text("", ""), &r);
+    wait_for("both sinks to own partitions", WITHIN, || {
+        !a.status().partitions.is_empty() && !b.status().partitions.is_empty()
+    });
+    const TARGETS: usize = 100;
+    let pattern = [false, false, false, true, true];
+    let records = rounds("s", TARGETS, &pattern);
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let events_total = (TARGETS * 2) as i64;
+    wait_for("every event delivered to each channel", WITHIN, || {
+        delivered(&p) == events_total * 3
+    });
+    let mut c = p.db.client();
+    let per_target = count(
+        &mut c,
+        "SELECT count(*) FROM (SELECT target FROM alert_events GROUP BY target \
+         HAVING string_agg(kind, ',' ORDER BY id) = 'down,resolved') x",
+    );
+    assert_eq!(per_target, TARGETS as i64);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM alert_events"),
+        events_total
+    );
+    for server in [&r.hook, &r.slack, &r.pd] {
+        assert_eq!(server.requests().len() as i64, events_total, "once each");
+    }
+    stop_a.trigger();
+    stop_b.trigger();
+    a.join().expect("sink a stops");
+    b.join().expect("sink b stops");
+}
+
+/// Retention also applies to the outbox: events older than it go once every channel is done
+/// with them; one still waiting for a delivery stays, whatever its age.
+#[test]
+fn retention_drops_old_delivered_events_and_keeps_what_is_still_to_deliver() {
+    let db = crate::sink::fresh_db();
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO alert_events (key, target, url, kind, state, previous, reason, incident, \
+           check_id, at, created_at) \
+         SELECT 'k' || n, 't', 'u', 'down', 'down', 'up', 'r', 'i', 'c', now(), \
+                now() - (n || ' days')::interval \
+         FROM (VALUES (10), (11), (1)) AS v(n); \
+         INSERT INTO alert_deliveries (event_id, channel, state) \
+         SELECT id, 'hook', CASE key WHEN 'k11' THEN 'pending' ELSE 'delivered' END \
+         FROM alert_events;",
+    )
+    .expect("events");
+    let done = sitewatch::sink::schema::maintain(
+        &mut c,
+        Duration::from_secs(7 * 86_400),
+        sitewatch::util::unix_ms_now(),
+    )
+    .expect("maintain");
+    assert_eq!(done.alert_events_deleted, 1);
+    let left: Vec<String> = c
+        .query("SELECT key FROM alert_events ORDER BY key", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["k1", "k11"]);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM alert_deliveries"), 2);
+}
+
+/// A sink with `[alerts]` on a database whose schema predates alerts refuses to start and
+/// says to run `init-db`, rather than failing every batch.
+#[test]
+fn a_sink_with_alerts_needs_the_alert_tables() {
+    let p = Pipeline::new(1);
+    p.db.client()
+        .batch_execute("DROP TABLE alert_deliveries, alert_events, alert_state CASCADE")
+        .expect("drop");
+    let r = Receivers::start();
+    let cfg = config(&p, &alerts_text("", ""), &r.env());
+    let e = Sink::start(&cfg, &Shutdown::new()).err().expect("refused");
+    assert!(
+        e.to_string().contains("run `sitewatch init-db` first"),
+        "{e}"
+    );
+    sitewatch::sink::init_db(&cfg).expect("init-db adds them");
+    let shutdown = Shutdown::new();
+    let health = sitewatch::service::Health::new();
+    let sink = Sink::start_with_health(&cfg, &shutdown, &health).expect("starts");
+    // The watchdog sees the notifier threads too.
+    let names = health.names();
+    for channel in ["alerts-hook", "alerts-slack", "alerts-pd"] {
+        assert!(names.iter().any(|n| n == channel), "{names:?}");
+    }
+    assert!(health.stuck().is_empty());
+    shutdown.trigger();
+    sink.join().expect("stops");
+}
+
+/// `depends_on` when parent and child fail in the same fetch (one partition): the parent's
+/// checks of the batch decide, so the child's alert is still not created.
+#[test]
+fn depends_on_holds_when_parent_and_child_fail_in_one_batch() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let extra = "[[alerts.override]]\ntag = \"behind-router\"\ndepends_on = \"router\"\n";
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", extra), &r);
+    let mut records = Vec::new();
+    for (router, mut app) in
+        checks("router", &[false; 3], 5_000)
+            .into_iter()
+            .zip(checks("app", &[false; 3], 4_900))
+    {
+        app.tags = vec!["behind-router".into()];
+        records.extend([router, app]);
+    }
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let got: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    assert_eq!(got, [("router".to_string(), "down".to_string())]);
+    let mut c = p.db.client();
+    let muted: Option<String> = c
+        .query_one("SELECT muted FROM open_alerts WHERE target = 'app'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(muted.as_deref(), Some("depends_on router (down)"));
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
