@@ -55,7 +55,16 @@ pub struct RawConfig {
     pub fleet: Option<RawFleet>,
 }
 
+// Without their features `[fleet]` and `[metrics]` are only noticed, then refused with a
+// message by the validator: their deserializers (serde + toml code per field) would cost the
+// smallest build, which has no room to spare under its 6 MB.
+#[cfg(not(feature = "fleet"))]
+pub type RawFleet = serde::de::IgnoredAny;
+#[cfg(not(feature = "metrics"))]
+pub type RawMetrics = serde::de::IgnoredAny;
+
 /// `[fleet]`: share targets with other agents through a Kafka topic and consumer group.
+#[cfg(feature = "fleet")]
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleet {
@@ -170,6 +179,7 @@ pub struct RawTarget {
 
 /// `[metrics]`: the Prometheus listener. `[metrics.module.NAME]` tables are target templates
 /// for `/probe` (every `[[target]]` key except `id` and `url`).
+#[cfg(feature = "metrics")]
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawMetrics {
@@ -1428,13 +1438,14 @@ impl Validator<'_> {
         })
     }
 
+    #[cfg(not(feature = "fleet"))]
+    fn fleet(&self, _: &RawFleet, _: Option<String>) -> Result<FleetConfig, ConfigError> {
+        Err(self.err("fleet: this sitewatch was built without the `fleet` feature; remove [fleet]"))
+    }
+
+    #[cfg(feature = "fleet")]
     fn fleet(&self, raw: &RawFleet, location: Option<String>) -> Result<FleetConfig, ConfigError> {
         let ctx = "fleet: ";
-        if !cfg!(feature = "fleet") {
-            return Err(self.err(format!(
-                "{ctx}this sitewatch was built without the `fleet` feature; remove [fleet]"
-            )));
-        }
         let name = |field: &str, v: &Option<String>, default: &str| {
             let v = v.clone().unwrap_or_else(|| default.to_string());
             // Kafka's rule for topic names (legal characters, at most 249); group ids share it
@@ -1489,13 +1500,16 @@ impl Validator<'_> {
         })
     }
 
+    #[cfg(not(feature = "metrics"))]
+    fn metrics(&self, _: &RawMetrics, _: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
+        Err(self.err(
+            "metrics: this sitewatch was built without the `metrics` feature; remove [metrics]",
+        ))
+    }
+
+    #[cfg(feature = "metrics")]
     fn metrics(&self, raw: &RawMetrics, agent: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
         let ctx = "metrics: ";
-        if !cfg!(feature = "metrics") {
-            return Err(self.err(format!(
-                "{ctx}this sitewatch was built without the `metrics` feature; remove [metrics]"
-            )));
-        }
         let listen = raw
             .listen
             .as_deref()
@@ -2563,8 +2577,12 @@ mod tests {
             ("[[alerts.override]]", &["alerts", "override"]),
             ("[[alerts.maintenance]]", &["alerts", "maintenance"]),
         ] {
-            // Without the feature `[alerts]` is read as anything (and refused later).
-            if header.contains("alerts") && !cfg!(feature = "alerts") {
+            // Without their features these tables are read as anything (and refused later).
+            let built = [
+                ("alerts", cfg!(feature = "alerts")),
+                ("fleet", cfg!(feature = "fleet")),
+            ];
+            if (built.iter()).any(|(table, on)| header.contains(table) && !on) {
                 continue;
             }
             let fields = fields_of(header);
