@@ -945,6 +945,32 @@ fn trace_logging_never_shows_request_header_values() {
     }
 }
 
+/// A `/probe` module's connector is built with the prober too: its scrapes are timed like
+/// checks, and the first one used to report the root store's loading (97 ms in a release
+/// build, over a second in a debug build on a loaded machine) as its `tls` phase. The default
+/// module (no `module=`) builds none, so `[metrics]` alone loads no root store.
+#[cfg(feature = "metrics")]
+#[test]
+fn probe_modules_tls_connectors_are_built_with_the_prober() {
+    let plain = HttpServer::start(|_, _| Reply::status(200, "ok"));
+    let config = config_with(
+        "",
+        &format!(
+            "url = {:?}\n\n[metrics]\nlisten = \"127.0.0.1:9\"\n\
+             [metrics.module.plain]\ntimeout = \"5s\"\n\
+             [metrics.module.tls]\ntls = {{ ca_file = {:?} }}\n\
+             [metrics.module.tls_again]\nregex = \"ok\"\ntls = {{ ca_file = {:?} }}\n",
+            plain.url("/"),
+            ca_file(),
+            ca_file()
+        ),
+    );
+    let prober = Prober::for_config(&config, RuleSet::default());
+    // One per distinct TLS setting among the modules (the plain module's is the default
+    // one): the http target and the default module add none.
+    assert_eq!(prober.tls_connectors_built(), 2);
+}
+
 /// Issue 12 item 6: building a TLS connector loads the root store (85-250 ms). It happened in
 /// the first check of each TLS setting, under a lock other checks queued behind, and in no
 /// phase. Now the config's connectors are built with the prober, and a connector a check still
