@@ -2,7 +2,8 @@
 //! [`Publisher`] moves into a Kafka broker with acks=all.
 //!
 //! Usage: `bench_publish BROKER TOPIC COUNT SPOOL_DIR [guard|no-guard]`. Creates the topic, then
-//! feeds COUNT realistic records (a full "up" check, about 600 bytes of JSON) through the
+//! feeds COUNT realistic records (full checks of 100 targets, about 600 bytes of JSON each;
+//! every 10th target down for 5 rounds in 50) through the
 //! publisher as fast as its queue takes them, closes it (which waits for the last
 //! acknowledgement) and prints one JSON line:
 //! `{"records":..,"acked":..,"spooled":..,"seconds":..,"per_second":..}`.
@@ -22,10 +23,17 @@ use sitewatch::publish::{Publisher, QUEUE_CAPACITY};
 use sitewatch::result::{CheckResult, Timings};
 
 fn record(i: u64) -> CheckResult {
-    let target = format!("target-{}", i % 100);
+    let (t, round) = (i % 100, i / 100);
+    let target = format!("target-{t}");
     let mut r = CheckResult::new(&target, "http://127.0.0.1:8080/", "bench", "GET");
-    r.up = true;
-    r.status = Some(200);
+    // Every 10th target is down for 5 rounds of every 50, so a sink that decides alerts
+    // (section 4, alerts on) meets transitions: a down and a resolve per cycle and target.
+    let down = t % 10 == 0 && round % 50 >= 45;
+    r.up = !down;
+    if down {
+        r.failure = Some(sitewatch::result::FailureReason::HttpStatus);
+    }
+    r.status = Some(if down { 503 } else { 200 });
     r.http_version = Some("HTTP/1.1".into());
     r.remote_ip = Some("127.0.0.1".into());
     r.body_bytes = 612;
