@@ -302,3 +302,32 @@ INSERT INTO sitewatch_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHI
 -- rewrites nothing, on the parent and on every partition.
 ALTER TABLE checks ADD COLUMN IF NOT EXISTS location text;
 INSERT INTO sitewatch_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING;
+
+-- Version 3: the fleet (`[fleet]`). Each fleet agent publishes a liveness record to the
+-- compacted topic sitewatch.agents every few seconds; the sink keeps the latest per agent here
+-- (an upsert that never replaces a newer row). last_seen is the agent's timestamp of the
+-- record; record_every is how often the agent sends one.
+CREATE TABLE IF NOT EXISTS agent_status (
+    agent_id          text             PRIMARY KEY,
+    location          text,
+    "group"           text             NOT NULL,  -- the consumer group (<group>.<location>)
+    version           text             NOT NULL,
+    last_seen         timestamptz      NOT NULL,
+    record_every      interval         NOT NULL,
+    generation        integer,
+    targets_owned     bigint           NOT NULL,  -- fleet targets of its partitions
+    checks_per_second double precision NOT NULL,  -- since its previous record
+    spool_records     bigint           NOT NULL,
+    spool_bytes       bigint           NOT NULL,
+    updated_at        timestamptz      NOT NULL DEFAULT now()
+);
+
+-- Each agent, `silent` once three records in a row are missing, `alive` before.
+CREATE OR REPLACE VIEW agent_liveness AS
+SELECT a.agent_id, a.location, a."group", a.version, a.last_seen,
+       now() - a.last_seen AS silent_for,
+       CASE WHEN a.last_seen < now() - 3 * a.record_every THEN 'silent' ELSE 'alive' END AS state,
+       a.targets_owned, a.checks_per_second, a.spool_records, a.spool_bytes, a.generation
+FROM agent_status a;
+
+INSERT INTO sitewatch_schema (version) VALUES (3) ON CONFLICT (version) DO NOTHING;

@@ -145,6 +145,9 @@ pub struct Sink {
     status: SharedStatus,
     #[cfg(feature = "alerts")]
     notifier: Option<crate::alerts::notify::Notifier>,
+    /// Fleet agents' liveness into `agent_status` ([`super::agents`]).
+    #[cfg(feature = "fleet")]
+    agents: JoinHandle<()>,
 }
 
 impl Sink {
@@ -215,6 +218,13 @@ impl Sink {
             )?),
             _ => None,
         };
+        #[cfg(feature = "fleet")]
+        let agents = super::agents::start(
+            coordinator.pg.clone(),
+            coordinator.kafka.clone(),
+            shutdown.clone(),
+            health.register("sink-agents"),
+        )?;
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
@@ -224,6 +234,8 @@ impl Sink {
             status,
             #[cfg(feature = "alerts")]
             notifier,
+            #[cfg(feature = "fleet")]
+            agents,
         })
     }
 
@@ -254,6 +266,8 @@ impl Sink {
         if let Some(n) = self.notifier {
             n.join();
         }
+        #[cfg(feature = "fleet")]
+        let _ = self.agents.join();
         result
     }
 }
