@@ -900,6 +900,18 @@ fn two_locations_probe_every_target_and_a_killed_agent_turns_silent() {
     wait_for("every target's rows from both locations", DEADLINE, || {
         per_location(&mut pg) == want
     });
+    let latest: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM target_status_by_location \
+             WHERE location IN ('eu-west', 'us-east')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        latest, 20,
+        "target_status_by_location: each target from each location"
+    );
 
     wait_for(
         "both agents alive in agent_status, owning all targets",
@@ -935,4 +947,100 @@ fn two_locations_probe_every_target_and_a_killed_agent_turns_silent() {
     );
     stop_sink.trigger();
     sink.join().expect("sink stops cleanly");
+}
+
+/// One check row of `target` from `location`, `ago` seconds ago.
+fn insert_check(pg: &mut postgres::Client, target: &str, location: &str, up: bool, ago: f64) {
+    pg.execute(
+        "INSERT INTO checks (check_id, started_at, target, url, agent, agent_version, v, up, \
+         attempt, method, redirects, body_bytes, body_truncated, total_ms, kafka_partition, \
+         kafka_offset, location) \
+         VALUES (md5(random()::text), now() - make_interval(secs => $4), $1, 'http://x/', \
+         $2, '0', 1, $3, 1, 'GET', 0, 0, false, 1.0, 0, 0, $2)",
+        &[&target, &location, &up, &ago],
+    )
+    .unwrap();
+}
+
+/// `(locations counted, locations down, down)` of `target` in `target_quorum`.
+fn quorum(pg: &mut postgres::Client, target: &str) -> (i64, i64, bool) {
+    let r = pg
+        .query_one(
+            "SELECT locations, locations_down, down FROM target_quorum WHERE target = $1",
+            &[&target],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The quorum view over three locations (rows written directly): 1 of 3 down is up, 2 of 3
+/// is down, a location whose agents are silent or whose latest check is stale does not count,
+/// and N comes from `quorum_settings`.
+#[test]
+fn quorum_view_needs_n_fresh_locations_with_live_agents() {
+    let db = TestDb::create();
+    let text = format!(
+        "[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n",
+        db.url()
+    );
+    let cfg = Config::parse(&text, Path::new("db.toml"), &|_| None).expect("config");
+    sitewatch::sink::init_db(&cfg).expect("init-db");
+    let mut pg = db.client();
+    for loc in ["eu", "us", "ap"] {
+        pg.execute(
+            "INSERT INTO agent_status (agent_id, location, \"group\", version, last_seen, \
+             record_every, targets_owned, checks_per_second, spool_records, spool_bytes) \
+             VALUES ($1, $1, 'g', '0', now(), interval '5 seconds', 1, 1, 0, 0)",
+            &[&loc],
+        )
+        .unwrap();
+    }
+    insert_check(&mut pg, "t", "eu", false, 2.0);
+    insert_check(&mut pg, "t", "us", false, 9.0);
+    insert_check(&mut pg, "t", "us", true, 2.0);
+    insert_check(&mut pg, "t", "ap", true, 2.0);
+    assert_eq!(quorum(&mut pg, "t"), (3, 1, false), "1 of 3 down: up");
+    let latest: Vec<(String, bool)> = pg
+        .query(
+            "SELECT location, up FROM target_status_by_location WHERE target = 't' \
+             ORDER BY location",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [("ap", true), ("eu", false), ("us", true)].map(|(l, u)| (l.to_string(), u));
+    assert_eq!(latest, want, "the latest check per location");
+
+    insert_check(&mut pg, "t", "us", false, 1.0);
+    assert_eq!(quorum(&mut pg, "t"), (3, 2, true), "2 of 3 down: down");
+
+    // us's only agent missed three liveness records: its checks no longer count.
+    pg.execute(
+        "UPDATE agent_status SET last_seen = now() - interval '16 seconds' WHERE agent_id = 'us'",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        quorum(&mut pg, "t"),
+        (2, 1, false),
+        "a silent location does not count"
+    );
+    // ap's latest check is older than fresh_for: it does not count either.
+    insert_check(&mut pg, "u", "eu", false, 1.0);
+    insert_check(&mut pg, "u", "ap", false, 600.0);
+    assert_eq!(
+        quorum(&mut pg, "u"),
+        (1, 1, false),
+        "a stale location does not count"
+    );
+
+    pg.execute("UPDATE quorum_settings SET min_down = 1", &[])
+        .unwrap();
+    assert_eq!(
+        quorum(&mut pg, "t"),
+        (2, 1, true),
+        "N = 1 from quorum_settings"
+    );
 }
