@@ -37,17 +37,18 @@ ON CONFLICT (agent_id) DO UPDATE SET location = excluded.location, \"group\" = e
     updated_at = now() \
 WHERE agent_status.last_seen <= excluded.last_seen";
 
-/// Starts the `sink-agents` thread; it stops on `shutdown`.
+/// Starts the `sink-agents` thread; it stops when either of `stops` is triggered (the
+/// sink's shutdown, and the sink's own end).
 pub fn start(
     pg: PostgresConfig,
     kafka: KafkaConfig,
-    shutdown: Shutdown,
+    stops: [Shutdown; 2],
     hb: Heartbeat,
 ) -> Result<JoinHandle<()>, SinkError> {
     let reader = Reader {
         pg,
         kafka,
-        shutdown,
+        stops,
         hb,
         client: None,
         db: None,
@@ -62,7 +63,7 @@ pub fn start(
 struct Reader {
     pg: PostgresConfig,
     kafka: KafkaConfig,
-    shutdown: Shutdown,
+    stops: [Shutdown; 2],
     hb: Heartbeat,
     client: Option<kafka::Client>,
     db: Option<postgres::Client>,
@@ -73,7 +74,7 @@ struct Reader {
 impl Reader {
     fn run(mut self) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-        while !self.shutdown.is_triggered() {
+        while !self.stopped() {
             self.hb.beat();
             match self.pass() {
                 Ok(()) => backoff.reset(),
@@ -86,9 +87,25 @@ impl Reader {
                     }
                     self.client = None;
                     self.db = None;
-                    self.shutdown.sleep(backoff.next_delay());
+                    self.pause(backoff.next_delay());
                 }
             }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stops.iter().any(Shutdown::is_triggered)
+    }
+
+    /// Sleeps `d`, or less when either stop is triggered.
+    fn pause(&self, d: Duration) {
+        let end = std::time::Instant::now() + d;
+        while !self.stopped() {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            self.stops[0].sleep(left.min(Duration::from_millis(100)));
         }
     }
 

@@ -146,8 +146,9 @@ pub struct Sink {
     #[cfg(feature = "alerts")]
     notifier: Option<crate::alerts::notify::Notifier>,
     /// Fleet agents' liveness into `agent_status` ([`super::agents`]).
+    /// Its stop: the sink's shutdown, or the coordinator stopping on its own.
     #[cfg(feature = "fleet")]
-    agents: JoinHandle<()>,
+    agents: (JoinHandle<()>, Shutdown),
 }
 
 impl Sink {
@@ -219,12 +220,16 @@ impl Sink {
             _ => None,
         };
         #[cfg(feature = "fleet")]
-        let agents = super::agents::start(
-            coordinator.pg.clone(),
-            coordinator.kafka.clone(),
-            shutdown.clone(),
-            health.register("sink-agents"),
-        )?;
+        let agents = {
+            let ended = Shutdown::new();
+            let thread = super::agents::start(
+                coordinator.pg.clone(),
+                coordinator.kafka.clone(),
+                [shutdown.clone(), ended.clone()],
+                health.register("sink-agents"),
+            )?;
+            (thread, ended)
+        };
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
@@ -266,8 +271,12 @@ impl Sink {
         if let Some(n) = self.notifier {
             n.join();
         }
+        // The coordinator may stop on its own (a schema it refuses): so does the reader.
         #[cfg(feature = "fleet")]
-        let _ = self.agents.join();
+        {
+            self.agents.1.trigger();
+            let _ = self.agents.0.join();
+        }
         result
     }
 }
