@@ -302,3 +302,74 @@ INSERT INTO sitewatch_schema (version) VALUES (1) ON CONFLICT (version) DO NOTHI
 -- rewrites nothing, on the parent and on every partition.
 ALTER TABLE checks ADD COLUMN IF NOT EXISTS location text;
 INSERT INTO sitewatch_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING;
+
+-- Version 3: the fleet (`[fleet]`). Each fleet agent publishes a liveness record to the
+-- compacted topic sitewatch.agents every few seconds; the sink keeps the latest per agent here
+-- (an upsert that never replaces a newer row). last_seen is the agent's timestamp of the
+-- record; record_every is how often the agent sends one.
+CREATE TABLE IF NOT EXISTS agent_status (
+    agent_id          text             PRIMARY KEY,
+    location          text,
+    "group"           text             NOT NULL,  -- the consumer group (<group>.<location>)
+    version           text             NOT NULL,
+    last_seen         timestamptz      NOT NULL,
+    record_every      interval         NOT NULL,
+    generation        integer,
+    targets_owned     bigint           NOT NULL,  -- fleet targets of its partitions
+    checks_per_second double precision NOT NULL,  -- since its previous record
+    spool_records     bigint           NOT NULL,
+    spool_bytes       bigint           NOT NULL,
+    updated_at        timestamptz      NOT NULL DEFAULT now()
+);
+
+-- Each agent, `silent` once three records in a row are missing, `alive` before.
+CREATE OR REPLACE VIEW agent_liveness AS
+SELECT a.agent_id, a.location, a."group", a.version, a.last_seen,
+       now() - a.last_seen AS silent_for,
+       CASE WHEN a.last_seen < now() - 3 * a.record_every THEN 'silent' ELSE 'alive' END AS state,
+       a.targets_owned, a.checks_per_second, a.spool_records, a.spool_bytes, a.generation
+FROM agent_status a;
+
+-- Latest check per target and location (a null location: agents without one) within the
+-- last day: every location probes every target, so this is what each one sees now. Bounded
+-- to a day so it reads the newest partitions only, never the whole retention.
+CREATE OR REPLACE VIEW target_status_by_location AS
+SELECT DISTINCT ON (c.target, c.location)
+       c.target, c.location, c.started_at AS last_check, c.up, c.failure, c.error, c.status,
+       c.total_ms, c.agent
+FROM checks c
+WHERE c.started_at >= now() - interval '1 day'
+ORDER BY c.target, c.location, c.started_at DESC;
+
+-- The quorum's settings, one row: a target is down when at least min_down of the locations
+-- that count see it down. A location counts for a target when its latest check of it started
+-- within fresh_for (a few check intervals) and, if the location has fleet agents in
+-- agent_status, at least one of them is alive (so a location whose agents went silent stops
+-- counting after three missed liveness records, not after fresh_for).
+CREATE TABLE IF NOT EXISTS quorum_settings (
+    one       boolean  PRIMARY KEY DEFAULT true CHECK (one),
+    min_down  integer  NOT NULL DEFAULT 2 CHECK (min_down >= 1),
+    fresh_for interval NOT NULL DEFAULT interval '90 seconds'  -- three default intervals
+);
+INSERT INTO quorum_settings DEFAULT VALUES ON CONFLICT (one) DO NOTHING;
+
+CREATE OR REPLACE VIEW target_quorum AS
+WITH s AS (SELECT min_down, fresh_for FROM quorum_settings),
+counted AS (
+    SELECT l.target, l.location, l.up
+    FROM target_status_by_location l CROSS JOIN s
+    WHERE l.last_check >= now() - s.fresh_for
+      AND (NOT EXISTS (SELECT 1 FROM agent_liveness a WHERE a.location = l.location)
+           OR EXISTS (SELECT 1 FROM agent_liveness a
+                      WHERE a.location = l.location AND a.state = 'alive'))
+)
+SELECT c.target,
+       count(*)                                               AS locations,
+       count(*) FILTER (WHERE NOT c.up)                       AS locations_down,
+       array_agg(c.location ORDER BY c.location) FILTER (WHERE NOT c.up) AS down_in,
+       s.min_down,
+       count(*) FILTER (WHERE NOT c.up) >= s.min_down         AS down
+FROM counted c CROSS JOIN s
+GROUP BY c.target, s.min_down;
+
+INSERT INTO sitewatch_schema (version) VALUES (3) ON CONFLICT (version) DO NOTHING;

@@ -244,6 +244,8 @@ fn run_agent(
     publisher
         .first_connect(kafka.request_timeout.min(FIRST_CONNECT_WAIT))
         .map_err(DaemonError::Kafka)?;
+    #[cfg(feature = "fleet")]
+    let stats = publisher.stats_source();
     let output: Box<dyn Output> = match metrics {
         Some(m) => {
             m.reloaded(&cfg, &prober);
@@ -264,7 +266,7 @@ fn run_agent(
                 m.reloaded(c, p);
             }
         });
-        crate::fleet::start_if_configured(&cfg, &prober, reload_tx, &shutdown, on_targets)
+        crate::fleet::start_if_configured(&cfg, &prober, reload_tx, &shutdown, on_targets, stats)
     };
     let reloader = Reloader {
         path: path.to_path_buf(),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sitewatch::config::KafkaConfig;
+use sitewatch::config::{Config, KafkaConfig};
 use sitewatch::kafka::Client;
 use sitewatch::kafka::group::{self, Assignment, GroupSettings, Member};
 use sitewatch::service::Shutdown;
@@ -18,6 +18,7 @@ use sitewatch::service::Shutdown;
 use crate::support::apache_kafka::{ApacheKafka, Options};
 use crate::support::broker::Broker;
 use crate::support::http::{HttpServer, Reply};
+use crate::support::pg::TestDb;
 use crate::support::{TempDir, wait_for};
 
 /// One overall deadline for every wait (a loaded 2-core machine, Kafka rebalances).
@@ -250,10 +251,22 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &TempDir, name: &str, brokers: &str, group: &str, fleet_extra: &str) -> Agent {
+        Agent::start_with(dir, name, brokers, group, "", fleet_extra)
+    }
+
+    /// As [`Agent::start`], with `agent_extra` in `[agent]` (a location).
+    fn start_with(
+        dir: &TempDir,
+        name: &str,
+        brokers: &str,
+        group: &str,
+        agent_extra: &str,
+        fleet_extra: &str,
+    ) -> Agent {
         let state = dir.path().join(format!("state-{name}"));
         let text = format!(
             "[agent]\nid = \"{name}\"\nuser_agent = \"{name}\"\ninterval = \"2s\"\ntimeout = \"2s\"\n\
-             concurrency = 8\njitter = \"10%\"\ndrain_timeout = \"5s\"\nstate_dir = \"{}\"\n\
+             concurrency = 8\njitter = \"10%\"\ndrain_timeout = \"5s\"\nstate_dir = \"{}\"\n{agent_extra}\
              [kafka]\nbrokers = [\"{brokers}\"]\ntopic = \"fleet.checks\"\npartitions = 1\n\
              [fleet]\ntargets_topic = \"fleet.targets\"\ngroup = \"{group}\"\npartitions = 12\n{fleet_extra}",
             state.display()
@@ -808,4 +821,226 @@ fn metrics_keep_only_the_fleet_targets_an_agent_still_owns() {
         x.signal("-TERM");
         assert_eq!(x.wait_exit(), Some(0), "log:\n{}", x.log());
     }
+}
+
+/// A sink of the fleet tests' check topic into `db`, in this process.
+fn start_sink(db: &TestDb, brokers: &str) -> (sitewatch::sink::Sink, Shutdown) {
+    let text = format!(
+        "[kafka]\nbrokers = [\"{brokers}\"]\ntopic = \"fleet.checks\"\npartitions = 1\n\
+         [postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n",
+        db.url()
+    );
+    let cfg = Config::parse(&text, Path::new("sink.toml"), &|_| None).expect("sink config");
+    sitewatch::sink::init_db(&cfg).expect("init-db");
+    let shutdown = Shutdown::new();
+    let sink = sitewatch::sink::Sink::start(&cfg, &shutdown).expect("sink starts");
+    (sink, shutdown)
+}
+
+/// `(agent, location, state, targets_owned, checks_per_second, spool_records)` per agent.
+type Liveness = Vec<(String, Option<String>, String, i64, f64, i64)>;
+
+fn liveness(pg: &mut postgres::Client) -> Liveness {
+    pg.query(
+        "SELECT agent_id, location, state, targets_owned, checks_per_second, spool_records \
+         FROM agent_liveness ORDER BY agent_id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+    .collect()
+}
+
+/// Two locations on one targets topic: each location's agent probes every target, the rows
+/// carry the location, `agent_status` has both agents (location, targets owned, checks per
+/// second, spool depth) and shows the one killed with -9 as silent after three missed
+/// liveness records.
+#[test]
+fn two_locations_probe_every_target_and_a_killed_agent_turns_silent() {
+    let broker = Broker::start();
+    let (server, seen) = recording_server();
+    let db = TestDb::create();
+    let dir = TempDir::new("fleet-locations");
+    let (sink, stop_sink) = start_sink(&db, &broker.addr());
+    let all = ids(10);
+    let file = targets_file(&dir, "targets.toml", &server, &all);
+    let mut agents: Vec<Agent> = [("eu", "eu-west"), ("us", "us-east")]
+        .iter()
+        .map(|(n, loc)| {
+            let extra = format!("location = \"{loc}\"\n");
+            Agent::start_with(&dir, n, &broker.addr(), "fleet-loc", &extra, "")
+        })
+        .collect();
+    assert!(push(&agents[0].config, &file, false).contains("10 added"));
+
+    wait_for("every target probed from both locations", DEADLINE, || {
+        let o = owners(&seen, 0, seen_len(&seen));
+        paths(&all).iter().all(|p| {
+            o.get(p)
+                .is_some_and(|by| by.contains("eu") && by.contains("us"))
+        })
+    });
+    let mut pg = db.client();
+    let per_location = |pg: &mut postgres::Client| -> Vec<(String, String, i64)> {
+        pg.query(
+            "SELECT location, agent, count(DISTINCT target) FROM checks \
+             GROUP BY location, agent ORDER BY location",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+    };
+    let want = vec![
+        ("eu-west".to_string(), "eu".to_string(), 10),
+        ("us-east".to_string(), "us".to_string(), 10),
+    ];
+    wait_for("every target's rows from both locations", DEADLINE, || {
+        per_location(&mut pg) == want
+    });
+    let latest: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM target_status_by_location \
+             WHERE location IN ('eu-west', 'us-east')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        latest, 20,
+        "target_status_by_location: each target from each location"
+    );
+
+    wait_for(
+        "both agents alive in agent_status, owning all targets",
+        DEADLINE,
+        || {
+            let l = liveness(&mut pg);
+            l.len() == 2
+                && l.iter().all(|(_, _, state, owned, cps, spooled)| {
+                    state == "alive" && *owned == 10 && *cps > 0.0 && *spooled == 0
+                })
+        },
+    );
+    let l = liveness(&mut pg);
+    assert_eq!(l[0].1.as_deref(), Some("eu-west"), "{l:?}");
+    assert_eq!(l[1].1.as_deref(), Some("us-east"), "{l:?}");
+
+    let mut us = agents.pop().unwrap();
+    let t = Instant::now();
+    us.signal("-KILL");
+    us.wait_exit();
+    wait_for("the killed agent silent", DEADLINE, || {
+        let l = liveness(&mut pg);
+        l[1].2 == "silent"
+    });
+    eprintln!(
+        "agent_status: a killed agent turned silent {:?} after kill -9 (records every 5 s)",
+        t.elapsed()
+    );
+    assert_eq!(
+        liveness(&mut pg)[0].2,
+        "alive",
+        "the other agent stays alive"
+    );
+    stop_sink.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// One check row of `target` from `location`, `ago` seconds ago.
+fn insert_check(pg: &mut postgres::Client, target: &str, location: &str, up: bool, ago: f64) {
+    pg.execute(
+        "INSERT INTO checks (check_id, started_at, target, url, agent, agent_version, v, up, \
+         attempt, method, redirects, body_bytes, body_truncated, total_ms, kafka_partition, \
+         kafka_offset, location) \
+         VALUES (md5(random()::text), now() - make_interval(secs => $4), $1, 'http://x/', \
+         $2, '0', 1, $3, 1, 'GET', 0, 0, false, 1.0, 0, 0, $2)",
+        &[&target, &location, &up, &ago],
+    )
+    .unwrap();
+}
+
+/// `(locations counted, locations down, down)` of `target` in `target_quorum`.
+fn quorum(pg: &mut postgres::Client, target: &str) -> (i64, i64, bool) {
+    let r = pg
+        .query_one(
+            "SELECT locations, locations_down, down FROM target_quorum WHERE target = $1",
+            &[&target],
+        )
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+/// The quorum view over three locations (rows written directly): 1 of 3 down is up, 2 of 3
+/// is down, a location whose agents are silent or whose latest check is stale does not count,
+/// and N comes from `quorum_settings`.
+#[test]
+fn quorum_view_needs_n_fresh_locations_with_live_agents() {
+    let db = TestDb::create();
+    let text = format!(
+        "[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n",
+        db.url()
+    );
+    let cfg = Config::parse(&text, Path::new("db.toml"), &|_| None).expect("config");
+    sitewatch::sink::init_db(&cfg).expect("init-db");
+    let mut pg = db.client();
+    for loc in ["eu", "us", "ap"] {
+        pg.execute(
+            "INSERT INTO agent_status (agent_id, location, \"group\", version, last_seen, \
+             record_every, targets_owned, checks_per_second, spool_records, spool_bytes) \
+             VALUES ($1, $1, 'g', '0', now(), interval '5 seconds', 1, 1, 0, 0)",
+            &[&loc],
+        )
+        .unwrap();
+    }
+    insert_check(&mut pg, "t", "eu", false, 2.0);
+    insert_check(&mut pg, "t", "us", false, 9.0);
+    insert_check(&mut pg, "t", "us", true, 2.0);
+    insert_check(&mut pg, "t", "ap", true, 2.0);
+    assert_eq!(quorum(&mut pg, "t"), (3, 1, false), "1 of 3 down: up");
+    let latest: Vec<(String, bool)> = pg
+        .query(
+            "SELECT location, up FROM target_status_by_location WHERE target = 't' \
+             ORDER BY location",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [("ap", true), ("eu", false), ("us", true)].map(|(l, u)| (l.to_string(), u));
+    assert_eq!(latest, want, "the latest check per location");
+
+    insert_check(&mut pg, "t", "us", false, 1.0);
+    assert_eq!(quorum(&mut pg, "t"), (3, 2, true), "2 of 3 down: down");
+
+    // us's only agent missed three liveness records: its checks no longer count.
+    pg.execute(
+        "UPDATE agent_status SET last_seen = now() - interval '16 seconds' WHERE agent_id = 'us'",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        quorum(&mut pg, "t"),
+        (2, 1, false),
+        "a silent location does not count"
+    );
+    // ap's latest check is older than fresh_for: it does not count either.
+    insert_check(&mut pg, "u", "eu", false, 1.0);
+    insert_check(&mut pg, "u", "ap", false, 600.0);
+    assert_eq!(
+        quorum(&mut pg, "u"),
+        (1, 1, false),
+        "a stale location does not count"
+    );
+
+    pg.execute("UPDATE quorum_settings SET min_down = 1", &[])
+        .unwrap();
+    assert_eq!(
+        quorum(&mut pg, "t"),
+        (2, 1, true),
+        "N = 1 from quorum_settings"
+    );
 }

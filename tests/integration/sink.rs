@@ -224,10 +224,13 @@ fn init_db_twice_is_fine_and_the_sink_refuses_a_database_without_it() {
 fn init_db_adds_the_location_column_to_a_version_1_database() {
     let db = fresh_db();
     let mut client = db.client();
-    // The database as version 1 left it (no location column), with a row in it.
+    // The database as version 1 left it (no location column, none of version 3's fleet
+    // objects), with a row in it.
     client
         .batch_execute(
-            "ALTER TABLE checks DROP COLUMN location; \
+            "DROP VIEW target_quorum, target_status_by_location, agent_liveness; \
+             DROP TABLE agent_status, quorum_settings; \
+             ALTER TABLE checks DROP COLUMN location; \
              DELETE FROM sitewatch_schema WHERE version > 1;",
         )
         .unwrap();

@@ -25,6 +25,7 @@ use crate::config::{Config, FleetConfig, KafkaConfig, RawTarget, Target};
 use crate::kafka::group::{self, Assignment, GroupSettings, Member};
 use crate::kafka::{Client, FetchedRecord, KafkaError};
 use crate::probe::Prober;
+use crate::publish::StatsSource;
 use crate::schedule::Reload;
 use crate::service::Shutdown;
 
@@ -63,6 +64,7 @@ pub fn start_if_configured(
     to_scheduler: Sender<Reload>,
     shutdown: &Shutdown,
     on_targets: OnTargets,
+    stats: StatsSource,
 ) -> (Sender<Reload>, Option<Fleet>) {
     let (Some(fleet), Some(kafka)) = (cfg.fleet.clone(), cfg.kafka.clone()) else {
         return (to_scheduler, None);
@@ -87,6 +89,9 @@ pub fn start_if_configured(
     let follower = Follower {
         agent_id: cfg.agent.id.clone(),
         group: fleet.group_id(),
+        location: fleet.location.clone(),
+        stats,
+        rate: Rate::new(std::time::Instant::now(), 0),
         generation: -1,
         last_record: None,
         topic: fleet.targets_topic.clone(),
@@ -153,6 +158,10 @@ struct Part {
 struct Follower {
     agent_id: String,
     group: String,
+    location: Option<String>,
+    /// The publisher's counters: checks per second and spool depth for the liveness record.
+    stats: StatsSource,
+    rate: Rate,
     /// The group generation of the current assignment.
     generation: i32,
     /// When the last liveness record went out (`None`: never; the topic is ensured first).
@@ -284,7 +293,8 @@ impl Follower {
     }
 
     /// Every [`AGENT_RECORD_EVERY`], this agent's liveness record to [`AGENTS_TOPIC`]: id,
-    /// group, version, generation, partitions and fleet targets owned. A failure is logged and
+    /// location, group, version, generation, partitions, fleet targets owned, checks per
+    /// second since the previous record and spool depth. A failure is logged and
     /// retried at the next one; it never holds up following the targets.
     fn publish_liveness(&mut self) {
         if self
@@ -317,15 +327,23 @@ impl Follower {
             log::warn!(target: "sitewatch::fleet", "fleet: topic {AGENTS_TOPIC}: {e}");
             return;
         }
+        let stats = (self.stats)();
+        let now = std::time::Instant::now();
         let record = serde_json::json!({
             "v": 1,
             "agent_id": self.agent_id,
+            "location": self.location,
             "group": self.group,
             "version": env!("CARGO_PKG_VERSION"),
             "ts": crate::util::rfc3339_now(),
+            "every_ms": AGENT_RECORD_EVERY.as_millis() as u64,
             "generation": self.generation,
             "partitions": self.parts.keys().collect::<Vec<_>>(),
             "targets_owned": self.parts.values().map(|p| p.targets.len()).sum::<usize>(),
+            // Every check is one record given to the publisher.
+            "checks_per_second": self.rate.per_second(now, stats.accepted),
+            "spool_records": stats.spooled,
+            "spool_bytes": stats.spool_bytes,
         });
         let r = crate::kafka::ProduceRecord {
             key: self.agent_id.as_bytes().to_vec(),
@@ -370,6 +388,29 @@ impl Follower {
     }
 }
 
+/// Checks per second between two readings of the publisher's `accepted` counter.
+struct Rate {
+    at: std::time::Instant,
+    count: u64,
+}
+
+impl Rate {
+    fn new(at: std::time::Instant, count: u64) -> Rate {
+        Rate { at, count }
+    }
+
+    /// The rate since the previous reading (rounded to 0.01), which `now` then replaces.
+    fn per_second(&mut self, now: std::time::Instant, count: u64) -> f64 {
+        let secs = now.saturating_duration_since(self.at).as_secs_f64();
+        let n = count.saturating_sub(self.count) as f64;
+        *self = Rate::new(now, count);
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        (n / secs * 100.0).round() / 100.0
+    }
+}
+
 /// Applies one record of partition `p`: a tombstone removes its target, a value replaces it
 /// when it is a valid target whose id is the key. A bad value is skipped with an error
 /// naming where it is (the previous definition, if any, stays). Whether anything changed.
@@ -406,5 +447,22 @@ fn apply(file: &Config, topic: &str, p: i32, part: &mut Part, r: FetchedRecord) 
             log::error!(target: "sitewatch::fleet", "{at}: {e}; skipped");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn checks_per_second_is_the_rate_since_the_previous_record() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(t0, 0);
+        assert_eq!(r.per_second(t0 + Duration::from_secs(5), 50), 10.0);
+        assert_eq!(r.per_second(t0 + Duration::from_secs(10), 53), 0.6);
+        // No time passed (or a counter that went back): no division by zero, no wrap.
+        assert_eq!(r.per_second(t0 + Duration::from_secs(10), 60), 0.0);
+        assert_eq!(r.per_second(t0 + Duration::from_secs(12), 10), 0.0);
     }
 }

@@ -105,6 +105,9 @@ pub struct PublisherStats {
     pub connected: bool,
 }
 
+/// A live view of a publisher's counters (see [`Publisher::stats_source`]).
+pub type StatsSource = Box<dyn Fn() -> PublisherStats + Send>;
+
 #[derive(Default)]
 struct Shared {
     accepted: AtomicU64,
@@ -154,6 +157,18 @@ enum FirstConnect {
 }
 
 impl Shared {
+    fn snapshot(&self) -> PublisherStats {
+        PublisherStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            spooled: self.spooled.load(Ordering::Relaxed),
+            spool_bytes: self.spool_bytes.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed) as u64,
+            dropped: self.dropped.load(Ordering::Relaxed),
+            connected: self.connected.load(Ordering::Relaxed),
+        }
+    }
+
     /// One record taken off the queue.
     fn dequeued(&self) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -257,16 +272,15 @@ impl Publisher {
     }
 
     pub fn stats(&self) -> PublisherStats {
-        let s = &self.shared;
-        PublisherStats {
-            accepted: s.accepted.load(Ordering::Relaxed),
-            acked: s.acked.load(Ordering::Relaxed),
-            spooled: s.spooled.load(Ordering::Relaxed),
-            spool_bytes: s.spool_bytes.load(Ordering::Relaxed),
-            queued: s.queued.load(Ordering::Relaxed) as u64,
-            dropped: s.dropped.load(Ordering::Relaxed),
-            connected: s.connected.load(Ordering::Relaxed),
-        }
+        self.shared.snapshot()
+    }
+
+    /// Reads [`Publisher::stats`] from elsewhere after the publisher has moved into the
+    /// scheduler's output (the fleet's liveness records carry checks per second and spool
+    /// depth).
+    pub fn stats_source(&self) -> StatsSource {
+        let shared = self.shared.clone();
+        Box::new(move || shared.snapshot())
     }
 
     /// Takes one ready-made record (key, value, timestamp): what `write` does after encoding.

@@ -145,6 +145,10 @@ pub struct Sink {
     status: SharedStatus,
     #[cfg(feature = "alerts")]
     notifier: Option<crate::alerts::notify::Notifier>,
+    /// Fleet agents' liveness into `agent_status` ([`super::agents`]).
+    /// Its stop: the sink's shutdown, or the coordinator stopping on its own.
+    #[cfg(feature = "fleet")]
+    agents: (JoinHandle<()>, Shutdown),
 }
 
 impl Sink {
@@ -215,6 +219,17 @@ impl Sink {
             )?),
             _ => None,
         };
+        #[cfg(feature = "fleet")]
+        let agents = {
+            let ended = Shutdown::new();
+            let thread = super::agents::start(
+                coordinator.pg.clone(),
+                coordinator.kafka.clone(),
+                [shutdown.clone(), ended.clone()],
+                health.register("sink-agents"),
+            )?;
+            (thread, ended)
+        };
         let thread = std::thread::Builder::new()
             .name("sink".into())
             .spawn(move || coordinator.run())
@@ -224,6 +239,8 @@ impl Sink {
             status,
             #[cfg(feature = "alerts")]
             notifier,
+            #[cfg(feature = "fleet")]
+            agents,
         })
     }
 
@@ -253,6 +270,12 @@ impl Sink {
         #[cfg(feature = "alerts")]
         if let Some(n) = self.notifier {
             n.join();
+        }
+        // The coordinator may stop on its own (a schema it refuses): so does the reader.
+        #[cfg(feature = "fleet")]
+        {
+            self.agents.1.trigger();
+            let _ = self.agents.0.join();
         }
         result
     }

@@ -7,6 +7,8 @@
 //!
 //! Not here: the record's shape and JSON (`result`), the Kafka wire protocol (`kafka`).
 
+#[cfg(feature = "fleet")]
+pub mod agents;
 pub mod consume;
 pub mod db;
 pub mod owner;
