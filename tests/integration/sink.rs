@@ -199,7 +199,7 @@ fn init_db_twice_is_fine_and_the_sink_refuses_a_database_without_it() {
     schema::require(&mut client, &db.url()).expect("schema present");
     assert_eq!(
         count(&mut client, "SELECT count(*) FROM sitewatch_schema"),
-        1
+        i64::from(schema::SCHEMA_VERSION)
     );
     // Partitions from yesterday to DAYS_AHEAD days ahead exist after init-db.
     let parts = count(
@@ -1695,4 +1695,209 @@ fn a_backlog_drains_on_tansu_next() {
 #[test]
 fn a_backlog_drains_on_tansu_0_6() {
     a_backlog_drains_on(crate::support::broker::Tansu::V0_6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollups (check_rollups_hourly, check_rollups_daily) against the raw checks.
+
+/// Per target over a window: checks, successes, sum of total_ms, histogram of total_ms.
+type WindowAggregate = std::collections::BTreeMap<String, (i64, i64, f64, Vec<i64>)>;
+
+/// The aggregate of the raw `checks` rows started in [from, to).
+fn window_from_raw(c: &mut postgres::Client, from: SystemTime, to: SystemTime) -> WindowAggregate {
+    let bounds = sink::rollup::TOTAL_MS_BOUNDS.to_vec();
+    let mut out = WindowAggregate::new();
+    for row in c
+        .query(
+            "SELECT target, count(*), count(*) FILTER (WHERE up), sum(total_ms) \
+             FROM checks WHERE started_at >= $1 AND started_at < $2 GROUP BY target",
+            &[&from, &to],
+        )
+        .unwrap()
+    {
+        let hist = vec![0; sink::rollup::BUCKETS];
+        out.insert(row.get(0), (row.get(1), row.get(2), row.get(3), hist));
+    }
+    // A check's bucket is the number of bounds below its total (the first bound >= it).
+    for row in c
+        .query(
+            "SELECT target, b, count(*) FROM checks, \
+             LATERAL (SELECT count(*) FROM unnest($3::float8[]) x WHERE x < total_ms) AS k(b) \
+             WHERE started_at >= $1 AND started_at < $2 GROUP BY target, b",
+            &[&from, &to, &bounds],
+        )
+        .unwrap()
+    {
+        let target: String = row.get(0);
+        let bucket: i64 = row.get(1);
+        out.get_mut(&target).unwrap().3[bucket as usize] = row.get(2);
+    }
+    out
+}
+
+/// The sum of `table`'s rollups whose period starts in [from, to).
+fn window_from_rollups(
+    c: &mut postgres::Client,
+    table: &str,
+    from: SystemTime,
+    to: SystemTime,
+) -> WindowAggregate {
+    let mut out = WindowAggregate::new();
+    for row in c
+        .query(
+            &format!(
+                "SELECT target, sum(checks)::int8, sum(successes)::int8, sum(total_ms_sum), \
+                 (SELECT array_agg(s ORDER BY i) FROM (SELECT i, sum(h)::int8 AS s \
+                   FROM {table} r2, unnest(r2.total_ms_hist) WITH ORDINALITY AS u(h, i) \
+                   WHERE r2.target = r.target AND r2.period_start >= $1 AND r2.period_start < $2 \
+                   GROUP BY i) per_bucket) \
+                 FROM {table} r WHERE period_start >= $1 AND period_start < $2 GROUP BY target"
+            ),
+            &[&from, &to],
+        )
+        .unwrap()
+    {
+        out.insert(row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4)));
+    }
+    out
+}
+
+/// Rollups equal the raw aggregate over the whole range and over random hour- and day-aligned
+/// windows within the last `days` days.
+fn assert_rollups_match_raw(c: &mut postgres::Client, days: i64) {
+    let seed = unix_ms_now() as u64 | 1;
+    let mut x = seed;
+    let mut next = move |n: i64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as i64
+    };
+    const HOUR: i64 = 3_600_000;
+    let now_hour = unix_ms_now() / HOUR + 1;
+    let span = (days + 1) * 24;
+    let mut windows = vec![("check_rollups_hourly", now_hour - span, now_hour, HOUR)];
+    for _ in 0..20 {
+        let (a, b) = (next(span), next(span));
+        windows.push((
+            "check_rollups_hourly",
+            now_hour - a.max(b),
+            now_hour - a.min(b),
+            HOUR,
+        ));
+    }
+    let now_day = now_hour / 24 + 1;
+    for _ in 0..6 {
+        let (a, b) = (next(days + 2), next(days + 2));
+        windows.push((
+            "check_rollups_daily",
+            now_day - a.max(b),
+            now_day - a.min(b),
+            24 * HOUR,
+        ));
+    }
+    let ts = |ms: i64| UNIX_EPOCH + Duration::from_millis(ms as u64);
+    for (table, from, to, unit) in windows {
+        let (from, to) = (ts(from * unit), ts(to * unit));
+        let raw = window_from_raw(c, from, to);
+        let rolled = window_from_rollups(c, table, from, to);
+        let keys = |m: &WindowAggregate| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            keys(&raw),
+            keys(&rolled),
+            "seed {seed}: {table} {from:?}..{to:?}"
+        );
+        for (target, (n, up, sum, hist)) in &raw {
+            let (rn, rup, rsum, rhist) = &rolled[target];
+            let what = format!("seed {seed}: {table} {from:?}..{to:?} target {target}");
+            assert_eq!((n, up, hist), (rn, rup, rhist), "{what}");
+            assert!(
+                (sum - rsum).abs() <= 1e-9 * sum.abs().max(1.0),
+                "{what}: {sum} {rsum}"
+            );
+        }
+    }
+}
+
+/// `n` records over 7 targets, started within the last `days` days, every third one down,
+/// totals spread over every histogram bucket.
+fn spread_records(n: usize, days: i64) -> Vec<CheckResult> {
+    (0..n)
+        .map(|i| {
+            let ago = (i as i64 * 7_919_111) % (days * 86_400_000);
+            let failure = (i % 3 == 0).then_some(FailureReason::Timeout);
+            let total = ((i * 37) % 12_000) as f64 + 0.25;
+            record(&format!("site-{}", i % 7), ago, failure, total)
+        })
+        .collect()
+}
+
+#[test]
+fn rollups_equal_the_raw_checks_with_redeliveries_and_rejected_records() {
+    let db = fresh_db();
+    let mut client = db.client();
+    client
+        .batch_execute("ALTER TABLE checks ADD CONSTRAINT no_teapots CHECK (status <> 418)")
+        .unwrap();
+    let mut records = spread_records(3000, 5);
+    records[17].status = Some(418);
+    let mut writers = [writer(&db, 0), writer(&db, 1)];
+    let mut offsets = [None, None];
+    for (i, chunk) in records.chunks(250).enumerate() {
+        let p = i % 2;
+        let from = offsets[p].unwrap_or(0);
+        // Each batch is written, then half of it again (a producer retry): no double count.
+        let mut values = json(chunk);
+        values.extend(json(&chunk[..chunk.len() / 2]));
+        let out = writers[p]
+            .write(offsets[p], &messages(&values, from), 0)
+            .expect("write");
+        // The teapot's second copy is a dead letter too, not a duplicate.
+        let teapots = u64::from(i == 0);
+        assert_eq!(out.duplicates + teapots, (chunk.len() / 2) as u64);
+        assert_eq!(out.dead_letters, 2 * teapots);
+        offsets[p] = Some(out.next_offset);
+    }
+    assert_eq!(count(&mut client, "SELECT count(*) FROM checks"), 2999);
+    assert_eq!(
+        count(
+            &mut client,
+            "SELECT sum(checks)::int8 FROM check_rollups_hourly"
+        ),
+        2999
+    );
+    assert_rollups_match_raw(&mut client, 5);
+}
+
+#[test]
+fn rollups_equal_the_raw_checks_after_the_sink_process_is_killed() {
+    let p = Pipeline::new(2);
+    let dir = crate::support::TempDir::new("sink-rollup-kill");
+    let config = p.config_file(&dir);
+    let log = dir.path().join("sink.log");
+    let records = spread_records(6000, 3);
+    p.produce(&records);
+    let mut c = p.db.client();
+    let mut kills = 0;
+    let sink = loop {
+        let before = count(&mut c, "SELECT count(*) FROM checks");
+        let sink = SinkProcess::start(&config, &log);
+        let target = (before + 1000).min(6000);
+        crate::support::wait_for(
+            "the sink to write 1000 more rows",
+            Duration::from_secs(300),
+            || count(&mut c, "SELECT count(*) FROM checks") >= target,
+        );
+        if target == 6000 {
+            break sink;
+        }
+        // SIGKILL wherever it is: a batch in flight is cut off with its rollups.
+        sink.kill();
+        kills += 1;
+    };
+    p.wait_offsets_at_end();
+    sink.kill();
+    assert!(kills >= 3, "only {kills} kills");
+    p.assert_exactly_once(&records);
+    assert_rollups_match_raw(&mut c, 3);
 }

@@ -10,6 +10,7 @@
 pub mod consume;
 pub mod db;
 pub mod owner;
+pub mod rollup;
 pub mod schema;
 pub mod writer;
 
