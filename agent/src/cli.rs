@@ -18,6 +18,7 @@ USAGE:
     sitewatch sink [--config FILE]         consume Kafka, persist to PostgreSQL
     sitewatch run [--config FILE]          agent and sink in one process
     sitewatch init-db [--config FILE]      create or upgrade the PostgreSQL schema
+    sitewatch serve [--config FILE]        status page, badges and JSON from PostgreSQL
     sitewatch check-config [--config FILE] validate and print the effective config
     sitewatch rule test RULE.wasm --url URL [--status N --body-file F --header 'k: v']
     sitewatch --version | --help
@@ -46,6 +47,10 @@ pub enum Command {
     InitDb {
         config: Option<PathBuf>,
     },
+    /// `serve`: the status page (`[serve]`), read-only on `[postgres]`.
+    Serve {
+        config: Option<PathBuf>,
+    },
     CheckConfig {
         config: Option<PathBuf>,
     },
@@ -56,7 +61,7 @@ pub enum Command {
 impl Command {
     /// Long-running commands log at `info` by default, one-shot ones at `warn`.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Daemon { .. })
+        matches!(self, Command::Daemon { .. } | Command::Serve { .. })
     }
 }
 
@@ -78,6 +83,7 @@ enum Word {
     Once,
     Daemon(Role),
     InitDb,
+    Serve,
     CheckConfig,
 }
 
@@ -89,6 +95,7 @@ impl Word {
             Word::Daemon(Role::Sink) => "sink",
             Word::Daemon(Role::Both) => "run",
             Word::InitDb => "init-db",
+            Word::Serve => "serve",
             Word::CheckConfig => "check-config",
         }
     }
@@ -148,6 +155,7 @@ where
                 Some("sink") => set(&mut word, Word::Daemon(Role::Sink))?,
                 Some("run") => set(&mut word, Word::Daemon(Role::Both))?,
                 Some("init-db") => set(&mut word, Word::InitDb)?,
+                Some("serve") => set(&mut word, Word::Serve)?,
                 Some("check-config") => set(&mut word, Word::CheckConfig)?,
                 Some("rule") => {
                     if let Some(w) = word {
@@ -180,6 +188,7 @@ where
         Some(Word::Once) => Ok(Command::Once { config, format }),
         Some(Word::Daemon(role)) => Ok(Command::Daemon { role, config }),
         Some(Word::InitDb) => Ok(Command::InitDb { config }),
+        Some(Word::Serve) => Ok(Command::Serve { config }),
         Some(Word::CheckConfig) => Ok(Command::CheckConfig { config }),
     }
 }
@@ -231,6 +240,7 @@ mod tests {
         );
         check("run", "Daemon { role: Both, config: None }");
         check("init-db", "InitDb");
+        check("serve --config s.toml", "Serve { config: Some(\"s.toml\") }");
         check("check-config", "CheckConfig");
         check("--version", "Version");
         check("agent --help", "Help");

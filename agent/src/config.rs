@@ -50,6 +50,7 @@ pub struct RawConfig {
     pub rules: RawRules,
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
+    pub serve: Option<RawServe>,
     pub metrics: Option<RawMetrics>,
 }
 
@@ -165,6 +166,14 @@ pub struct RawMetrics {
     pub modules: std::collections::BTreeMap<String, RawTarget>,
 }
 
+/// `[serve]`: the status page listener of `sitewatch serve`.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawServe {
+    pub listen: Option<String>,
+    pub connections: Option<usize>,
+}
+
 #[derive(Deserialize, Debug, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawTargetTls {
@@ -186,6 +195,8 @@ pub struct Config {
     pub postgres: Option<PostgresConfig>,
     pub rules: RulesConfig,
     pub targets: Vec<Target>,
+    /// `None` when the file has no `[serve]` section: `sitewatch serve` refuses to start.
+    pub serve: Option<ServeConfig>,
     /// `None` when the file has no `[metrics]` section: no listener.
     pub metrics: Option<MetricsConfig>,
     /// Where the passwords came from, so `check-config` can say so without showing them.
@@ -205,6 +216,14 @@ pub struct MetricsConfig {
     pub connections: usize,
     /// `/probe?module=NAME` templates: a [`Target`] whose `id` is the name and `url` empty.
     pub modules: std::collections::BTreeMap<String, Target>,
+}
+
+/// The status page listener (`[serve]`) of `sitewatch serve`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    /// Open connections at once; one more is closed unanswered.
+    pub connections: usize,
 }
 
 /// Where each secret of a [`Config`] came from.
@@ -584,6 +603,8 @@ pub const DEFAULT_TOPIC: &str = "sitewatch.checks";
 pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
 /// Connections the metrics listener serves at once (each is one short-lived thread).
 pub const DEFAULT_METRICS_CONNECTIONS: usize = 16;
+/// Connections the status page serves at once: a page view is one request (no assets).
+pub const DEFAULT_SERVE_CONNECTIONS: usize = 32;
 /// Upper bounds for the two above: a typo of 10000 must not mean 10000 threads.
 pub const MAX_PROBE_CONCURRENCY: usize = 64;
 pub const MAX_METRICS_CONNECTIONS: usize = 256;
@@ -745,6 +766,7 @@ impl Validator<'_> {
         let kafka = self.kafka(raw.kafka.as_ref())?;
         let postgres = self.postgres(raw.postgres.as_ref())?;
         let rules = self.rules(&raw.rules)?;
+        let serve = raw.serve.as_ref().map(|s| self.serve(s)).transpose()?;
         let metrics = raw
             .metrics
             .as_ref()
@@ -777,6 +799,7 @@ impl Validator<'_> {
             postgres,
             rules,
             targets,
+            serve,
             metrics,
             secrets: self.secrets.take(),
         })
@@ -1273,6 +1296,45 @@ impl Validator<'_> {
         })
     }
 
+    fn serve(&self, raw: &RawServe) -> Result<ServeConfig, ConfigError> {
+        let ctx = "serve: ";
+        if !cfg!(feature = "serve") {
+            return Err(self.err(format!(
+                "{ctx}this sitewatch was built without the `serve` feature; remove [serve]"
+            )));
+        }
+        let listen = self.listen(ctx, raw.listen.as_deref(), "127.0.0.1:9782")?;
+        let connections = match raw.connections {
+            None => DEFAULT_SERVE_CONNECTIONS,
+            Some(n) if (1..=MAX_METRICS_CONNECTIONS).contains(&n) => n,
+            Some(n) => {
+                return Err(self.err(format!(
+                    "{ctx}connections {n}: expected 1 to {MAX_METRICS_CONNECTIONS}"
+                )));
+            }
+        };
+        Ok(ServeConfig {
+            listen,
+            connections,
+        })
+    }
+
+    /// A listener's `listen` address: an IP address and port (no host names: no lookup).
+    fn listen(
+        &self,
+        ctx: &str,
+        listen: Option<&str>,
+        example: &str,
+    ) -> Result<std::net::SocketAddr, ConfigError> {
+        let listen =
+            listen.ok_or_else(|| self.err(format!("{ctx}listen: missing (e.g. \"{example}\")")))?;
+        listen.parse().map_err(|_| {
+            self.err(format!(
+                "{ctx}listen {listen:?}: expected an IP address and port, like \"{example}\""
+            ))
+        })
+    }
+
     fn metrics(&self, raw: &RawMetrics, agent: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
         let ctx = "metrics: ";
         if !cfg!(feature = "metrics") {
@@ -1280,15 +1342,7 @@ impl Validator<'_> {
                 "{ctx}this sitewatch was built without the `metrics` feature; remove [metrics]"
             )));
         }
-        let listen = raw
-            .listen
-            .as_deref()
-            .ok_or_else(|| self.err(format!("{ctx}listen: missing (e.g. \"127.0.0.1:9781\")")))?;
-        let listen = listen.parse().map_err(|_| {
-            self.err(format!(
-                "{ctx}listen {listen:?}: expected an IP address and port, like \"127.0.0.1:9781\""
-            ))
-        })?;
+        let listen = self.listen(ctx, raw.listen.as_deref(), "127.0.0.1:9781")?;
         let mut probe_allow = Vec::new();
         for prefix in raw.probe_allow.iter().flatten() {
             // The host must end at a `/`: a bare `http://a.example` would admit `a.example.evil`.
@@ -1542,6 +1596,11 @@ impl Config {
         self.rules.write_toml(&mut out);
         for t in &self.targets {
             t.write_toml(&mut out);
+        }
+        if let Some(s) = &self.serve {
+            out.table("[serve]");
+            out.string("listen", &s.listen.to_string());
+            out.value("connections", s.connections);
         }
         if let Some(m) = &self.metrics {
             m.write_toml(&mut out);
@@ -2093,6 +2152,13 @@ mod tests {
             // Without the rule engine a `rule` is refused, so it cannot be part of this config.
             false => EVERY_KEY.replace("rule = \"status_ok.wasm\"\n", ""),
         };
+        if !cfg!(feature = "serve") {
+            // Without the status page `[serve]` is refused.
+            text = text.replace(
+                "[serve]\nlisten = \"127.0.0.1:9782\"\nconnections = 7\n",
+                "",
+            );
+        }
         if !cfg!(feature = "metrics") {
             // Without the listener `[metrics]` is refused; it is the file's last table.
             text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);
@@ -2198,6 +2264,7 @@ mod tests {
             ("[rules]", &["rules"]),
             ("[[target]]", &["target"]),
             ("[[target]]\n[target.tls]", &["target", "tls"]),
+            ("[serve]", &["serve"]),
         ] {
             let fields = fields_of(header);
             assert!(fields.len() > 1, "{header}: {fields:?}");

@@ -12,6 +12,8 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(any(feature = "metrics", feature = "serve"))]
+pub mod httpd;
 pub mod kafka;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -21,6 +23,8 @@ pub mod publish;
 pub mod result;
 pub mod rules;
 pub mod schedule;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod service;
 pub mod sink;
 pub mod util;

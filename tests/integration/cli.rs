@@ -162,6 +162,13 @@ fn every_key_config(dir: &TempDir) -> PathBuf {
         // Without the rule engine a `rule` is refused.
         text = text.replace("rule = \"status_ok.wasm\"\n", "");
     }
+    if !cfg!(feature = "serve") {
+        // Without the status page `[serve]` is refused.
+        text = text.replace(
+            "[serve]\nlisten = \"127.0.0.1:9782\"\nconnections = 7\n",
+            "",
+        );
+    }
     if !cfg!(feature = "metrics") {
         // Without the listener `[metrics]` is refused; it is the file's last table.
         text.truncate(text.find("\n[metrics]").unwrap_or(text.len()) + 1);

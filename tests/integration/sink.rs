@@ -811,15 +811,15 @@ fn sslmodes_against_a_tls_only_server() {
 // With a broker: the consume loop.
 
 /// A broker, a database with the schema, and a topic with `partitions` partitions.
-struct Pipeline {
+pub(crate) struct Pipeline {
     broker: crate::support::broker::Broker,
-    db: TestDb,
+    pub(crate) db: TestDb,
     topic: String,
     partitions: i32,
 }
 
 impl Pipeline {
-    fn new(partitions: i32) -> Pipeline {
+    pub(crate) fn new(partitions: i32) -> Pipeline {
         Pipeline::on(partitions, fresh_db())
     }
 
@@ -865,7 +865,7 @@ impl Pipeline {
         sitewatch::kafka::Client::connect(&self.broker.config(&self.topic)).expect("kafka")
     }
 
-    fn config_text(&self) -> String {
+    pub(crate) fn config_text(&self) -> String {
         format!(
             "[kafka]\nbrokers = [\"{}\"]\ntopic = \"{}\"\npartitions = {}\n\n\
              [postgres]\nurl = \"{}\"\nsslmode = \"disable\"\nbatch_size = 500\n",

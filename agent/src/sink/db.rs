@@ -154,7 +154,7 @@ pub fn describe(e: &postgres::Error) -> String {
 }
 
 /// Unix milliseconds as the value of a `timestamptz` parameter (before 1970 too).
-pub(super) fn system_time(unix_ms: i64) -> SystemTime {
+pub fn system_time(unix_ms: i64) -> SystemTime {
     if unix_ms >= 0 {
         UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
     } else {
