@@ -197,6 +197,8 @@ fn badges_are_valid_svg_in_the_right_colours_and_the_api_says_the_same() {
         assert!(head.contains("Cache-Control: public, max-age=60"), "{head}");
         assert_eq!(message_colour(&svg), colour, "{id}: {svg}");
         assert!(svg.contains(&format!(">{state}</text>")), "{id}: {svg}");
+        // For a person to look at (README.md shows one).
+        std::fs::write(screenshot_dir().join(format!("badge-{state}.svg")), &svg).unwrap();
     }
     // 90 of 100 up: 90% is red; 100% green; the window parameter is honoured.
     for (id, window, text, colour) in [
