@@ -240,7 +240,10 @@ mod tests {
         );
         check("run", "Daemon { role: Both, config: None }");
         check("init-db", "InitDb");
-        check("serve --config s.toml", "Serve { config: Some(\"s.toml\") }");
+        check(
+            "serve --config s.toml",
+            "Serve { config: Some(\"s.toml\") }",
+        );
         check("check-config", "CheckConfig");
         check("--version", "Version");
         check("agent --help", "Help");

@@ -483,3 +483,79 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
     let _ = serve.kill();
     let _ = serve.wait();
 }
+
+/// Fills `db` with `n` targets, 5 recent checks each (every tenth down), and `days` days of
+/// daily rollups and 24 hours of hourly ones per target, by SQL generator.
+fn generate(db: &TestDb, n: i32, days: i32) {
+    let mut c = db.client();
+    let id = "'site-' || lpad(i::text, 6, '0')";
+    let sql = format!(
+        "INSERT INTO targets SELECT {id}, 'http://127.0.0.1/' || i, now() - interval '90 days', \
+           now(), 'gen' FROM generate_series(1, {n}) i;
+         INSERT INTO checks (check_id, started_at, target, url, agent, agent_version, v, up,
+           attempt, method, redirects, body_bytes, body_truncated, total_ms, kafka_partition,
+           kafka_offset, tags, failure, error)
+         SELECT 'gen-' || i || '-' || k, now() - k * interval '1 minute', {id}, 'u', 'gen', '0', 1,
+           i % 10 <> 0 OR k > 2, 1, 'GET', 0, 0, false, 50 + i % 200, 0, 0,
+           ARRAY['tier' || i % 5], CASE WHEN i % 10 = 0 AND k <= 2 THEN 'connect' END,
+           CASE WHEN i % 10 = 0 AND k <= 2 THEN 'connection refused' END
+         FROM generate_series(1, {n}) i, generate_series(0, 4) k;
+         INSERT INTO check_rollups_daily
+         SELECT {id}, NULL, date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+             - d * interval '1 day', 2880, 2880 - (i * d) % 7, 2880 * 60.0,
+           ARRAY[0, 1000, 1000, 880, 0, 0, 0, 0, 0, 0, 0]::int8[]
+         FROM generate_series(1, {n}) i, generate_series(0, {days} - 1) d;
+         INSERT INTO check_rollups_hourly
+         SELECT {id}, NULL, date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+             - h * interval '1 hour', 120, 120 - (i * h) % 3, 120 * 60.0,
+           ARRAY[0, 40, 40, 40, 0, 0, 0, 0, 0, 0, 0]::int8[]
+         FROM generate_series(1, {n}) i, generate_series(0, 23) h;
+         ANALYZE;"
+    );
+    c.batch_execute(&sql).expect("generate");
+}
+
+/// The page's time as served (a cache miss each time: the key differs), median of 9.
+fn median_page_ms(addr: SocketAddr, path: &str) -> (f64, usize) {
+    let mut times = Vec::new();
+    let mut size = 0;
+    for i in 0..9 {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let start = std::time::Instant::now();
+        let (status, _, body) = get(addr, &format!("{path}{sep}nocache={i}"));
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200, "{body}");
+        size = body.len();
+    }
+    times.sort_by(f64::total_cmp);
+    (times[4], size)
+}
+
+/// A measurement, not a check (`cargo test --test integration -- --ignored serve::page_time`):
+/// `SERVE_BENCH_TARGETS` targets (default 1000) with 90 days of rollups.
+#[test]
+#[ignore]
+fn page_time_for_many_targets_over_90_days() {
+    let n: i32 = std::env::var("SERVE_BENCH_TARGETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let (db, cfg) = served_db();
+    let start = std::time::Instant::now();
+    generate(&db, n, 90);
+    eprintln!(
+        "generated {n} targets x 90 days in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    for path in [
+        "/",
+        "/?page=1",
+        "/?tag=tier3",
+        "/api/v1/status",
+        "/target/site-000010",
+    ] {
+        let (ms, bytes) = median_page_ms(server.addr, path);
+        eprintln!("{n} targets: {path}: median {ms:.1} ms, {bytes} bytes");
+    }
+}
