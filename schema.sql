@@ -240,4 +240,16 @@ LANGUAGE sql IMMUTABLE AS $$
     FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i)
 $$;
 
+-- The q quantile (0..1) of a timings.total histogram as its bucket's upper bound, the way
+-- sitewatch::sink::rollup::quantile computes it (the open bucket answers with the last bound);
+-- null without checks. For SQL readers of the rollups (packaging/grafana/).
+CREATE OR REPLACE FUNCTION sitewatch_hist_quantile(hist bigint[], q double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (ARRAY[25, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000, 10000]::float8[])[min(i)]
+    FROM (SELECT i, sum(h) OVER (ORDER BY i) AS seen, sum(h) OVER () AS total
+          FROM unnest(hist) WITH ORDINALITY AS u(h, i)) x
+    WHERE total > 0 AND seen >= greatest(ceil(q * total), 1)
+$$;
+
 INSERT INTO sitewatch_schema (version) VALUES (2) ON CONFLICT (version) DO NOTHING;

@@ -1901,3 +1901,89 @@ fn rollups_equal_the_raw_checks_after_the_sink_process_is_killed() {
     p.assert_exactly_once(&records);
     assert_rollups_match_raw(&mut c, 3);
 }
+
+/// Every SQL text of `packaging/grafana/sitewatch.json` (panels and variables).
+fn grafana_queries() -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/sitewatch.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("dashboard")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            let sql = t["rawSql"].as_str().expect("rawSql");
+            out.push((
+                panel["title"].as_str().unwrap().to_string(),
+                sql.to_string(),
+            ));
+        }
+    }
+    for var in dash["templating"]["list"].as_array().expect("variables") {
+        out.push((
+            format!("${}", var["name"].as_str().unwrap()),
+            var["query"].as_str().unwrap().into(),
+        ));
+    }
+    out
+}
+
+/// Grafana's macros and the `$target` variable as Grafana expands them for a 7-day range.
+fn expand_grafana(sql: &str, targets: &[&str]) -> String {
+    let mut sql = sql.to_string();
+    while let Some(start) = sql.find("$__timeFilter(") {
+        let end = sql[start..].find(')').unwrap() + start;
+        let column = sql[start + "$__timeFilter(".len()..end].to_string();
+        sql.replace_range(
+            start..=end,
+            &format!("{column} BETWEEN now() - interval '7 days' AND now() + interval '1 hour'"),
+        );
+    }
+    let quoted: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    sql.replace("$target", &quoted.join(","))
+}
+
+#[test]
+fn grafana_dashboard_queries_run_against_real_postgres_and_return_rows() {
+    let db = fresh_db();
+    let mut w = writer(&db, 0);
+    let records = spread_records(2000, 5);
+    w.write(None, &messages(&json(&records), 0), 0)
+        .expect("write");
+    let mut c = db.client();
+    let queries = grafana_queries();
+    assert!(queries.len() >= 7, "{queries:?}");
+    for (title, sql) in queries {
+        let sql = expand_grafana(&sql, &["site-1", "site-2"]);
+        assert!(!sql.contains('$'), "{title}: unexpanded macro in {sql}");
+        let mut tx = c.build_transaction().read_only(true).start().unwrap();
+        let rows = tx
+            .query(&sql, &[])
+            .unwrap_or_else(|e| panic!("{title}: {}\n{sql}", db::describe(&e)));
+        assert!(!rows.is_empty(), "{title}: no rows\n{sql}");
+    }
+}
+
+#[test]
+fn the_sql_histogram_quantile_agrees_with_the_rust_one() {
+    let db = fresh_db();
+    let mut c = db.client();
+    let mut hists: Vec<Vec<i64>> = vec![vec![0; sink::rollup::BUCKETS]];
+    for i in 0..40usize {
+        hists.push(
+            (0..sink::rollup::BUCKETS)
+                .map(|b| ((i * 7 + b * 13) % 5) as i64 * ((i + b) % 3) as i64)
+                .collect(),
+        );
+    }
+    for hist in hists {
+        for q in [0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0] {
+            let sql: Option<f64> = c
+                .query_one("SELECT sitewatch_hist_quantile($1, $2)", &[&hist, &q])
+                .unwrap()
+                .get(0);
+            assert_eq!(sql, sink::rollup::quantile(&hist, q), "{hist:?} q={q}");
+        }
+    }
+}
