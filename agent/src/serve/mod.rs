@@ -34,9 +34,10 @@ use data::{DAY_MS, HOUR_MS, Selection, TargetView};
 
 /// How long an answer is reused: a page refresh storm costs one set of queries per path.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
-/// Cached answers at most; on overflow the cache starts over (bounded memory whatever the
-/// requests: each key is at most a request head, each answer at most a page).
+/// Cached answers at most, and their bytes at most; on overflow the cache starts over, so its
+/// memory is bounded whatever the requests (a request with a new query string is a new entry).
 const CACHE_ENTRIES: usize = 256;
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// `?page=` beyond this is refused: an OFFSET that large is work without a reader.
 const MAX_PAGE: i64 = 1000;
 /// A `?tag=` or a target id longer than this cannot exist (ids come from configs).
@@ -100,7 +101,7 @@ impl Server {
         let pages = Arc::new(Pages {
             pg,
             client: Mutex::new(Some(client)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         });
         let addr = httpd::start("serve", serve.listen, serve.connections, pages)
             .map_err(ServeError::Listen)?;
@@ -126,7 +127,33 @@ struct Pages {
     pg: PostgresConfig,
     /// The one session; `None` after it broke (the next request reconnects).
     client: Mutex<Option<Client>>,
-    cache: Mutex<HashMap<String, (Instant, Response)>>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    answers: HashMap<String, (Instant, Response)>,
+    bytes: usize,
+}
+
+impl Cache {
+    fn get(&self, key: &str) -> Option<Response> {
+        let (at, response) = self.answers.get(key)?;
+        (at.elapsed() < CACHE_TTL).then(|| response.clone())
+    }
+
+    fn insert(&mut self, key: String, response: Response) {
+        let size = key.len() + response.body.len();
+        if self.answers.len() >= CACHE_ENTRIES || self.bytes + size > CACHE_BYTES {
+            *self = Cache::default();
+        }
+        // An expired answer for the same key is replaced: its bytes are no longer held.
+        if let Some((_, old)) = self.answers.remove(&key) {
+            self.bytes -= key.len() + old.body.len();
+        }
+        self.bytes += size;
+        self.answers.insert(key, (Instant::now(), response));
+    }
 }
 
 /// What a path asks for.
@@ -211,18 +238,12 @@ impl Handler for Pages {
             Err(refused) => return refused,
         };
         let key = head.target.clone();
-        if let Some((at, cached)) = lock(&self.cache).get(&key)
-            && at.elapsed() < CACHE_TTL
-        {
-            return cached.clone();
+        if let Some(cached) = lock(&self.cache).get(&key) {
+            return cached;
         }
         let response = self.render(&route);
         if response.status == 200 {
-            let mut cache = lock(&self.cache);
-            if cache.len() >= CACHE_ENTRIES {
-                cache.clear();
-            }
-            cache.insert(key, (Instant::now(), response.clone()));
+            lock(&self.cache).insert(key, response.clone());
         }
         response
     }
@@ -385,6 +406,24 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_bounded_in_entries_and_bytes() {
+        let mut cache = Cache::default();
+        let page = || Response::text(200, "x".repeat(1024 * 1024));
+        for i in 0..1000 {
+            cache.insert(format!("/?p={i}"), page());
+            assert!(cache.bytes <= CACHE_BYTES && cache.answers.len() <= CACHE_ENTRIES);
+        }
+        cache.insert("/?p=999".into(), page());
+        let held: usize = cache
+            .answers
+            .iter()
+            .map(|(k, (_, r))| k.len() + r.body.len())
+            .sum();
+        assert_eq!(cache.bytes, held);
+        assert!(cache.get("/?p=999").is_some() && cache.get("/?p=0").is_none());
+    }
 
     #[test]
     fn routes() {
