@@ -116,6 +116,7 @@ pub struct RawPostgres {
     pub sslmode: Option<String>,
     pub ca_file: Option<String>,
     pub retention: Option<String>,
+    pub rollup_retention: Option<String>,
     pub batch_size: Option<usize>,
 }
 
@@ -454,6 +455,9 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// Check partitions older than this are dropped by the sink.
     pub retention: Duration,
+    /// Daily rollups older than this are deleted (hourly ones after at most
+    /// `sink::rollup::HOURLY_KEEP`).
+    pub rollup_retention: Duration,
     pub batch_size: usize,
 }
 
@@ -1124,6 +1128,10 @@ impl Validator<'_> {
             Some(v) => self.positive_duration("postgres: ", "retention", v)?,
             None => Duration::from_secs(90 * 86_400),
         };
+        let rollup_retention = match &raw.rollup_retention {
+            Some(v) => self.positive_duration("postgres: ", "rollup_retention", v)?,
+            None => Duration::from_secs(400 * 86_400),
+        };
         let batch_size = raw.batch_size.unwrap_or(5000);
         if !(1..=100_000).contains(&batch_size) {
             return Err(self.err(format!(
@@ -1136,6 +1144,7 @@ impl Validator<'_> {
             sslmode,
             ca_file,
             retention,
+            rollup_retention,
             batch_size,
         }))
     }
@@ -1730,6 +1739,7 @@ impl PostgresConfig {
             out.path("ca_file", ca);
         }
         out.duration("retention", self.retention);
+        out.duration("rollup_retention", self.rollup_retention);
         out.value("batch_size", self.batch_size);
     }
 }

@@ -512,7 +512,29 @@ fn retention_drops_expired_partitions_and_dead_letters_and_creates_days_ahead() 
              ('t', 0, 1, 'old', now() - interval '30 days'), ('t', 0, 2, 'new', now())",
         )
         .unwrap();
-    let done = schema::maintain(&mut client, Duration::from_secs(8 * 86_400), now).unwrap();
+    // Rollups have their own retention: daily ones 50 days here, hourly ones 35 days at most.
+    client
+        .batch_execute(
+            "INSERT INTO check_rollups_daily SELECT 't', NULL, now() - d * interval '1 day', \
+               1, 1, 1.0, '{1}' FROM unnest(ARRAY[10, 49, 51]) d; \
+             INSERT INTO check_rollups_hourly SELECT 't', NULL, now() - d * interval '1 day', \
+               1, 1, 1.0, '{1}' FROM unnest(ARRAY[10, 34, 36, 51]) d;",
+        )
+        .unwrap();
+    let keep = (
+        Duration::from_secs(8 * 86_400),
+        Duration::from_secs(50 * 86_400),
+    );
+    let done = schema::maintain(&mut client, keep.0, keep.1, now).unwrap();
+    assert_eq!(done.rollups_deleted, 3);
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM check_rollups_daily"),
+        2
+    );
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM check_rollups_hourly"),
+        2
+    );
     let name = |d: i64| {
         format!(
             "checks_p{}",
@@ -540,7 +562,7 @@ fn retention_drops_expired_partitions_and_dead_letters_and_creates_days_ahead() 
     want.insert(0, name(today - 8));
     assert_eq!(parts, want);
     // A second pass has nothing left to do.
-    let again = schema::maintain(&mut client, Duration::from_secs(8 * 86_400), now).unwrap();
+    let again = schema::maintain(&mut client, keep.0, keep.1, now).unwrap();
     assert_eq!(again, schema::Maintenance::default());
 }
 
@@ -708,6 +730,7 @@ fn sslmodes_against_a_tls_only_server() {
             sslmode: mode,
             ca_file: ca_file.map(|p| p.to_path_buf()),
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let got = db::connect(&cfg, "sitewatch-tls-test").and_then(|mut c| {
@@ -777,6 +800,7 @@ fn sslmodes_against_a_tls_only_server() {
         sslmode: SslMode::Require,
         ca_file: None,
         retention: Duration::from_secs(86_400),
+        rollup_retention: Duration::from_secs(86_400),
         batch_size: 10,
     };
     db::connect(&admin_cfg, "sitewatch-tls-test")

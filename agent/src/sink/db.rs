@@ -216,6 +216,7 @@ mod tests {
             sslmode: SslMode::VerifyFull,
             ca_file: Some("/nonexistent/ca.pem".into()),
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let Err(err) = connect(&cfg, "test") else {
@@ -239,6 +240,7 @@ mod tests {
             sslmode: SslMode::Disable,
             ca_file: None,
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let Err(err) = connect(&cfg, "test") else {

@@ -179,7 +179,8 @@ pub fn init_db(cfg: &Config) -> Result<(), SinkError> {
     let pg = postgres_config(cfg)?;
     let mut client = db::connect(pg, "sitewatch init-db")?;
     schema::apply(&mut client)?;
-    schema::maintain(&mut client, pg.retention, crate::util::unix_ms_now())?;
+    let now = crate::util::unix_ms_now();
+    schema::maintain(&mut client, pg.retention, pg.rollup_retention, now)?;
     log::info!(target: "sitewatch::sink", "schema applied to {}", pg.url);
     Ok(())
 }

@@ -25,6 +25,10 @@ pub const TOTAL_MS_BOUNDS: [f64; 10] = [
 /// Buckets per histogram: one per bound and the open one above the last.
 pub const BUCKETS: usize = TOTAL_MS_BOUNDS.len() + 1;
 
+/// Hourly rollups are kept this long at most: the longest window read from them is the 30-day
+/// uptime badge; older periods are read from the daily rollups.
+pub const HOURLY_KEEP: std::time::Duration = std::time::Duration::from_secs(35 * 86_400);
+
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
