@@ -547,7 +547,30 @@ fn page_time_for_many_targets_over_90_days() {
         "generated {n} targets x 90 days in {:.1}s",
         start.elapsed().as_secs_f64()
     );
-    let server = serve::Server::start(&cfg).expect("serve starts");
+    // SERVE_BENCH_BIN=target/release/sitewatch measures a release `sitewatch serve` instead
+    // of this (debug) test build.
+    let (addr, mut child) = match std::env::var_os("SERVE_BENCH_BIN") {
+        None => (serve::Server::start(&cfg).expect("serve starts").addr, None),
+        Some(bin) => {
+            let port = crate::support::free_port();
+            let dir = crate::support::TempDir::new("serve-bench");
+            let config = dir.path().join("agent.toml");
+            let text = format!(
+                "[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n\n[serve]\nlisten = \"127.0.0.1:{port}\"\n",
+                db.url()
+            );
+            std::fs::write(&config, text).unwrap();
+            let child = std::process::Command::new(bin)
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .spawn()
+                .expect("start serve");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
+                TcpStream::connect(addr).is_ok()
+            });
+            (addr, Some(child))
+        }
+    };
     for path in [
         "/",
         "/?page=1",
@@ -555,7 +578,11 @@ fn page_time_for_many_targets_over_90_days() {
         "/api/v1/status",
         "/target/site-000010",
     ] {
-        let (ms, bytes) = median_page_ms(server.addr, path);
+        let (ms, bytes) = median_page_ms(addr, path);
         eprintln!("{n} targets: {path}: median {ms:.1} ms, {bytes} bytes");
+    }
+    if let Some(child) = child.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
