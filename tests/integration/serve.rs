@@ -480,6 +480,24 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
         );
         eprintln!("screenshot: {}", file.display());
     }
+    // One target's page: its recent checks with the failure reason, in the browser too.
+    let target_url = format!("http://{addr}/target/closed-port");
+    let dom = chromium(&profile, &["--dump-dom", &target_url]);
+    let page = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        page.contains("Recent checks") && page.contains("down: connect"),
+        "{page}"
+    );
+    let file = shots.join("target-desktop.png");
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", file.display()),
+            "--window-size=1280,1200",
+            &target_url,
+        ],
+    );
+    assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
     let _ = serve.kill();
     let _ = serve.wait();
 }
