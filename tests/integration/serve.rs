@@ -370,14 +370,25 @@ fn chromium(profile: &Path, args: &[&str]) -> std::process::Output {
         .expect("run chromium (scripts/setup installs it)")
 }
 
-#[test]
-fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
+/// `sitewatch` `cmd` with `config`, logging to `log`.
+fn spawn(cmd: &str, config: &Path, log: &Path) -> std::process::Child {
+    crate::support::sitewatch()
+        .args([cmd, "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "sitewatch=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sitewatch")
+}
+
+/// Runs a real `sitewatch run` against local targets (up, TLS, a closed port, a body that does
+/// not match) until each has 3 rows, then SIGKILLs it. Returns the config, with `[serve]` on
+/// `serve_port`.
+fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16) -> PathBuf {
     use crate::support::http::{Cert, HttpServer, Reply, fixture};
-    let p = crate::sink::Pipeline::new(1);
     let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
     let tls = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "hello"));
-    let dir = crate::support::TempDir::new("serve-chromium");
-    let port = crate::support::free_port();
     let text = format!(
         "[agent]\nid = \"page\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
          state_dir = \"{state}\"\n\n{pipeline}\n\
@@ -385,27 +396,17 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
          [[target]]\nid = \"secure\"\nurl = \"{tls}\"\ntls = {{ ca_file = \"{ca}\" }}\ntags = [\"web\"]\n\
          [[target]]\nid = \"closed-port\"\nurl = \"http://127.0.0.1:{closed}/\"\ntags = [\"api\"]\n\
          [[target]]\nid = \"wrong-content\"\nurl = \"{up}\"\nregex = \"goodbye\"\n\n\
-         [serve]\nlisten = \"127.0.0.1:{port}\"\n",
-        state = dir.path().join("state").display(),
+         [serve]\nlisten = \"127.0.0.1:{serve_port}\"\n",
+        state = dir.join("state").display(),
         pipeline = p.config_text(),
         up = up.url("/"),
         tls = tls.url("/"),
         ca = fixture("tls/ca.pem").display(),
         closed = crate::support::free_port(),
     );
-    let config = dir.path().join("agent.toml");
+    let config = dir.join("agent.toml");
     std::fs::write(&config, text).unwrap();
-    let spawn = |cmd: &str, log: &str| {
-        crate::support::sitewatch()
-            .args([cmd, "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "sitewatch=info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
-            .spawn()
-            .expect("start sitewatch")
-    };
-    let mut run = spawn("run", "run.log");
+    let mut run = spawn("run", &config, &dir.join("run.log"));
     let mut c = p.db.client();
     crate::support::wait_for("3 rows per target", Duration::from_secs(120), || {
         let n: i64 = c
@@ -420,7 +421,16 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
     });
     let _ = run.kill();
     let _ = run.wait();
-    let mut serve = spawn("serve", "serve.log");
+    config
+}
+
+#[test]
+fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
+    let p = crate::sink::Pipeline::new(1);
+    let dir = crate::support::TempDir::new("serve-chromium");
+    let port = crate::support::free_port();
+    let config = fill_by_sitewatch_run(&p, dir.path(), port);
+    let mut serve = spawn("serve", &config, &dir.path().join("serve.log"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
         TcpStream::connect(addr).is_ok()
