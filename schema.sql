@@ -373,3 +373,48 @@ FROM counted c CROSS JOIN s
 GROUP BY c.target, s.min_down;
 
 INSERT INTO sitewatch_schema (version) VALUES (3) ON CONFLICT (version) DO NOTHING;
+
+-- Version 4: rollups. Per target and location, per hour and per day (UTC): how many checks,
+-- how many were up, the sum of timings.total and a fixed-bucket histogram of it (bounds in
+-- sitewatch::sink::rollup::TOTAL_MS_BOUNDS; the last bucket is open). The sink adds a batch's
+-- new rows in the same transaction as the rows themselves, so a rollup always equals the
+-- aggregate of the raw checks it covers, and the status page reads 90 days of thousands of
+-- targets from these small tables instead of from `checks`. `location` is null for records
+-- that carry none; the unique index treats null as one location.
+CREATE TABLE IF NOT EXISTS check_rollups_hourly (
+    target        text             NOT NULL,
+    location      text,
+    period_start  timestamptz      NOT NULL,
+    checks        bigint           NOT NULL,
+    successes     bigint           NOT NULL,
+    total_ms_sum  double precision NOT NULL,
+    total_ms_hist bigint[]         NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS check_rollups_hourly_key
+    ON check_rollups_hourly (target, (COALESCE(location, '')), period_start);
+CREATE INDEX IF NOT EXISTS check_rollups_hourly_time ON check_rollups_hourly (period_start);
+CREATE TABLE IF NOT EXISTS check_rollups_daily (LIKE check_rollups_hourly);
+CREATE UNIQUE INDEX IF NOT EXISTS check_rollups_daily_key
+    ON check_rollups_daily (target, (COALESCE(location, '')), period_start);
+CREATE INDEX IF NOT EXISTS check_rollups_daily_time ON check_rollups_daily (period_start);
+
+-- Element-wise sum of two histograms (a missing element counts 0).
+CREATE OR REPLACE FUNCTION sitewatch_add_counts(a bigint[], b bigint[]) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT array_agg(COALESCE(x, 0) + COALESCE(y, 0) ORDER BY i)
+    FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i)
+$$;
+
+-- The q quantile (0..1) of a timings.total histogram as its bucket's upper bound, the way
+-- sitewatch::sink::rollup::quantile computes it (the open bucket answers with the last bound);
+-- null without checks. For SQL readers of the rollups (packaging/grafana/).
+CREATE OR REPLACE FUNCTION sitewatch_hist_quantile(hist bigint[], q double precision)
+RETURNS double precision
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (ARRAY[25, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000, 10000]::float8[])[min(i)]
+    FROM (SELECT i, sum(h) OVER (ORDER BY i) AS seen, sum(h) OVER () AS total
+          FROM unnest(hist) WITH ORDINALITY AS u(h, i)) x
+    WHERE total > 0 AND seen >= greatest(ceil(q * total), 1)
+$$;
+
+INSERT INTO sitewatch_schema (version) VALUES (4) ON CONFLICT (version) DO NOTHING;

@@ -18,6 +18,7 @@ USAGE:
     sitewatch sink [--config FILE]         consume Kafka, persist to PostgreSQL
     sitewatch run [--config FILE]          agent and sink in one process
     sitewatch init-db [--config FILE]      create or upgrade the PostgreSQL schema
+    sitewatch serve [--config FILE]        status page, badges and JSON from PostgreSQL
     sitewatch check-config [--config FILE] validate and print the effective config
     sitewatch targets push FILE [--dry-run] [--config FILE]
                                            make the fleet's targets topic match FILE's [[target]]s
@@ -50,6 +51,10 @@ pub enum Command {
     InitDb {
         config: Option<PathBuf>,
     },
+    /// `serve`: the status page (`[serve]`), read-only on `[postgres]`.
+    Serve {
+        config: Option<PathBuf>,
+    },
     CheckConfig {
         config: Option<PathBuf>,
     },
@@ -78,7 +83,7 @@ pub enum TargetsAction {
 impl Command {
     /// Long-running commands log at `info` by default, one-shot ones at `warn`.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Daemon { .. })
+        matches!(self, Command::Daemon { .. } | Command::Serve { .. })
     }
 }
 
@@ -100,6 +105,7 @@ enum Word {
     Once,
     Daemon(Role),
     InitDb,
+    Serve,
     CheckConfig,
     Targets,
     Alerts,
@@ -113,6 +119,7 @@ impl Word {
             Word::Daemon(Role::Sink) => "sink",
             Word::Daemon(Role::Both) => "run",
             Word::InitDb => "init-db",
+            Word::Serve => "serve",
             Word::CheckConfig => "check-config",
             Word::Targets => "targets",
             Word::Alerts => "alerts",
@@ -180,6 +187,7 @@ where
                 Some("sink") => set(&mut word, Word::Daemon(Role::Sink))?,
                 Some("run") => set(&mut word, Word::Daemon(Role::Both))?,
                 Some("init-db") => set(&mut word, Word::InitDb)?,
+                Some("serve") => set(&mut word, Word::Serve)?,
                 Some("check-config") => set(&mut word, Word::CheckConfig)?,
                 Some("alerts") => set(&mut word, Word::Alerts)?,
                 Some("rule") => {
@@ -216,6 +224,7 @@ where
         Some(Word::Once) => Ok(Command::Once { config, format }),
         Some(Word::Daemon(role)) => Ok(Command::Daemon { role, config }),
         Some(Word::InitDb) => Ok(Command::InitDb { config }),
+        Some(Word::Serve) => Ok(Command::Serve { config }),
         Some(Word::CheckConfig) => Ok(Command::CheckConfig { config }),
         Some(Word::Alerts) => Ok(Command::Alerts { config }),
         Some(Word::Targets) => {
@@ -292,6 +301,10 @@ mod tests {
         );
         check("run", "Daemon { role: Both, config: None }");
         check("init-db", "InitDb");
+        check(
+            "serve --config s.toml",
+            "Serve { config: Some(\"s.toml\") }",
+        );
         check("check-config", "CheckConfig");
         check("alerts -c a.toml", "Alerts { config: Some(\"a.toml\") }");
         check("--version", "Version");

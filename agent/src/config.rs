@@ -51,6 +51,7 @@ pub struct RawConfig {
     #[serde(default, rename = "target")]
     pub targets: Vec<RawTarget>,
     pub alerts: Option<crate::alerts::RawAlerts>,
+    pub serve: Option<RawServe>,
     pub metrics: Option<RawMetrics>,
     pub fleet: Option<RawFleet>,
 }
@@ -62,6 +63,17 @@ pub struct RawConfig {
 pub type RawFleet = serde::de::IgnoredAny;
 #[cfg(not(feature = "metrics"))]
 pub type RawMetrics = serde::de::IgnoredAny;
+#[cfg(not(feature = "serve"))]
+pub type RawServe = serde::de::IgnoredAny;
+
+/// `[serve]`: the status page listener of `sitewatch serve`.
+#[cfg(feature = "serve")]
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawServe {
+    pub listen: Option<String>,
+    pub connections: Option<usize>,
+}
 
 /// `[fleet]`: share targets with other agents through a Kafka topic and consumer group.
 #[cfg(feature = "fleet")]
@@ -140,6 +152,7 @@ pub struct RawPostgres {
     pub sslmode: Option<String>,
     pub ca_file: Option<String>,
     pub retention: Option<String>,
+    pub rollup_retention: Option<String>,
     pub batch_size: Option<usize>,
 }
 
@@ -214,6 +227,8 @@ pub struct Config {
     pub targets: Vec<Target>,
     /// `None` when the file has no `[alerts]` section: the sink decides no alerts.
     pub alerts: Option<crate::alerts::AlertsConfig>,
+    /// `None` when the file has no `[serve]` section: `sitewatch serve` refuses to start.
+    pub serve: Option<ServeConfig>,
     /// `None` when the file has no `[metrics]` section: no listener.
     pub metrics: Option<MetricsConfig>,
     /// `None` when the file has no `[fleet]` section: this agent probes its own targets only.
@@ -235,6 +250,14 @@ pub struct MetricsConfig {
     pub connections: usize,
     /// `/probe?module=NAME` templates: a [`Target`] whose `id` is the name and `url` empty.
     pub modules: std::collections::BTreeMap<String, Target>,
+}
+
+/// The status page listener (`[serve]`) of `sitewatch serve`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeConfig {
+    pub listen: std::net::SocketAddr,
+    /// Open connections at once; one more is closed unanswered.
+    pub connections: usize,
 }
 
 /// `[fleet]`: targets shared by the agents of a group through a compacted topic.
@@ -520,6 +543,9 @@ pub struct PostgresConfig {
     pub ca_file: Option<PathBuf>,
     /// Check partitions older than this are dropped by the sink.
     pub retention: Duration,
+    /// Daily rollups older than this are deleted (hourly ones after at most
+    /// `sink::rollup::HOURLY_KEEP`).
+    pub rollup_retention: Duration,
     pub batch_size: usize,
 }
 
@@ -669,6 +695,8 @@ pub const DEFAULT_TOPIC: &str = "sitewatch.checks";
 pub const DEFAULT_PROBE_CONCURRENCY: usize = 4;
 /// Connections the metrics listener serves at once (each is one short-lived thread).
 pub const DEFAULT_METRICS_CONNECTIONS: usize = 16;
+/// Connections the status page serves at once: a page view is one request (no assets).
+pub const DEFAULT_SERVE_CONNECTIONS: usize = 32;
 /// Upper bounds for the two above: a typo of 10000 must not mean 10000 threads.
 pub const MAX_PROBE_CONCURRENCY: usize = 64;
 pub const MAX_METRICS_CONNECTIONS: usize = 256;
@@ -900,6 +928,7 @@ impl Validator<'_> {
         let kafka = self.kafka(raw.kafka.as_ref())?;
         let postgres = self.postgres(raw.postgres.as_ref())?;
         let rules = self.rules(&raw.rules)?;
+        let serve = raw.serve.as_ref().map(|s| self.serve(s)).transpose()?;
         let metrics = raw
             .metrics
             .as_ref()
@@ -940,6 +969,7 @@ impl Validator<'_> {
             rules,
             targets,
             alerts,
+            serve,
             metrics,
             fleet,
             secrets: self.secrets.take(),
@@ -1266,6 +1296,10 @@ impl Validator<'_> {
             Some(v) => self.positive_duration("postgres: ", "retention", v)?,
             None => Duration::from_secs(90 * 86_400),
         };
+        let rollup_retention = match &raw.rollup_retention {
+            Some(v) => self.positive_duration("postgres: ", "rollup_retention", v)?,
+            None => Duration::from_secs(400 * 86_400),
+        };
         let batch_size = raw.batch_size.unwrap_or(5000);
         if !(1..=100_000).contains(&batch_size) {
             return Err(self.err(format!(
@@ -1278,6 +1312,7 @@ impl Validator<'_> {
             sslmode,
             ca_file,
             retention,
+            rollup_retention,
             batch_size,
         }))
     }
@@ -1500,6 +1535,47 @@ impl Validator<'_> {
         })
     }
 
+    #[cfg(not(feature = "serve"))]
+    fn serve(&self, _: &RawServe) -> Result<ServeConfig, ConfigError> {
+        Err(self.err("serve: this sitewatch was built without the `serve` feature; remove [serve]"))
+    }
+
+    #[cfg(feature = "serve")]
+    fn serve(&self, raw: &RawServe) -> Result<ServeConfig, ConfigError> {
+        let ctx = "serve: ";
+        let listen = self.listen(ctx, raw.listen.as_deref(), "127.0.0.1:9782")?;
+        let connections = match raw.connections {
+            None => DEFAULT_SERVE_CONNECTIONS,
+            Some(n) if (1..=MAX_METRICS_CONNECTIONS).contains(&n) => n,
+            Some(n) => {
+                return Err(self.err(format!(
+                    "{ctx}connections {n}: expected 1 to {MAX_METRICS_CONNECTIONS}"
+                )));
+            }
+        };
+        Ok(ServeConfig {
+            listen,
+            connections,
+        })
+    }
+
+    /// A listener's `listen` address: an IP address and port (no host names: no lookup).
+    #[cfg(any(feature = "metrics", feature = "serve"))]
+    fn listen(
+        &self,
+        ctx: &str,
+        listen: Option<&str>,
+        example: &str,
+    ) -> Result<std::net::SocketAddr, ConfigError> {
+        let listen =
+            listen.ok_or_else(|| self.err(format!("{ctx}listen: missing (e.g. \"{example}\")")))?;
+        listen.parse().map_err(|_| {
+            self.err(format!(
+                "{ctx}listen {listen:?}: expected an IP address and port, like \"{example}\""
+            ))
+        })
+    }
+
     #[cfg(not(feature = "metrics"))]
     fn metrics(&self, _: &RawMetrics, _: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
         Err(self.err(
@@ -1510,15 +1586,7 @@ impl Validator<'_> {
     #[cfg(feature = "metrics")]
     fn metrics(&self, raw: &RawMetrics, agent: &AgentConfig) -> Result<MetricsConfig, ConfigError> {
         let ctx = "metrics: ";
-        let listen = raw
-            .listen
-            .as_deref()
-            .ok_or_else(|| self.err(format!("{ctx}listen: missing (e.g. \"127.0.0.1:9781\")")))?;
-        let listen = listen.parse().map_err(|_| {
-            self.err(format!(
-                "{ctx}listen {listen:?}: expected an IP address and port, like \"127.0.0.1:9781\""
-            ))
-        })?;
+        let listen = self.listen(ctx, raw.listen.as_deref(), "127.0.0.1:9781")?;
         let mut probe_allow = Vec::new();
         for prefix in raw.probe_allow.iter().flatten() {
             // The host must end at a `/`: a bare `http://a.example` would admit `a.example.evil`.
@@ -1779,6 +1847,11 @@ impl Config {
         if let Some(a) = &self.alerts {
             crate::alerts::write_toml(a, &mut out.0, &|s| toml_string(s));
         }
+        if let Some(s) = &self.serve {
+            out.table("[serve]");
+            out.string("listen", &s.listen.to_string());
+            out.value("connections", s.connections);
+        }
         if let Some(m) = &self.metrics {
             m.write_toml(&mut out);
         }
@@ -1910,6 +1983,7 @@ impl PostgresConfig {
             out.path("ca_file", ca);
         }
         out.duration("retention", self.retention);
+        out.duration("rollup_retention", self.rollup_retention);
         out.value("batch_size", self.batch_size);
     }
 }
@@ -2431,6 +2505,13 @@ mod tests {
             // Without the rule engine a `rule` is refused, so it cannot be part of this config.
             false => EVERY_KEY.replace("rule = \"status_ok.wasm\"\n", ""),
         };
+        if !cfg!(feature = "serve") {
+            // Without the status page `[serve]` is refused.
+            text = text.replace(
+                "[serve]\nlisten = \"127.0.0.1:9782\"\nconnections = 7\n",
+                "",
+            );
+        }
         if !cfg!(feature = "alerts") {
             // Without alerts `[alerts]` is refused; its tables come just before `[metrics]`.
             if let (Some(a), Some(m)) = (text.find("\n[alerts]"), text.find("\n[metrics]")) {
@@ -2576,11 +2657,13 @@ mod tests {
             ("[[alerts.channel]]", &["alerts", "channel"]),
             ("[[alerts.override]]", &["alerts", "override"]),
             ("[[alerts.maintenance]]", &["alerts", "maintenance"]),
+            ("[serve]", &["serve"]),
         ] {
             // Without their features these tables are read as anything (and refused later).
             let built = [
                 ("alerts", cfg!(feature = "alerts")),
                 ("fleet", cfg!(feature = "fleet")),
+                ("serve", cfg!(feature = "serve")),
             ];
             if (built.iter()).any(|(table, on)| header.contains(table) && !on) {
                 continue;

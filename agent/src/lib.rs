@@ -15,6 +15,8 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "fleet")]
 pub mod fleet;
+#[cfg(any(feature = "metrics", feature = "serve"))]
+pub mod httpd;
 pub mod kafka;
 #[cfg(feature = "metrics")]
 pub mod metrics;
@@ -24,6 +26,8 @@ pub mod publish;
 pub mod result;
 pub mod rules;
 pub mod schedule;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod service;
 pub mod sink;
 pub mod util;

@@ -91,21 +91,48 @@ fn run() -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Targets { action, config } => targets(action, config.as_deref()),
+        Command::Serve { config } => serve(config.as_deref()),
         Command::Daemon { role, config } => {
             let path = config_path(config.as_deref());
-            match daemon::run(role, &path) {
-                Ok(()) => Ok(exit::OK),
-                Err(e) => Err(Failure {
-                    code: if e.is_config() {
-                        exit::CONFIG
-                    } else {
-                        exit::UNKNOWN
-                    },
-                    message: e.to_string(),
-                }),
-            }
+            let result = daemon::run(role, &path);
+            finished(result.map_err(|e| (e.is_config(), e.to_string())))
         }
     }
+}
+
+#[cfg(feature = "serve")]
+fn serve(config: Option<&Path>) -> Result<u8, Failure> {
+    let cfg = load(config).map_err(|f| Failure {
+        code: exit::CONFIG,
+        ..f
+    })?;
+    let signals = service::install_signals()
+        .map_err(|e| Failure::unknown(format!("cannot install signal handlers: {e}")))?;
+    let result = sitewatch::serve::run(&cfg, &signals.shutdown);
+    finished(result.map_err(|e| (e.is_config(), e.to_string())))
+}
+
+/// A long-running command's end: exit 78 for a config that cannot run, 3 for anything else.
+fn finished(result: Result<(), (bool, String)>) -> Result<u8, Failure> {
+    match result {
+        Ok(()) => Ok(exit::OK),
+        Err((is_config, message)) => Err(Failure {
+            code: if is_config {
+                exit::CONFIG
+            } else {
+                exit::UNKNOWN
+            },
+            message,
+        }),
+    }
+}
+
+#[cfg(not(feature = "serve"))]
+fn serve(_config: Option<&Path>) -> Result<u8, Failure> {
+    Err(Failure {
+        code: exit::CONFIG,
+        message: "this sitewatch was built without the `serve` feature".into(),
+    })
 }
 
 fn config_path(given: Option<&Path>) -> PathBuf {

@@ -792,6 +792,7 @@ fn retention_drops_old_delivered_events_and_keeps_what_is_still_to_deliver() {
     let done = sitewatch::sink::schema::maintain(
         &mut c,
         Duration::from_secs(7 * 86_400),
+        Duration::from_secs(400 * 86_400),
         sitewatch::util::unix_ms_now(),
     )
     .expect("maintain");

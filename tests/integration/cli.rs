@@ -175,6 +175,13 @@ fn every_key_config(dir: &TempDir) -> PathBuf {
         // Without the rule engine a `rule` is refused.
         text = text.replace("rule = \"status_ok.wasm\"\n", "");
     }
+    if !cfg!(feature = "serve") {
+        // Without the status page `[serve]` is refused.
+        text = text.replace(
+            "[serve]\nlisten = \"127.0.0.1:9782\"\nconnections = 7\n",
+            "",
+        );
+    }
     if !cfg!(feature = "alerts") {
         // Without alerts `[alerts]` is refused; its tables come just before `[metrics]`.
         if let (Some(a), Some(m)) = (text.find("\n[alerts]"), text.find("\n[metrics]")) {

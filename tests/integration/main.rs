@@ -17,5 +17,7 @@ mod llhttp;
 mod metrics;
 mod probe;
 mod rules;
+#[cfg(feature = "serve")]
+mod serve;
 mod service;
 mod sink;

@@ -573,7 +573,29 @@ fn retention_drops_expired_partitions_and_dead_letters_and_creates_days_ahead() 
              ('t', 0, 1, 'old', now() - interval '30 days'), ('t', 0, 2, 'new', now())",
         )
         .unwrap();
-    let done = schema::maintain(&mut client, Duration::from_secs(8 * 86_400), now).unwrap();
+    // Rollups have their own retention: daily ones 50 days here, hourly ones 35 days at most.
+    client
+        .batch_execute(
+            "INSERT INTO check_rollups_daily SELECT 't', NULL, now() - d * interval '1 day', \
+               1, 1, 1.0, '{1}' FROM unnest(ARRAY[10, 49, 51]) d; \
+             INSERT INTO check_rollups_hourly SELECT 't', NULL, now() - d * interval '1 day', \
+               1, 1, 1.0, '{1}' FROM unnest(ARRAY[10, 34, 36, 51]) d;",
+        )
+        .unwrap();
+    let keep = (
+        Duration::from_secs(8 * 86_400),
+        Duration::from_secs(50 * 86_400),
+    );
+    let done = schema::maintain(&mut client, keep.0, keep.1, now).unwrap();
+    assert_eq!(done.rollups_deleted, 3);
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM check_rollups_daily"),
+        2
+    );
+    assert_eq!(
+        count(&mut client, "SELECT count(*) FROM check_rollups_hourly"),
+        2
+    );
     let name = |d: i64| {
         format!(
             "checks_p{}",
@@ -601,7 +623,7 @@ fn retention_drops_expired_partitions_and_dead_letters_and_creates_days_ahead() 
     want.insert(0, name(today - 8));
     assert_eq!(parts, want);
     // A second pass has nothing left to do.
-    let again = schema::maintain(&mut client, Duration::from_secs(8 * 86_400), now).unwrap();
+    let again = schema::maintain(&mut client, keep.0, keep.1, now).unwrap();
     assert_eq!(again, schema::Maintenance::default());
 }
 
@@ -717,6 +739,7 @@ fn sslmodes_against_a_tls_only_server() {
             sslmode: mode,
             ca_file: ca_file.map(|p| p.to_path_buf()),
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let got = db::connect(&cfg, "sitewatch-tls-test").and_then(|mut c| {
@@ -786,6 +809,7 @@ fn sslmodes_against_a_tls_only_server() {
         sslmode: SslMode::Require,
         ca_file: None,
         retention: Duration::from_secs(86_400),
+        rollup_retention: Duration::from_secs(86_400),
         batch_size: 10,
     };
     db::connect(&admin_cfg, "sitewatch-tls-test")
@@ -1740,4 +1764,295 @@ fn a_backlog_drains_on_tansu_next() {
 #[test]
 fn a_backlog_drains_on_tansu_0_6() {
     a_backlog_drains_on(crate::support::broker::Tansu::V0_6);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rollups (check_rollups_hourly, check_rollups_daily) against the raw checks.
+
+/// Per target over a window: checks, successes, sum of total_ms, histogram of total_ms.
+type WindowAggregate = std::collections::BTreeMap<String, (i64, i64, f64, Vec<i64>)>;
+
+/// The aggregate of the raw `checks` rows started in [from, to).
+fn window_from_raw(c: &mut postgres::Client, from: SystemTime, to: SystemTime) -> WindowAggregate {
+    let bounds = sink::rollup::TOTAL_MS_BOUNDS.to_vec();
+    let mut out = WindowAggregate::new();
+    for row in c
+        .query(
+            "SELECT target, count(*), count(*) FILTER (WHERE up), sum(total_ms) \
+             FROM checks WHERE started_at >= $1 AND started_at < $2 GROUP BY target",
+            &[&from, &to],
+        )
+        .unwrap()
+    {
+        let hist = vec![0; sink::rollup::BUCKETS];
+        out.insert(row.get(0), (row.get(1), row.get(2), row.get(3), hist));
+    }
+    // A check's bucket is the number of bounds below its total (the first bound >= it).
+    for row in c
+        .query(
+            "SELECT target, b, count(*) FROM checks, \
+             LATERAL (SELECT count(*) FROM unnest($3::float8[]) x WHERE x < total_ms) AS k(b) \
+             WHERE started_at >= $1 AND started_at < $2 GROUP BY target, b",
+            &[&from, &to, &bounds],
+        )
+        .unwrap()
+    {
+        let target: String = row.get(0);
+        let bucket: i64 = row.get(1);
+        out.get_mut(&target).unwrap().3[bucket as usize] = row.get(2);
+    }
+    out
+}
+
+/// The sum of `table`'s rollups whose period starts in [from, to).
+fn window_from_rollups(
+    c: &mut postgres::Client,
+    table: &str,
+    from: SystemTime,
+    to: SystemTime,
+) -> WindowAggregate {
+    let mut out = WindowAggregate::new();
+    for row in c
+        .query(
+            &format!(
+                "SELECT target, sum(checks)::int8, sum(successes)::int8, sum(total_ms_sum), \
+                 (SELECT array_agg(s ORDER BY i) FROM (SELECT i, sum(h)::int8 AS s \
+                   FROM {table} r2, unnest(r2.total_ms_hist) WITH ORDINALITY AS u(h, i) \
+                   WHERE r2.target = r.target AND r2.period_start >= $1 AND r2.period_start < $2 \
+                   GROUP BY i) per_bucket) \
+                 FROM {table} r WHERE period_start >= $1 AND period_start < $2 GROUP BY target"
+            ),
+            &[&from, &to],
+        )
+        .unwrap()
+    {
+        out.insert(row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4)));
+    }
+    out
+}
+
+/// Rollups equal the raw aggregate over the whole range and over random hour- and day-aligned
+/// windows within the last `days` days.
+fn assert_rollups_match_raw(c: &mut postgres::Client, days: i64) {
+    let seed = unix_ms_now() as u64 | 1;
+    let mut x = seed;
+    let mut next = move |n: i64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as i64
+    };
+    const HOUR: i64 = 3_600_000;
+    let now_hour = unix_ms_now() / HOUR + 1;
+    let span = (days + 1) * 24;
+    let mut windows = vec![("check_rollups_hourly", now_hour - span, now_hour, HOUR)];
+    for _ in 0..20 {
+        let (a, b) = (next(span), next(span));
+        windows.push((
+            "check_rollups_hourly",
+            now_hour - a.max(b),
+            now_hour - a.min(b),
+            HOUR,
+        ));
+    }
+    let now_day = now_hour / 24 + 1;
+    for _ in 0..6 {
+        let (a, b) = (next(days + 2), next(days + 2));
+        windows.push((
+            "check_rollups_daily",
+            now_day - a.max(b),
+            now_day - a.min(b),
+            24 * HOUR,
+        ));
+    }
+    let ts = |ms: i64| UNIX_EPOCH + Duration::from_millis(ms as u64);
+    for (table, from, to, unit) in windows {
+        let (from, to) = (ts(from * unit), ts(to * unit));
+        let raw = window_from_raw(c, from, to);
+        let rolled = window_from_rollups(c, table, from, to);
+        let keys = |m: &WindowAggregate| m.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(
+            keys(&raw),
+            keys(&rolled),
+            "seed {seed}: {table} {from:?}..{to:?}"
+        );
+        for (target, (n, up, sum, hist)) in &raw {
+            let (rn, rup, rsum, rhist) = &rolled[target];
+            let what = format!("seed {seed}: {table} {from:?}..{to:?} target {target}");
+            assert_eq!((n, up, hist), (rn, rup, rhist), "{what}");
+            assert!(
+                (sum - rsum).abs() <= 1e-9 * sum.abs().max(1.0),
+                "{what}: {sum} {rsum}"
+            );
+        }
+    }
+}
+
+/// `n` records over 7 targets, started within the last `days` days, every third one down,
+/// totals spread over every histogram bucket.
+fn spread_records(n: usize, days: i64) -> Vec<CheckResult> {
+    (0..n)
+        .map(|i| {
+            let ago = (i as i64 * 7_919_111) % (days * 86_400_000);
+            let failure = (i % 3 == 0).then_some(FailureReason::Timeout);
+            let total = ((i * 37) % 12_000) as f64 + 0.25;
+            record(&format!("site-{}", i % 7), ago, failure, total)
+        })
+        .collect()
+}
+
+#[test]
+fn rollups_equal_the_raw_checks_with_redeliveries_and_rejected_records() {
+    let db = fresh_db();
+    let mut client = db.client();
+    client
+        .batch_execute("ALTER TABLE checks ADD CONSTRAINT no_teapots CHECK (status <> 418)")
+        .unwrap();
+    let mut records = spread_records(3000, 5);
+    records[17].status = Some(418);
+    let mut writers = [writer(&db, 0), writer(&db, 1)];
+    let mut offsets = [None, None];
+    for (i, chunk) in records.chunks(250).enumerate() {
+        let p = i % 2;
+        let from = offsets[p].unwrap_or(0);
+        // Each batch is written, then half of it again (a producer retry): no double count.
+        let mut values = json(chunk);
+        values.extend(json(&chunk[..chunk.len() / 2]));
+        let out = writers[p]
+            .write(offsets[p], &messages(&values, from), 0)
+            .expect("write");
+        // The teapot's second copy is a dead letter too, not a duplicate.
+        let teapots = u64::from(i == 0);
+        assert_eq!(out.duplicates + teapots, (chunk.len() / 2) as u64);
+        assert_eq!(out.dead_letters, 2 * teapots);
+        offsets[p] = Some(out.next_offset);
+    }
+    assert_eq!(count(&mut client, "SELECT count(*) FROM checks"), 2999);
+    assert_eq!(
+        count(
+            &mut client,
+            "SELECT sum(checks)::int8 FROM check_rollups_hourly"
+        ),
+        2999
+    );
+    assert_rollups_match_raw(&mut client, 5);
+}
+
+#[test]
+fn rollups_equal_the_raw_checks_after_the_sink_process_is_killed() {
+    let p = Pipeline::new(2);
+    let dir = crate::support::TempDir::new("sink-rollup-kill");
+    let config = p.config_file(&dir);
+    let log = dir.path().join("sink.log");
+    let records = spread_records(6000, 3);
+    p.produce(&records);
+    let mut c = p.db.client();
+    let mut kills = 0;
+    let sink = loop {
+        let before = count(&mut c, "SELECT count(*) FROM checks");
+        let sink = SinkProcess::start(&config, &log);
+        let target = (before + 1000).min(6000);
+        crate::support::wait_for(
+            "the sink to write 1000 more rows",
+            Duration::from_secs(300),
+            || count(&mut c, "SELECT count(*) FROM checks") >= target,
+        );
+        if target == 6000 {
+            break sink;
+        }
+        // SIGKILL wherever it is: a batch in flight is cut off with its rollups.
+        sink.kill();
+        kills += 1;
+    };
+    p.wait_offsets_at_end();
+    sink.kill();
+    assert!(kills >= 3, "only {kills} kills");
+    p.assert_exactly_once(&records);
+    assert_rollups_match_raw(&mut c, 3);
+}
+
+/// Every SQL text of `packaging/grafana/sitewatch.json` (panels and variables).
+fn grafana_queries() -> Vec<(String, String)> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/sitewatch.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path).expect("dashboard")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            let sql = t["rawSql"].as_str().expect("rawSql");
+            out.push((
+                panel["title"].as_str().unwrap().to_string(),
+                sql.to_string(),
+            ));
+        }
+    }
+    for var in dash["templating"]["list"].as_array().expect("variables") {
+        out.push((
+            format!("${}", var["name"].as_str().unwrap()),
+            var["query"].as_str().unwrap().into(),
+        ));
+    }
+    out
+}
+
+/// Grafana's macros and the `$target` variable as Grafana expands them for a 7-day range.
+fn expand_grafana(sql: &str, targets: &[&str]) -> String {
+    let mut sql = sql.to_string();
+    while let Some(start) = sql.find("$__timeFilter(") {
+        let end = sql[start..].find(')').unwrap() + start;
+        let column = sql[start + "$__timeFilter(".len()..end].to_string();
+        sql.replace_range(
+            start..=end,
+            &format!("{column} BETWEEN now() - interval '7 days' AND now() + interval '1 hour'"),
+        );
+    }
+    let quoted: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    sql.replace("$target", &quoted.join(","))
+}
+
+#[test]
+fn grafana_dashboard_queries_run_against_real_postgres_and_return_rows() {
+    let db = fresh_db();
+    let mut w = writer(&db, 0);
+    let records = spread_records(2000, 5);
+    w.write(None, &messages(&json(&records), 0), 0)
+        .expect("write");
+    let mut c = db.client();
+    let queries = grafana_queries();
+    assert!(queries.len() >= 7, "{queries:?}");
+    for (title, sql) in queries {
+        let sql = expand_grafana(&sql, &["site-1", "site-2"]);
+        assert!(!sql.contains('$'), "{title}: unexpanded macro in {sql}");
+        let mut tx = c.build_transaction().read_only(true).start().unwrap();
+        let rows = tx
+            .query(&sql, &[])
+            .unwrap_or_else(|e| panic!("{title}: {}\n{sql}", db::describe(&e)));
+        assert!(!rows.is_empty(), "{title}: no rows\n{sql}");
+    }
+}
+
+#[test]
+fn the_sql_histogram_quantile_agrees_with_the_rust_one() {
+    let db = fresh_db();
+    let mut c = db.client();
+    let mut hists: Vec<Vec<i64>> = vec![vec![0; sink::rollup::BUCKETS]];
+    for i in 0..40usize {
+        hists.push(
+            (0..sink::rollup::BUCKETS)
+                .map(|b| ((i * 7 + b * 13) % 5) as i64 * ((i + b) % 3) as i64)
+                .collect(),
+        );
+    }
+    for hist in hists {
+        for q in [0.0, 0.01, 0.5, 0.9, 0.95, 0.99, 1.0] {
+            let sql: Option<f64> = c
+                .query_one("SELECT sitewatch_hist_quantile($1, $2)", &[&hist, &q])
+                .unwrap()
+                .get(0);
+            assert_eq!(sql, sink::rollup::quantile(&hist, q), "{hist:?} q={q}");
+        }
+    }
 }

@@ -297,13 +297,12 @@ fn ms_of(t: SystemTime) -> i64 {
     }
 }
 
-/// One check as the writer landed it in `checks`.
+/// One check the writer's transaction inserted into `checks` (never a row that was already
+/// there: a record Kafka delivered twice counts once).
 #[derive(Clone, Copy, Debug)]
 pub struct Landed<'a> {
     pub record: &'a CheckResult,
     pub started_ms: i64,
-    /// Its Kafka offset (in the writer's partition).
-    pub offset: i64,
 }
 
 /// Whether two states differ in more than `last_check`.
@@ -327,28 +326,18 @@ impl Evaluator {
         Evaluator { cfg }
     }
 
-    /// Applies the checks this transaction inserted (all of `landed` when `all_new`, else
-    /// found by their offsets in `partition`) in time order per target, writes the changed
-    /// states and one outbox event (with a pending delivery per channel) per transition.
-    /// Returns the number of events.
+    /// Applies the checks this transaction inserted in time order per target, writes the
+    /// changed states and one outbox event (with a pending delivery per channel) per
+    /// transition. Returns the number of events.
     pub fn evaluate(
         &self,
         tx: &mut Transaction,
         landed: &[Landed],
-        partition: i32,
-        all_new: bool,
     ) -> Result<u64, postgres::Error> {
-        let ours = if all_new {
-            None
-        } else {
-            Some(inserted_offsets(tx, landed, partition)?)
-        };
         let mut by_target: BTreeMap<&str, Vec<(&CheckResult, i64)>> = BTreeMap::new();
         for l in landed {
-            if ours.as_ref().is_none_or(|o| o.contains(&l.offset)) {
-                let list = by_target.entry(l.record.target.as_str()).or_default();
-                list.push((l.record, l.started_ms));
-            }
+            let list = by_target.entry(l.record.target.as_str()).or_default();
+            list.push((l.record, l.started_ms));
         }
         if by_target.is_empty() {
             return Ok(0);
@@ -469,23 +458,6 @@ impl Evaluator {
         }
         Ok(out)
     }
-}
-
-/// The offsets of `landed` that this transaction inserted into `checks` (the others were
-/// already there: a producer's duplicate, stored from another offset).
-fn inserted_offsets(
-    tx: &mut Transaction,
-    landed: &[Landed],
-    partition: i32,
-) -> Result<std::collections::HashSet<i64>, postgres::Error> {
-    let ids: Vec<&str> = landed.iter().map(|l| l.record.check_id.as_str()).collect();
-    let offsets: Vec<i64> = landed.iter().map(|l| l.offset).collect();
-    let rows = tx.query(
-        "SELECT kafka_offset FROM checks WHERE check_id = ANY($1) AND kafka_partition = $2 \
-         AND kafka_offset = ANY($3)",
-        &[&ids, &partition, &offsets],
-    )?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 fn load(

@@ -8,11 +8,12 @@
 //! the check's timeout is the module's, shortened to the scrape's
 //! `X-Prometheus-Scrape-Timeout-Seconds` minus half a second, as blackbox_exporter does.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{Config, MetricsConfig, Target};
+use crate::httpd::Slot;
 use crate::probe::Prober;
 
 use super::ProbeView;
@@ -186,9 +187,7 @@ fn timeout(module: Duration, scrape: Option<&str>) -> Result<Duration, Refusal> 
 /// `target` and `module` from a query string, percent-decoded (`+` is a space).
 fn parse_query(query: &str) -> (Option<String>, Option<String>) {
     let (mut target, mut module) = (None, None);
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = crate::util::percent_decode(&value.replace('+', " "));
+    for (key, value) in crate::httpd::query_pairs(query) {
         match key {
             "target" if !value.is_empty() => target = Some(value),
             "module" if !value.is_empty() => module = Some(value),
@@ -196,35 +195,6 @@ fn parse_query(query: &str) -> (Option<String>, Option<String>) {
         }
     }
     (target, module)
-}
-
-/// One of `cap` places, given back on drop.
-pub(super) struct Slot<'a>(&'a AtomicUsize);
-
-impl<'a> Slot<'a> {
-    pub(super) fn take(count: &'a AtomicUsize, cap: usize) -> Option<Slot<'a>> {
-        acquire(count, cap).then(|| Slot::adopt(count))
-    }
-
-    /// The slot a successful [`acquire`] took, to be given back on drop.
-    pub(super) fn adopt(count: &'a AtomicUsize) -> Slot<'a> {
-        Slot(count)
-    }
-}
-
-/// Counts one more holder unless `cap` hold places already.
-pub(super) fn acquire(count: &AtomicUsize, cap: usize) -> bool {
-    count
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < cap).then_some(n + 1)
-        })
-        .is_ok()
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 #[cfg(test)]
@@ -260,15 +230,5 @@ mod tests {
         assert_eq!(timeout(m, Some("0")), Ok(m));
         assert_eq!(timeout(m, Some("abc")).unwrap_err().status, 400);
         assert_eq!(timeout(m, Some("0.5")).unwrap_err().status, 400);
-    }
-
-    #[test]
-    fn slots_are_capped_and_given_back() {
-        let n = AtomicUsize::new(0);
-        let a = Slot::take(&n, 2).unwrap();
-        let _b = Slot::take(&n, 2).unwrap();
-        assert!(Slot::take(&n, 2).is_none());
-        drop(a);
-        assert!(Slot::take(&n, 2).is_some());
     }
 }

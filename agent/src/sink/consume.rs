@@ -468,7 +468,12 @@ impl Coordinator {
 
     fn maintain(&self) -> Result<(), SinkError> {
         let mut client = db::connect(&self.pg, "sitewatch sink maintenance")?;
-        let done = schema::maintain(&mut client, self.pg.retention, crate::util::unix_ms_now())?;
+        let done = schema::maintain(
+            &mut client,
+            self.pg.retention,
+            self.pg.rollup_retention,
+            crate::util::unix_ms_now(),
+        )?;
         for name in &done.dropped_partitions {
             log::info!(target: "sitewatch::sink", "retention: dropped {name}");
         }

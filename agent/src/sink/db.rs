@@ -154,7 +154,7 @@ pub fn describe(e: &postgres::Error) -> String {
 }
 
 /// Unix milliseconds as the value of a `timestamptz` parameter (before 1970 too).
-pub(crate) fn system_time(unix_ms: i64) -> SystemTime {
+pub fn system_time(unix_ms: i64) -> SystemTime {
     if unix_ms >= 0 {
         UNIX_EPOCH + Duration::from_millis(unix_ms as u64)
     } else {
@@ -216,6 +216,7 @@ mod tests {
             sslmode: SslMode::VerifyFull,
             ca_file: Some("/nonexistent/ca.pem".into()),
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let Err(err) = connect(&cfg, "test") else {
@@ -239,6 +240,7 @@ mod tests {
             sslmode: SslMode::Disable,
             ca_file: None,
             retention: Duration::from_secs(86_400),
+            rollup_retention: Duration::from_secs(86_400),
             batch_size: 10,
         };
         let Err(err) = connect(&cfg, "test") else {

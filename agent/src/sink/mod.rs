@@ -12,6 +12,7 @@ pub mod agents;
 pub mod consume;
 pub mod db;
 pub mod owner;
+pub mod rollup;
 pub mod schema;
 pub mod writer;
 
@@ -180,7 +181,8 @@ pub fn init_db(cfg: &Config) -> Result<(), SinkError> {
     let pg = postgres_config(cfg)?;
     let mut client = db::connect(pg, "sitewatch init-db")?;
     schema::apply(&mut client)?;
-    schema::maintain(&mut client, pg.retention, crate::util::unix_ms_now())?;
+    let now = crate::util::unix_ms_now();
+    schema::maintain(&mut client, pg.retention, pg.rollup_retention, now)?;
     log::info!(target: "sitewatch::sink", "schema applied to {}", pg.url);
     Ok(())
 }

@@ -13,7 +13,7 @@ use crate::util::format_rfc3339_ms;
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
 /// The schema version `schema.sql` records; the sink refuses an older database.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// Partitions are created this many days ahead of today (UTC), so a day's first records never
 /// wait for DDL.
@@ -93,15 +93,19 @@ pub struct Maintenance {
     pub dead_letters_deleted: u64,
     /// Alert events older than the retention whose deliveries are all done (`[alerts]`).
     pub alert_events_deleted: u64,
+    /// Hourly and daily rollup rows deleted.
+    pub rollups_deleted: u64,
 }
 
 /// Creates partitions from yesterday to [`DAYS_AHEAD`] days ahead and drops every partition
-/// (and dead letter) older than `retention`, relative to `now_ms`. DDL waits at most a few
+/// (and dead letter) older than `retention`, and every daily rollup older than
+/// `rollup_retention` (hourly: [`super::rollup::HOURLY_KEEP`] at most), relative to `now_ms`. DDL waits at most a few
 /// seconds for its lock: a busy `checks` table makes this pass fail and the next one retry,
 /// rather than queue every writer behind a waiting DROP.
 pub fn maintain(
     client: &mut Client,
     retention: Duration,
+    rollup_retention: Duration,
     now_ms: i64,
 ) -> Result<Maintenance, SinkError> {
     client.batch_execute("SET lock_timeout = '5s'")?;
@@ -130,10 +134,21 @@ pub fn maintain(
         0
     };
     client.batch_execute("RESET lock_timeout")?;
+    let before =
+        |keep: Duration| super::db::system_time(now_ms.saturating_sub(keep.as_millis() as i64));
+    let hourly_keep = rollup_retention.min(super::rollup::HOURLY_KEEP);
+    let rollups_deleted = client.execute(
+        "DELETE FROM check_rollups_hourly WHERE period_start < $1",
+        &[&before(hourly_keep)],
+    )? + client.execute(
+        "DELETE FROM check_rollups_daily WHERE period_start < $1",
+        &[&before(rollup_retention)],
+    )?;
     Ok(Maintenance {
         dropped_partitions: dropped,
         dead_letters_deleted,
         alert_events_deleted,
+        rollups_deleted,
     })
 }
 

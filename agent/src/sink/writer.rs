@@ -19,6 +19,7 @@ use postgres::{Client, Statement, Transaction};
 
 use super::SinkError;
 use super::db::{describe, is_data_error, system_time};
+use super::rollup::{Rollups, Sample};
 use super::schema::{ensure_partition, load_offset};
 use crate::result::CheckResult;
 use crate::util::parse_rfc3339_ms;
@@ -244,7 +245,7 @@ fn insert_checks_sql() -> String {
         .collect();
     format!(
         "INSERT INTO checks ({}, kafka_partition) SELECT {}, ${} FROM unnest({}) AS u({}) \
-         ON CONFLICT (check_id, started_at) DO NOTHING",
+         ON CONFLICT (check_id, started_at) DO NOTHING RETURNING check_id, started_at",
         names.join(", "),
         selects.join(", "),
         n + 1,
@@ -441,6 +442,7 @@ impl Writer {
         let insert_checks = prepare(&mut client, &insert_checks_sql())?;
         let insert_dead = prepare(&mut client, INSERT_DEAD_LETTERS)?;
         let upsert_targets = prepare(&mut client, UPSERT_TARGETS)?;
+        let rollups = Rollups::prepare(&mut client)?;
         Ok(Writer {
             client,
             prepared: Prepared {
@@ -449,6 +451,7 @@ impl Writer {
                 insert_checks,
                 insert_dead,
                 upsert_targets,
+                rollups,
             },
             retention,
             days_ready: HashSet::new(),
@@ -564,11 +567,20 @@ impl Writer {
         }
         let partition = p.partition;
         let mut late_dead: Vec<DeadLetter> = Vec::new();
-        let mut inserted = 0;
         let mut landed: Vec<&Row> = Vec::with_capacity(rows.len());
+        // The rows this transaction added (not the redelivered ones): what the rollups count.
+        let mut fresh: Vec<&Row> = Vec::with_capacity(rows.len());
         if !isolate {
             let columns = CheckColumns::from_rows(rows);
-            inserted = tx.execute(&p.insert_checks, &columns.params(&partition))?;
+            let keys = tx.query(&p.insert_checks, &columns.params(&partition))?;
+            let mut keys: HashSet<(String, SystemTime)> =
+                keys.iter().map(|k| (k.get(0), k.get(1))).collect();
+            // A key the batch holds twice was inserted once: the first copy is the fresh one.
+            fresh.extend(
+                rows.iter().filter(|r| {
+                    keys.remove(&(r.record.check_id.clone(), system_time(r.started_ms)))
+                }),
+            );
             landed.extend(rows);
         } else {
             for (i, row) in rows.iter().enumerate() {
@@ -577,7 +589,9 @@ impl Writer {
                 match sp.execute(&p.insert_checks, &columns.params(&partition)) {
                     Ok(n) => {
                         sp.commit()?;
-                        inserted += n;
+                        if n > 0 {
+                            fresh.push(row);
+                        }
                         landed.push(row);
                     }
                     Err(e) if is_data_error(&e) => {
@@ -596,20 +610,22 @@ impl Writer {
             p.insert_dead_letters(&mut tx, &all_dead)?;
         }
         p.upsert_targets(&mut tx, &landed)?;
+        p.rollups.add(
+            &mut tx,
+            fresh.iter().map(|r| Sample::of(&r.record, r.started_ms)),
+        )?;
         #[cfg(feature = "alerts")]
         if let Some(alerts) = &self.alerts {
-            let checks: Vec<crate::alerts::eval::Landed> = (landed.iter())
+            let checks: Vec<crate::alerts::eval::Landed> = (fresh.iter())
                 .map(|r| crate::alerts::eval::Landed {
                     record: &r.record,
                     started_ms: r.started_ms,
-                    offset: r.message.offset,
                 })
                 .collect();
-            // Every landed row is new unless some were already stored (duplicates).
-            let all_new = inserted == landed.len() as u64;
-            alerts.evaluate(&mut tx, &checks, partition, all_new)?;
+            alerts.evaluate(&mut tx, &checks)?;
         }
         tx.commit()?;
+        let inserted = fresh.len() as u64;
         Ok(BatchOutcome {
             inserted,
             duplicates: landed.len() as u64 - inserted,
@@ -626,6 +642,7 @@ struct Prepared {
     insert_checks: Statement,
     insert_dead: Statement,
     upsert_targets: Statement,
+    rollups: Rollups,
 }
 
 impl Prepared {

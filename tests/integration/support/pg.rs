@@ -173,6 +173,7 @@ impl TestDb {
             sslmode: SslMode::Disable,
             ca_file: None,
             retention: Duration::from_secs(7 * 86_400),
+            rollup_retention: Duration::from_secs(400 * 86_400),
             batch_size: 1000,
         }
     }

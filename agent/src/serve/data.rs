@@ -1,0 +1,229 @@
+//! What the pages read, and how: every query runs in a READ ONLY transaction on a session that
+//! is itself `default_transaction_read_only`, under a statement timeout, and every list is
+//! capped ([`MAX_TARGETS`], [`RECENT_CHECKS`]). Uptime and latency come from the rollup tables,
+//! never from scanning raw checks; only a target's current state and its recent checks read
+//! `checks`, through its (target, started_at) index.
+
+use std::collections::HashMap;
+
+use postgres::{Client, Transaction};
+
+use crate::sink::rollup::BUCKETS;
+
+/// Targets on one page (sorted by id); `?page=N` shows the next ones. Each target is about
+/// 16 KB of HTML (90 focusable day cells with their figures, 24 hourly bars), so a page stays
+/// near 3 MB; past a few hundred targets, `?tag=` is the way to find one.
+pub const MAX_TARGETS: i64 = 200;
+/// Checks listed on `/target/<id>`.
+pub const RECENT_CHECKS: i64 = 50;
+/// Days in the uptime bar.
+pub const BAR_DAYS: i64 = 90;
+/// No statement of a request runs longer: the page is bounded work, whatever the data.
+pub const STATEMENT_TIMEOUT: &str = "5s";
+
+pub const HOUR_MS: i64 = 3_600_000;
+pub const DAY_MS: i64 = 86_400_000;
+
+/// One target as the status page shows it.
+#[derive(Debug, Clone, Default)]
+pub struct TargetView {
+    pub id: String,
+    pub url: String,
+    pub up: bool,
+    /// Since when it has been in its current state (unix ms).
+    pub since_ms: i64,
+    pub last_check_ms: i64,
+    pub failure: Option<String>,
+    pub error: Option<String>,
+    pub status: Option<i32>,
+    pub total_ms: f64,
+    pub cert_not_after_ms: Option<i64>,
+    pub tags: Vec<String>,
+    /// Day start (unix ms) → (checks, successes), at most [`BAR_DAYS`] days.
+    pub days: HashMap<i64, (i64, i64)>,
+    /// The last 24 hours: hour start → histogram of timings.total.
+    pub hours: HashMap<i64, [i64; BUCKETS]>,
+    pub checks_24h: i64,
+    pub successes_24h: i64,
+}
+
+impl TargetView {
+    /// The 24-hour histogram over every hour.
+    pub fn hist_24h(&self) -> [i64; BUCKETS] {
+        let mut sum = [0; BUCKETS];
+        for hist in self.hours.values() {
+            for (s, n) in sum.iter_mut().zip(hist) {
+                *s += n;
+            }
+        }
+        sum
+    }
+}
+
+/// One row of `/target/<id>`'s recent checks.
+#[derive(Debug, Clone)]
+pub struct CheckView {
+    pub started_ms: i64,
+    pub agent: String,
+    pub up: bool,
+    pub failure: Option<String>,
+    pub error: Option<String>,
+    pub status: Option<i32>,
+    pub total_ms: f64,
+    /// dns, connect, tls, ttfb, transfer.
+    pub phases: [Option<f64>; 5],
+}
+
+/// Opens the read-only session of `sitewatch serve`.
+pub fn prepare_session(client: &mut Client) -> Result<(), postgres::Error> {
+    client.batch_execute(&format!(
+        "SET default_transaction_read_only = on; SET statement_timeout = '{STATEMENT_TIMEOUT}'"
+    ))
+}
+
+/// Runs `read` in a READ ONLY transaction (rolled back: nothing to commit).
+pub fn read_only<T>(
+    client: &mut Client,
+    read: impl FnOnce(&mut Transaction) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    let mut tx = client.build_transaction().read_only(true).start()?;
+    read(&mut tx)
+}
+
+const STATUS_SQL: &str = "\
+SELECT s.target, s.url, s.up, (extract(epoch FROM s.since) * 1000)::int8,
+       (extract(epoch FROM s.last_check) * 1000)::int8, s.failure, s.error, s.status, s.total_ms,
+       (extract(epoch FROM l.cert_not_after) * 1000)::int8, l.tags
+FROM target_status s
+CROSS JOIN LATERAL (
+    SELECT c.cert_not_after, c.tags FROM checks c WHERE c.target = s.target
+    ORDER BY c.started_at DESC LIMIT 1
+) l
+WHERE ($1::text IS NULL OR $1 = ANY(l.tags)) AND ($2::text IS NULL OR s.target = $2)
+ORDER BY s.target LIMIT $3 OFFSET $4";
+
+/// Which targets a request asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Selection {
+    pub tag: Option<String>,
+    pub target: Option<String>,
+    /// 0-based page of [`MAX_TARGETS`].
+    pub page: i64,
+}
+
+/// The targets of `selection` (at most [`MAX_TARGETS`]; `more` says whether others follow),
+/// with their rollups, as of `now_ms`.
+pub fn targets(
+    tx: &mut Transaction,
+    selection: &Selection,
+    now_ms: i64,
+) -> Result<(Vec<TargetView>, bool), postgres::Error> {
+    let rows = tx.query(
+        STATUS_SQL,
+        &[
+            &selection.tag,
+            &selection.target,
+            &(MAX_TARGETS + 1),
+            &(selection.page * MAX_TARGETS),
+        ],
+    )?;
+    let more = rows.len() as i64 > MAX_TARGETS;
+    let mut views: Vec<TargetView> = rows
+        .iter()
+        .take(MAX_TARGETS as usize)
+        .map(|r| TargetView {
+            id: r.get(0),
+            url: r.get(1),
+            up: r.get(2),
+            since_ms: r.get(3),
+            last_check_ms: r.get(4),
+            failure: r.get(5),
+            error: r.get(6),
+            status: r.get(7),
+            total_ms: r.get(8),
+            cert_not_after_ms: r.get(9),
+            tags: r.get(10),
+            ..TargetView::default()
+        })
+        .collect();
+    let ids: Vec<String> = views.iter().map(|v| v.id.clone()).collect();
+    let index: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    let today = now_ms - now_ms.rem_euclid(DAY_MS);
+    let first_day = crate::sink::db::system_time(today - (BAR_DAYS - 1) * DAY_MS);
+    let days = tx.query(
+        "SELECT target, (extract(epoch FROM period_start) * 1000)::int8, checks, successes \
+         FROM check_rollups_daily WHERE target = ANY($1) AND period_start >= $2",
+        &[&ids, &first_day],
+    )?;
+    for r in &days {
+        // One row per location: they add up (a GROUP BY here cost more than this loop).
+        let view = &mut views[index[r.get::<_, &str>(0)]];
+        let day = view.days.entry(r.get(1)).or_insert((0, 0));
+        day.0 += r.get::<_, i64>(2);
+        day.1 += r.get::<_, i64>(3);
+    }
+    let hour = now_ms - now_ms.rem_euclid(HOUR_MS);
+    let first_hour = crate::sink::db::system_time(hour - 23 * HOUR_MS);
+    let hours = tx.query(
+        "SELECT target, (extract(epoch FROM period_start) * 1000)::int8, checks, successes, \
+         total_ms_hist FROM check_rollups_hourly \
+         WHERE target = ANY($1) AND period_start >= $2",
+        &[&ids, &first_hour],
+    )?;
+    for r in &hours {
+        let view = &mut views[index[r.get::<_, &str>(0)]];
+        view.checks_24h += r.get::<_, i64>(2);
+        view.successes_24h += r.get::<_, i64>(3);
+        let hist = view.hours.entry(r.get(1)).or_insert([0; BUCKETS]);
+        // Locations of one hour add up; a histogram of another length adds what it has.
+        for (sum, n) in hist.iter_mut().zip(r.get::<_, Vec<i64>>(4)) {
+            *sum += n;
+        }
+    }
+    Ok((views, more))
+}
+
+/// Checks and successes of `target` in the hours starting after `since_ms`.
+pub fn uptime(
+    tx: &mut Transaction,
+    target: &str,
+    since_ms: i64,
+) -> Result<(i64, i64), postgres::Error> {
+    let since = crate::sink::db::system_time(since_ms);
+    let row = tx.query_one(
+        "SELECT COALESCE(sum(checks), 0)::int8, COALESCE(sum(successes), 0)::int8 \
+         FROM check_rollups_hourly WHERE target = $1 AND period_start >= $2",
+        &[&target, &since],
+    )?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// The last [`RECENT_CHECKS`] checks of `target`, newest first.
+pub fn recent_checks(
+    tx: &mut Transaction,
+    target: &str,
+) -> Result<Vec<CheckView>, postgres::Error> {
+    let rows = tx.query(
+        "SELECT (extract(epoch FROM started_at) * 1000)::int8, agent, up, failure, error, status, \
+         total_ms, dns_ms, connect_ms, tls_ms, ttfb_ms, transfer_ms FROM checks \
+         WHERE target = $1 ORDER BY started_at DESC LIMIT $2",
+        &[&target, &RECENT_CHECKS],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| CheckView {
+            started_ms: r.get(0),
+            agent: r.get(1),
+            up: r.get(2),
+            failure: r.get(3),
+            error: r.get(4),
+            status: r.get(5),
+            total_ms: r.get(6),
+            phases: [r.get(7), r.get(8), r.get(9), r.get(10), r.get(11)],
+        })
+        .collect())
+}

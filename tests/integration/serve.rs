@@ -1,0 +1,616 @@
+//! `sitewatch serve` against real PostgreSQL: badges (parsed as XML, their colours), the JSON
+//! API, hostile requests (traversal, huge heads, slow clients, writes), and the status page in
+//! headless Chromium from a database filled by a real `sitewatch run`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sitewatch::config::Config;
+use sitewatch::result::{CheckResult, FailureReason};
+use sitewatch::serve::{self, badge};
+use sitewatch::sink::{self, Message, Writer, db};
+use sitewatch::util::{format_rfc3339_ms, unix_ms_now};
+
+use crate::support::pg::TestDb;
+
+/// One raw HTTP/1.1 exchange: status, head, body.
+fn request(addr: SocketAddr, raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(raw).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.get(end + 4..).unwrap_or_default().to_vec();
+    (status, head, body)
+}
+
+fn get(addr: SocketAddr, target: &str) -> (u16, String, String) {
+    let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (status, head, body) = request(addr, raw.as_bytes());
+    (status, head, String::from_utf8(body).expect("utf-8 body"))
+}
+
+/// A database with the schema, and a config with `[postgres]` on it and `[serve]` on port 0.
+fn served_db() -> (TestDb, Config) {
+    let db = TestDb::create();
+    let text = format!(
+        "[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n\n[serve]\nlisten = \"127.0.0.1:0\"\nconnections = 4\n",
+        db.url()
+    );
+    let cfg = Config::parse(&text, Path::new("serve.toml"), &|_| None).expect("config");
+    sink::init_db(&cfg).expect("init-db");
+    (db, cfg)
+}
+
+/// 100 checks a minute apart ending now: `down_every` (0: never) of them down, the last one
+/// `last_up`.
+fn history(target: &str, total_ms: f64, down_every: usize, last_up: bool) -> Vec<CheckResult> {
+    (0..100)
+        .map(|i| {
+            let mut r = CheckResult::new(target, "http://127.0.0.1/x", "test", "GET");
+            r.started_at = format_rfc3339_ms(unix_ms_now() - (100 - i as i64) * 60_000);
+            r.timings.total = total_ms;
+            r.tags = vec!["web".into()];
+            let down = (down_every > 0 && i % down_every == 0) || (i == 99 && !last_up);
+            if down {
+                r.fail(FailureReason::Connect, "connection refused <b>&");
+            } else {
+                r.up = true;
+                r.status = Some(200);
+            }
+            r
+        })
+        .collect()
+}
+
+fn write_records(db: &TestDb, records: &[CheckResult]) {
+    let cfg = db.pg_config();
+    let client = db::connect(&cfg, "serve-test-writer").expect("connect");
+    let mut w = Writer::new(client, "t", 0, cfg.retention).expect("writer");
+    let messages: Vec<Message> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Message {
+            offset: i as i64,
+            timestamp_ms: 0,
+            key: None,
+            value: Some(r.to_json().into_bytes()),
+        })
+        .collect();
+    w.write(None, &messages, 0).expect("write");
+}
+
+/// An element's name and attributes.
+type Element = (String, Vec<(String, String)>);
+
+/// A small XML well-formedness check: tags nest and close, attributes are quoted, every `&`
+/// starts a known entity, no `<` in text. Returns the elements' (name, attributes) in order.
+fn parse_xml(text: &str) -> Result<Vec<Element>, String> {
+    let mut stack: Vec<String> = Vec::new();
+    let mut elements = Vec::new();
+    let mut rest = text.trim();
+    let check_text = |t: &str| -> Result<(), String> {
+        let mut parts = t.split('&');
+        parts.next();
+        for p in parts {
+            let ok = ["amp;", "lt;", "gt;", "quot;", "#39;"]
+                .iter()
+                .any(|e| p.starts_with(e));
+            if !ok {
+                return Err(format!("bad entity in {t:?}"));
+            }
+        }
+        if t.contains('>') {
+            return Err(format!("stray > in {t:?}"));
+        }
+        Ok(())
+    };
+    while !rest.is_empty() {
+        let Some(open) = rest.find('<') else {
+            check_text(rest)?;
+            break;
+        };
+        check_text(&rest[..open])?;
+        let close = rest[open..].find('>').ok_or("unclosed tag")? + open;
+        let tag = &rest[open + 1..close];
+        rest = &rest[close + 1..];
+        if let Some(name) = tag.strip_prefix('/') {
+            if stack.pop().as_deref() != Some(name) {
+                return Err(format!("</{name}> closes nothing open"));
+            }
+            continue;
+        }
+        let self_closing = tag.ends_with('/');
+        let tag = tag.trim_end_matches('/');
+        let (name, mut attrs_text) = tag.split_once(' ').unwrap_or((tag, ""));
+        let mut attrs = Vec::new();
+        while !attrs_text.trim().is_empty() {
+            let (key, after) = attrs_text
+                .trim_start()
+                .split_once("=\"")
+                .ok_or(format!("attribute in <{name}>"))?;
+            let (value, after) = after
+                .split_once('"')
+                .ok_or(format!("unquoted in <{name}>"))?;
+            check_text(value)?;
+            if value.contains('<') {
+                return Err(format!("< in attribute of <{name}>"));
+            }
+            attrs.push((key.to_string(), value.to_string()));
+            attrs_text = after;
+        }
+        elements.push((name.to_string(), attrs));
+        if !self_closing {
+            stack.push(name.to_string());
+        }
+    }
+    if stack.is_empty() {
+        Ok(elements)
+    } else {
+        Err(format!("unclosed: {stack:?}"))
+    }
+}
+
+/// The badge's message colour: the second `<rect>` inside the clip group.
+fn message_colour(svg: &str) -> String {
+    let elements = parse_xml(svg).unwrap_or_else(|e| panic!("{e}: {svg}"));
+    assert_eq!(elements[0].0, "svg");
+    let fills: Vec<&String> = elements
+        .iter()
+        .filter(|(name, _)| name == "rect")
+        .filter_map(|(_, a)| a.iter().find(|(k, _)| k == "fill").map(|(_, v)| v))
+        .collect();
+    fills[2].clone()
+}
+
+#[test]
+fn badges_are_valid_svg_in_the_right_colours_and_the_api_says_the_same() {
+    let (db, cfg) = served_db();
+    let mut records = history("steady", 40.0, 0, true);
+    records.extend(history("flaky", 40.0, 10, true));
+    records.extend(history("broken", 40.0, 0, false));
+    records.extend(history("slow <&>", 3000.0, 0, true));
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+    for (id, state, colour) in [
+        ("steady", "up", badge::GREEN),
+        ("flaky", "degraded", badge::YELLOW),
+        ("broken", "down", badge::RED),
+        ("nobody", "unknown", badge::UNKNOWN),
+    ] {
+        let (status, head, svg) = get(addr, &format!("/badge/{id}/status.svg"));
+        assert_eq!(status, 200, "{head}");
+        assert!(head.contains("Content-Type: image/svg+xml"), "{head}");
+        assert!(head.contains("Cache-Control: public, max-age=60"), "{head}");
+        assert_eq!(message_colour(&svg), colour, "{id}: {svg}");
+        assert!(svg.contains(&format!(">{state}</text>")), "{id}: {svg}");
+        // For a person to look at (README.md shows one).
+        std::fs::write(screenshot_dir().join(format!("badge-{state}.svg")), &svg).unwrap();
+    }
+    // 90 of 100 up: 90% is red; 100% green; the window parameter is honoured.
+    for (id, window, text, colour) in [
+        ("flaky", "24h", "90.00%", badge::RED),
+        ("steady", "7d", "100.00%", badge::GREEN),
+        ("steady", "30d", "100.00%", badge::GREEN),
+    ] {
+        let (status, _, svg) = get(addr, &format!("/badge/{id}/uptime.svg?window={window}"));
+        assert_eq!(status, 200);
+        assert_eq!(message_colour(&svg), colour, "{svg}");
+        assert!(svg.contains(text), "{svg}");
+    }
+    let (_, _, svg) = get(addr, "/badge/slow%20%3C%26%3E/response.svg");
+    assert_eq!(message_colour(&svg), badge::RED, "{svg}");
+    let (_, _, svg) = get(addr, "/badge/steady/response.svg");
+    assert_eq!(message_colour(&svg), badge::GREEN, "{svg}");
+    assert!(svg.contains("≤50 ms"), "{svg}");
+
+    let (status, _, body) = get(addr, "/api/v1/status");
+    assert_eq!(status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(doc["version"], 1);
+    let states: Vec<(String, String)> = doc["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().into(),
+                t["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want = [
+        ("broken", "down"),
+        ("flaky", "degraded"),
+        ("slow <&>", "up"),
+        ("steady", "up"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(states, want);
+    assert_eq!(doc["targets"][1]["uptime_24h"], 0.9);
+
+    // Every page is well-formed markup with the hostile id escaped.
+    for path in [
+        "/",
+        "/?group=tag",
+        "/?tag=web",
+        "/target/slow%20%3C%26%3E",
+        "/target/broken",
+    ] {
+        let (status, _, page) = get(addr, path);
+        assert_eq!(status, 200, "{path}");
+        let body = page.trim_start_matches("<!DOCTYPE html>\n");
+        // HTML void elements are the only unclosed tags the pages write.
+        let xml = body.replace("<meta charset=\"utf-8\">", "").replace(
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+            "",
+        );
+        parse_xml(&xml).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            !page.contains("slow <&>") && !page.contains("<b>&"),
+            "{path}"
+        );
+    }
+    let (_, _, page) = get(addr, "/target/broken");
+    assert!(page.contains("down: connect") && page.contains("connection refused &lt;b&gt;&amp;"));
+}
+
+#[test]
+fn hostile_requests_are_bounded_and_nothing_can_write() {
+    let (db, cfg) = served_db();
+    write_records(&db, &history("steady", 40.0, 0, true));
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+    for path in [
+        "/../../etc/passwd",
+        "/target/..%2F..%2Fetc%2Fpasswd",
+        "/badge/..%2F..%2Fetc%2Fpasswd/status.svg",
+        "/badge/steady/../../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+    ] {
+        let (status, _, body) = get(addr, path);
+        assert!(
+            status == 404 || status == 200 && path.starts_with("/badge/"),
+            "{path}: {status}"
+        );
+        assert!(!body.contains("root:"), "{path}");
+    }
+    // A query string far over the head limit: refused, and the server still answers.
+    let huge = format!("/?tag={}", "a".repeat(1 << 20));
+    let (status, _, _) = request(addr, format!("GET {huge} HTTP/1.1\r\n\r\n").as_bytes());
+    assert!(status == 431 || status == 0, "{status}");
+    let (status, _, _) = get(addr, &format!("/?tag={}", "b".repeat(4000)));
+    assert_eq!(status, 200);
+    // No write method.
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let raw = format!("{method} /api/v1/status HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(request(addr, raw.as_bytes()).0, 405, "{method}");
+    }
+    // Slow clients hold every slot (connections = 4): a fifth connection is closed unanswered,
+    // and the slots come back once the head deadline passes.
+    let slow: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let answered = |addr| get(addr, "/api/v1/status").0 == 200;
+    crate::support::wait_for(
+        "the 5th connection to be refused",
+        Duration::from_secs(30),
+        || !answered(addr),
+    );
+    crate::support::wait_for(
+        "the slow clients to be cut off",
+        Duration::from_secs(30),
+        || answered(addr),
+    );
+    drop(slow);
+    // The session refuses writes, inside the request's transaction and outside it.
+    let mut client = db::connect(&db.pg_config(), "serve-test").unwrap();
+    serve::data::prepare_session(&mut client).unwrap();
+    let insert = "INSERT INTO targets VALUES ('x', 'u', now(), now(), 'a')";
+    let in_tx = serve::data::read_only(&mut client, |tx| tx.execute(insert, &[])).unwrap_err();
+    let outside = client.execute(insert, &[]).unwrap_err();
+    for e in [in_tx, outside] {
+        assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+            "{e}"
+        );
+    }
+}
+
+/// Where the screenshots go: `<target dir>/serve-screenshots/`.
+fn screenshot_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("serve-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Headless Chromium that can reach 127.0.0.1 only: every other host goes to a closed port.
+fn chromium(profile: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--proxy-server=127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .expect("run chromium (scripts/setup installs it)")
+}
+
+/// `sitewatch` `cmd` with `config`, logging to `log`.
+fn spawn(cmd: &str, config: &Path, log: &Path) -> std::process::Child {
+    crate::support::sitewatch()
+        .args([cmd, "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "sitewatch=info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start sitewatch")
+}
+
+/// Runs a real `sitewatch run` against local targets (up, TLS, a closed port, a body that does
+/// not match) until each has 3 rows, then SIGKILLs it. Returns the config, with `[serve]` on
+/// `serve_port`.
+fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16) -> PathBuf {
+    use crate::support::http::{Cert, HttpServer, Reply, fixture};
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let tls = HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "hello"));
+    let text = format!(
+        "[agent]\nid = \"page\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{state}\"\n\n{pipeline}\n\
+         [[target]]\nid = \"shop\"\nurl = \"{up}\"\nregex = \"hello\"\ntags = [\"web\"]\n\
+         [[target]]\nid = \"secure\"\nurl = \"{tls}\"\ntls = {{ ca_file = \"{ca}\" }}\ntags = [\"web\"]\n\
+         [[target]]\nid = \"closed-port\"\nurl = \"http://127.0.0.1:{closed}/\"\ntags = [\"api\"]\n\
+         [[target]]\nid = \"wrong-content\"\nurl = \"{up}\"\nregex = \"goodbye\"\n\n\
+         [serve]\nlisten = \"127.0.0.1:{serve_port}\"\n",
+        state = dir.join("state").display(),
+        pipeline = p.config_text(),
+        up = up.url("/"),
+        tls = tls.url("/"),
+        ca = fixture("tls/ca.pem").display(),
+        closed = crate::support::free_port(),
+    );
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut run = spawn("run", &config, &dir.join("run.log"));
+    let mut c = p.db.client();
+    crate::support::wait_for("3 rows per target", Duration::from_secs(120), || {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM (SELECT target FROM checks GROUP BY target \
+                 HAVING count(*) >= 3) t",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        n == 4
+    });
+    let _ = run.kill();
+    let _ = run.wait();
+    config
+}
+
+#[test]
+fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
+    let p = crate::sink::Pipeline::new(1);
+    let dir = crate::support::TempDir::new("serve-chromium");
+    let port = crate::support::free_port();
+    let config = fill_by_sitewatch_run(&p, dir.path(), port);
+    let mut serve = spawn("serve", &config, &dir.path().join("serve.log"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    let url = format!("http://{addr}/");
+    let profile = dir.path().join("chromium");
+    let dom = chromium(&profile, &["--dump-dom", &url]);
+    let text = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(
+        dom.status.success() && text.contains("<h1>Status</h1>"),
+        "chromium: {}\n{text}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    // The DOM as Chromium built it: each target, its state, why it is down, cert expiry.
+    let block = |id: &str| {
+        let start = text
+            .find(&format!("id=\"t-{id}\""))
+            .unwrap_or_else(|| panic!("{id} missing:\n{text}"));
+        let end = text[start..].find("</section>").unwrap() + start;
+        text[start..end].to_string()
+    };
+    assert!(block("shop").contains(">Up<"), "{}", block("shop"));
+    assert!(
+        block("secure").contains("Certificate expires"),
+        "{}",
+        block("secure")
+    );
+    let closed = block("closed-port");
+    assert!(
+        closed.contains(">Down<") && closed.contains("Last failure: connect"),
+        "{closed}"
+    );
+    let wrong = block("wrong-content");
+    assert!(
+        wrong.contains(">Down<") && wrong.contains("body_mismatch"),
+        "{wrong}"
+    );
+    assert!(text.contains("90-day uptime of shop: 100%"), "{text}");
+    assert!(text.contains("href=\"/?tag=web\""), "{text}");
+    let shots = screenshot_dir();
+    for (name, size) in [("desktop", "1280,1600"), ("phone", "390,1800")] {
+        let file = shots.join(format!("status-{name}.png"));
+        let _ = std::fs::remove_file(&file);
+        let out = chromium(
+            &profile,
+            &[
+                &format!("--screenshot={}", file.display()),
+                &format!("--window-size={size}"),
+                &url,
+            ],
+        );
+        assert!(
+            std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000),
+            "no screenshot {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("screenshot: {}", file.display());
+    }
+    // One target's page: its recent checks with the failure reason, in the browser too.
+    let target_url = format!("http://{addr}/target/closed-port");
+    let dom = chromium(&profile, &["--dump-dom", &target_url]);
+    let page = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        page.contains("Recent checks") && page.contains("down: connect"),
+        "{page}"
+    );
+    let file = shots.join("target-desktop.png");
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", file.display()),
+            "--window-size=1280,1200",
+            &target_url,
+        ],
+    );
+    assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
+
+/// Fills `db` with `n` targets, 5 recent checks each (every tenth down), and `days` days of
+/// daily rollups and 24 hours of hourly ones per target, by SQL generator.
+fn generate(db: &TestDb, n: i32, days: i32) {
+    let mut c = db.client();
+    let id = "'site-' || lpad(i::text, 6, '0')";
+    let sql = format!(
+        "INSERT INTO targets SELECT {id}, 'http://127.0.0.1/' || i, now() - interval '90 days', \
+           now(), 'gen' FROM generate_series(1, {n}) i;
+         INSERT INTO checks (check_id, started_at, target, url, agent, agent_version, v, up,
+           attempt, method, redirects, body_bytes, body_truncated, total_ms, kafka_partition,
+           kafka_offset, tags, failure, error)
+         SELECT 'gen-' || i || '-' || k, now() - k * interval '1 minute', {id}, 'u', 'gen', '0', 1,
+           i % 10 <> 0 OR k > 2, 1, 'GET', 0, 0, false, 50 + i % 200, 0, 0,
+           ARRAY['tier' || i % 5], CASE WHEN i % 10 = 0 AND k <= 2 THEN 'connect' END,
+           CASE WHEN i % 10 = 0 AND k <= 2 THEN 'connection refused' END
+         FROM generate_series(1, {n}) i, generate_series(0, 4) k;
+         INSERT INTO check_rollups_daily
+         SELECT {id}, NULL, date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+             - d * interval '1 day', 2880, 2880 - (i * d) % 7, 2880 * 60.0,
+           ARRAY[0, 1000, 1000, 880, 0, 0, 0, 0, 0, 0, 0]::int8[]
+         FROM generate_series(1, {n}) i, generate_series(0, {days} - 1) d;
+         INSERT INTO check_rollups_hourly
+         SELECT {id}, NULL, date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+             - h * interval '1 hour', 120, 120 - (i * h) % 3, 120 * 60.0,
+           ARRAY[0, 40, 40, 40, 0, 0, 0, 0, 0, 0, 0]::int8[]
+         FROM generate_series(1, {n}) i, generate_series(0, 23) h;
+         ANALYZE;"
+    );
+    c.batch_execute(&sql).expect("generate");
+}
+
+/// The page's time as served (a cache miss each time: the key differs), median of 9.
+fn median_page_ms(addr: SocketAddr, path: &str) -> (f64, usize) {
+    let mut times = Vec::new();
+    let mut size = 0;
+    for i in 0..9 {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let start = std::time::Instant::now();
+        let (status, _, body) = get(addr, &format!("{path}{sep}nocache={i}"));
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(status, 200, "{body}");
+        size = body.len();
+    }
+    times.sort_by(f64::total_cmp);
+    (times[4], size)
+}
+
+/// A measurement, not a check (`cargo test --test integration -- --ignored serve::page_time`):
+/// `SERVE_BENCH_TARGETS` targets (default 1000) with 90 days of rollups.
+#[test]
+#[ignore]
+fn page_time_for_many_targets_over_90_days() {
+    let n: i32 = std::env::var("SERVE_BENCH_TARGETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let (db, cfg) = served_db();
+    let start = std::time::Instant::now();
+    generate(&db, n, 90);
+    eprintln!(
+        "generated {n} targets x 90 days in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    // SERVE_BENCH_BIN=target/release/sitewatch measures a release `sitewatch serve` instead
+    // of this (debug) test build.
+    let (addr, mut child) = match std::env::var_os("SERVE_BENCH_BIN") {
+        None => (serve::Server::start(&cfg).expect("serve starts").addr, None),
+        Some(bin) => {
+            let port = crate::support::free_port();
+            let dir = crate::support::TempDir::new("serve-bench");
+            let config = dir.path().join("agent.toml");
+            let text = format!(
+                "[postgres]\nurl = \"{}\"\nsslmode = \"disable\"\n\n[serve]\nlisten = \"127.0.0.1:{port}\"\n",
+                db.url()
+            );
+            std::fs::write(&config, text).unwrap();
+            let child = std::process::Command::new(bin)
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .spawn()
+                .expect("start serve");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
+                TcpStream::connect(addr).is_ok()
+            });
+            (addr, Some(child))
+        }
+    };
+    for path in [
+        "/",
+        "/?page=1",
+        "/?tag=tier3",
+        "/api/v1/status",
+        "/target/site-000010",
+    ] {
+        let (ms, bytes) = median_page_ms(addr, path);
+        eprintln!("{n} targets: {path}: median {ms:.1} ms, {bytes} bytes");
+    }
+    if let Some(child) = child.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
