@@ -3,7 +3,7 @@
 //!
 //! Usage: `bench_publish BROKER TOPIC COUNT SPOOL_DIR [guard|no-guard]`. Creates the topic, then
 //! feeds COUNT realistic records (full checks of 100 targets, about 600 bytes of JSON each;
-//! every 10th target down for 5 rounds in 50) through the
+//! every 10th target down for 5 rounds in 50, one round every 10 s ending now) through the
 //! publisher as fast as its queue takes them, closes it (which waits for the last
 //! acknowledgement) and prints one JSON line:
 //! `{"records":..,"acked":..,"spooled":..,"seconds":..,"per_second":..}`.
@@ -76,7 +76,11 @@ fn main() {
         .and_then(|mut c| c.ensure_topic(topic, kafka.partitions, kafka.replication_factor))
         .unwrap_or_else(|e| fail(&format!("kafka: {e}")));
 
-    let records: Vec<CheckResult> = (0..count.min(1000)).map(record).collect();
+    // One cycle of 50 rounds of 100 targets, reused; each record gets its own id and time.
+    let records: Vec<CheckResult> = (0..count.min(5000)).map(record).collect();
+    // One round every 10 s, the last one now: each target's checks are apart in time, as an
+    // agent's are (the alert evaluator ignores a check no newer than the last one it saw).
+    let first_round_ms = sitewatch::util::unix_ms_now() - (count / 100) as i64 * 10_000;
     let mut publisher = Publisher::start_with_spool(&kafka, PathBuf::from(&args[4]), 1 << 30)
         .unwrap_or_else(|e| fail(&format!("publisher: {e}")));
     let start = Instant::now();
@@ -96,6 +100,8 @@ fn main() {
         }
         let mut r = records[(i % records.len() as u64) as usize].clone();
         r.check_id = sitewatch::util::new_check_id();
+        r.started_at =
+            sitewatch::util::format_rfc3339_ms(first_round_ms + (i / 100) as i64 * 10_000);
         publisher
             .write(r)
             .unwrap_or_else(|e| fail(&format!("write: {e}")));
