@@ -229,8 +229,10 @@ impl Targets {
             hang: HttpServer::start(|_, _| Reply::Hang),
             // The server's own behaviour: it answers after 1.2 s.
             slow: HttpServer::start(|_, _| {
-                std::thread::sleep(Duration::from_millis(1200));
-                Reply::status(200, "hello")
+                Reply::Late(
+                    Duration::from_millis(1200),
+                    Box::new(Reply::status(200, "hello")),
+                )
             }),
             tls: HttpServer::start_tls(Cert::Localhost, |_, _| Reply::status(200, "hello")),
             expired: HttpServer::start_tls(Cert::Expired, |_, _| Reply::status(200, "hello")),

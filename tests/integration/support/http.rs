@@ -51,6 +51,9 @@ pub enum Reply {
     },
     /// Say nothing, hold the connection until the server stops.
     Hang,
+    /// The reply after holding the request this long (a slow server: the wait is the
+    /// client's time to first byte). One level: a `Late` inside a `Late` closes the connection.
+    Late(Duration, Box<Reply>),
 }
 
 impl Reply {
@@ -273,7 +276,16 @@ fn serve(mut stream: impl Read + Write, shared: &Shared) {
         let index = shared.counter.fetch_add(1, Ordering::SeqCst);
         shared.requests.lock().unwrap().push(request.clone());
         let keep = shared.persist == Persist::KeepAlive;
-        match (shared.script)(&request, index) {
+        let reply = match (shared.script)(&request, index) {
+            Reply::Late(wait, reply) => {
+                if sleep_unless_stopped(wait, &shared.stop) {
+                    return;
+                }
+                *reply
+            }
+            reply => reply,
+        };
+        match reply {
             Reply::Response {
                 status,
                 headers,
@@ -318,6 +330,7 @@ fn serve(mut stream: impl Read + Write, shared: &Shared) {
                 }
             }
             Reply::Hang => while !sleep_unless_stopped(Duration::from_secs(3600), &shared.stop) {},
+            Reply::Late(..) => {}
         }
         return;
     }
