@@ -4,24 +4,82 @@
 //! connection, and a check makes a fresh connection: zeroing those ~100 KB was the largest
 //! user-space cost per check left after the first profile (38% of instructions were `memset`;
 //! bench/README.md). [`PooledBuffers`] has the same semantics as `LazyBuffers` but takes its
-//! two `Vec`s from a small per-thread free list and gives them back when the connection is
+//! two `Vec`s from a process-wide free list and gives them back when the connection is
 //! dropped. Only the bytes a read or a write reported are ever looked at, so what an earlier
 //! connection left in a reused buffer is never interpreted.
+//!
+//! The free list is shared, not per thread, so that [`release_pooled`] can empty it between
+//! rounds: a pair is ~100 KB, and per-thread lists kept one or two pairs resident for every
+//! worker the pool ever started (16 by default), ~2 MB of an idle agent's memory.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use ureq::unversioned::transport::Buffers;
 
-/// Buffer pairs kept per thread: a worker holds one connection at a time (two for a redirect
-/// whose first connection is still being dropped).
-const KEEP_PER_THREAD: usize = 2;
+/// Buffer pairs kept at most: enough for every connection of a busy round (the default
+/// concurrency is 16; a redirect holds two connections for a moment). A pair beyond it is freed.
+const KEEP: usize = 32;
 
-thread_local! {
-    static FREE: RefCell<Vec<(Vec<u8>, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
+/// An input and an output buffer.
+type Pair = (Vec<u8>, Vec<u8>);
+
+/// A free list of buffer pairs. The process has one ([`POOL`]); tests make their own.
+pub struct BufferPool {
+    free: Mutex<Vec<Pair>>,
+}
+
+impl BufferPool {
+    pub const fn new() -> BufferPool {
+        BufferPool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn take(&self) -> Option<Pair> {
+        self.free.lock().ok()?.pop()
+    }
+
+    fn give(&self, pair: Pair) {
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < KEEP
+        {
+            free.push(pair);
+        }
+    }
+
+    /// Frees every pair held.
+    pub fn release(&self) {
+        let pairs = match self.free.lock() {
+            Ok(mut free) => std::mem::take(&mut *free),
+            Err(_) => return,
+        };
+        drop(pairs);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.free.lock().map_or(0, |f| f.len())
+    }
+}
+
+impl Default for BufferPool {
+    fn default() -> BufferPool {
+        BufferPool::new()
+    }
+}
+
+static POOL: BufferPool = BufferPool::new();
+
+/// Frees every pooled pair. The scheduler calls it when a round is over, before it hands freed
+/// heap back to the kernel; the next round's first connections allocate again (one ~100 KB
+/// allocation each, not zeroed per check: `resize` fills only what it adds).
+pub fn release_pooled() {
+    POOL.release();
 }
 
 /// `LazyBuffers` semantics over reused memory. Nothing is taken from the pool until first use.
 pub struct PooledBuffers {
+    pool: &'static BufferPool,
     input_size: usize,
     output_size: usize,
     /// `input[consumed..filled]` is unread data; `input[filled..]` is free space.
@@ -36,7 +94,16 @@ pub struct PooledBuffers {
 
 impl PooledBuffers {
     pub fn new(input_size: usize, output_size: usize) -> PooledBuffers {
+        PooledBuffers::with_pool(&POOL, input_size, output_size)
+    }
+
+    pub fn with_pool(
+        pool: &'static BufferPool,
+        input_size: usize,
+        output_size: usize,
+    ) -> PooledBuffers {
         PooledBuffers {
+            pool,
             input_size: input_size.max(1),
             output_size: output_size.max(1),
             input: Vec::new(),
@@ -51,7 +118,7 @@ impl PooledBuffers {
     fn ensure_allocation(&mut self) {
         if !self.taken {
             self.taken = true;
-            if let Some((input, output)) = FREE.with(|f| f.borrow_mut().pop()) {
+            if let Some((input, output)) = self.pool.take() {
                 self.input = input;
                 self.output = output;
             }
@@ -96,13 +163,7 @@ impl Drop for PooledBuffers {
             std::mem::take(&mut self.input),
             std::mem::take(&mut self.output),
         );
-        // `try_with`: a connection dropped while its thread exits has no pool to return to.
-        let _ = FREE.try_with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEEP_PER_THREAD {
-                f.push(pair);
-            }
-        });
+        self.pool.give(pair);
     }
 }
 
@@ -184,26 +245,44 @@ mod tests {
 
     #[test]
     fn a_dropped_connections_buffers_are_reused_without_their_old_bytes_showing() {
-        // A fresh thread: its own free list.
-        std::thread::spawn(|| {
-            let mut first = PooledBuffers::new(64, 32);
-            first.input_append_buf()[..6].copy_from_slice(b"secret");
-            first.input_appended(6);
-            let ptr = first.input.as_ptr();
-            drop(first);
-            let mut second = PooledBuffers::new(64, 32);
-            assert_eq!(second.input(), b"", "no data before a read");
-            assert_eq!(second.input_append_buf().len(), 64);
-            assert_eq!(
-                second.input.as_ptr(),
-                ptr,
-                "the same memory, not a new allocation"
-            );
-            second.input_append_buf()[..2].copy_from_slice(b"ok");
-            second.input_appended(2);
-            assert_eq!(second.input(), b"ok");
-        })
-        .join()
-        .unwrap();
+        // A pool of its own: other tests' connections use the process's.
+        let pool: &'static BufferPool = Box::leak(Box::new(BufferPool::new()));
+        let mut first = PooledBuffers::with_pool(pool, 64, 32);
+        first.input_append_buf()[..6].copy_from_slice(b"secret");
+        first.input_appended(6);
+        let ptr = first.input.as_ptr();
+        drop(first);
+        assert_eq!(pool.len(), 1, "the pair went back to the pool");
+        let mut second = PooledBuffers::with_pool(pool, 64, 32);
+        assert_eq!(second.input(), b"", "no data before a read");
+        assert_eq!(second.input_append_buf().len(), 64);
+        assert_eq!(
+            second.input.as_ptr(),
+            ptr,
+            "the same memory, not a new allocation"
+        );
+        second.input_append_buf()[..2].copy_from_slice(b"ok");
+        second.input_appended(2);
+        assert_eq!(second.input(), b"ok");
+        drop(second);
+        // Between rounds the pool lets go of everything; the next connection allocates.
+        pool.release();
+        assert_eq!(pool.len(), 0);
+        let mut third = PooledBuffers::with_pool(pool, 64, 32);
+        assert_eq!(third.input_append_buf().len(), 64);
+        assert_eq!(third.input(), b"");
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_its_cap() {
+        let pool: &'static BufferPool = Box::leak(Box::new(BufferPool::new()));
+        let mut open: Vec<PooledBuffers> = (0..KEEP + 3)
+            .map(|_| PooledBuffers::with_pool(pool, 16, 16))
+            .collect();
+        for b in &mut open {
+            b.output();
+        }
+        drop(open);
+        assert_eq!(pool.len(), KEEP);
     }
 }

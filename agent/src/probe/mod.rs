@@ -40,6 +40,7 @@ use transport::{
     ConnFacts, HopLog, ProbeConnector, ProbeResolver, SharedLog, TlsConnectors, with_log,
 };
 
+pub use buffers::release_pooled as release_pooled_buffers;
 pub use transport::server_hello_version;
 
 /// The response head may not be larger than this: a 1 MB header is a `protocol` failure, not
