@@ -233,21 +233,7 @@ fn slow_cluster_three_nodes_lose_every_leader_under_load_and_store_every_check_o
     let mut cluster = ApacheKafkaCluster::start(3);
     let brokers = cluster.bootstrap();
 
-    // Item 7 of issue 13: a replication factor the cluster cannot give is refused in words
-    // that name the topic, the factor and the broker's reason.
-    let mut admin = Client::connect(&kafka_config(brokers.clone(), TOPIC)).expect("connect");
-    let err = admin.ensure_topic("too-replicated", 3, 4).unwrap_err();
-    let text = err.to_string();
-    eprintln!("replication factor 4 on 3 brokers: {text}");
-    assert!(matches!(err, KafkaError::Broker { .. }), "{text}");
-    for part in [
-        "too-replicated",
-        "replication factor 4",
-        "INVALID_REPLICATION_FACTOR",
-        "only 3 broker(s)",
-    ] {
-        assert!(text.contains(part), "{part:?} missing in: {text}");
-    }
+    assert_an_impossible_replication_factor_is_refused(&brokers);
 
     let up = HttpServer::start_keep_alive(|_, _| Reply::status(200, "ok"));
     let db = TestDb::create();
@@ -277,53 +263,9 @@ fn slow_cluster_three_nodes_lose_every_leader_under_load_and_store_every_check_o
     });
 
     let mut resumed = Vec::new();
-    // Steps 0-2: kill -9 the leader of partition 0, 1, 2 in turn. Steps 3-5: a rolling
-    // restart, each node stopped with SIGTERM (a controlled shutdown). Every node is started
-    // again, and all replicas are in sync, before the next step.
+    // Three leaders killed, then a rolling restart; all replicas in sync before each step.
     for step in 0..6 {
-        let kill = step < 3;
-        let parts = wait_in_sync(&mut observer);
-        let before = end_offsets(&mut observer).expect("end offsets");
-        let (p, node, what) = if kill {
-            let leader = parts[step as usize].leader;
-            let what = format!("kill -9 node {leader} (leader of partition {step})");
-            (step, leader, what)
-        } else {
-            let id = step - 2;
-            let led = parts.iter().find(|x| x.leader == id);
-            let what = format!("rolling restart: node {id} stopped");
-            (led.map_or(0, |x| x.partition), id, what)
-        };
-        let t0 = (Instant::now(), unix_ms());
-        if kill {
-            cluster.kill(node);
-        } else {
-            cluster.terminate(node);
-        }
-        if step == 0 {
-            // A produce to, then a read of, a partition whose leader just died wait for the
-            // new leader (within the request timeout) instead of failing after the quick
-            // retries: the cluster takes longer than those (3 s of silence here) to notice.
-            // The observer's metadata still names the dead leader. (The produce used to give
-            // up, and the publisher reconnected with a growing backoff.)
-            let t = Instant::now();
-            observer
-                .produce(TOPIC, &[probe_record(p)])
-                .expect("Produce rides out the leader change");
-            eprintln!(
-                "a produce to partition {p} rode out its leader's death in {:.2?}",
-                t.elapsed()
-            );
-            observer
-                .latest_offset(TOPIC, p)
-                .expect("ListOffsets rides out the leader change");
-        }
-        let r = measure_resumption(what, t0, &mut observer, &mut pg, &before, (p, node));
-        resumed.push(r);
-        if !kill {
-            cluster.wait_stopped(node, DEADLINE);
-        }
-        cluster.restart(node);
+        resumed.push(lose_a_leader(step, &mut cluster, &mut observer, &mut pg));
     }
 
     let stderr = stop(run, &log);
@@ -377,6 +319,78 @@ fn slow_cluster_three_nodes_lose_every_leader_under_load_and_store_every_check_o
         (made as i64 + 1, made as i64 + 1),
         "every check one row"
     );
+}
+
+/// Item 7 of issue 13: a replication factor the cluster cannot give is refused in words that
+/// name the topic, the factor and the broker's reason.
+fn assert_an_impossible_replication_factor_is_refused(brokers: &[String]) {
+    let mut admin = Client::connect(&kafka_config(brokers.to_vec(), TOPIC)).expect("connect");
+    let err = admin.ensure_topic("too-replicated", 3, 4).unwrap_err();
+    let text = err.to_string();
+    eprintln!("replication factor 4 on 3 brokers: {text}");
+    assert!(matches!(err, KafkaError::Broker { .. }), "{text}");
+    for part in [
+        "too-replicated",
+        "replication factor 4",
+        "INVALID_REPLICATION_FACTOR",
+        "only 3 broker(s)",
+    ] {
+        assert!(text.contains(part), "{part:?} missing in: {text}");
+    }
+}
+
+/// Steps 0-2: kill -9 the leader of partition 0, 1, 2 in turn. Steps 3-5: a rolling restart,
+/// each node stopped with SIGTERM (a controlled shutdown). The node is started again after the
+/// measurement; `wait_in_sync` at the next step's start waits for its replicas.
+fn lose_a_leader(
+    step: i32,
+    cluster: &mut ApacheKafkaCluster,
+    observer: &mut Client,
+    pg: &mut postgres::Client,
+) -> Resumed {
+    let kill = step < 3;
+    let parts = wait_in_sync(observer);
+    let before = end_offsets(observer).expect("end offsets");
+    let (p, node, what) = if kill {
+        let leader = parts[step as usize].leader;
+        let what = format!("kill -9 node {leader} (leader of partition {step})");
+        (step, leader, what)
+    } else {
+        let id = step - 2;
+        let led = parts.iter().find(|x| x.leader == id);
+        let what = format!("rolling restart: node {id} stopped");
+        (led.map_or(0, |x| x.partition), id, what)
+    };
+    let t0 = (Instant::now(), unix_ms());
+    if kill {
+        cluster.kill(node);
+    } else {
+        cluster.terminate(node);
+    }
+    if step == 0 {
+        // A produce to, then a read of, a partition whose leader just died wait for the
+        // new leader (within the request timeout) instead of failing after the quick
+        // retries: the cluster takes longer than those (3 s of silence here) to notice.
+        // The observer's metadata still names the dead leader. (The produce used to give
+        // up, and the publisher reconnected with a growing backoff.)
+        let t = Instant::now();
+        observer
+            .produce(TOPIC, &[probe_record(p)])
+            .expect("Produce rides out the leader change");
+        eprintln!(
+            "a produce to partition {p} rode out its leader's death in {:.2?}",
+            t.elapsed()
+        );
+        observer
+            .latest_offset(TOPIC, p)
+            .expect("ListOffsets rides out the leader change");
+    }
+    let r = measure_resumption(what, t0, observer, pg, &before, (p, node));
+    if !kill {
+        cluster.wait_stopped(node, DEADLINE);
+    }
+    cluster.restart(node);
+    r
 }
 
 /// A check record (not one the agent made: its target is no configured target) whose key

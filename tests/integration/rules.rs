@@ -197,16 +197,18 @@ fn test_server() -> HttpServer {
                 r#"{"db":{"status":"ok"},"status":"degraded"}"#,
             ),
             "/plain" => (200, "text/plain", "Example Domain"),
-            "/slow" => {
-                std::thread::sleep(Duration::from_millis(450));
-                (200, "text/html", "Example Domain")
-            }
+            "/slow" => (200, "text/html", "Example Domain"),
             _ => (404, "text/plain", "not found"),
         };
-        Reply::Response {
+        let reply = Reply::Response {
             status,
             headers: vec![("Content-Type".into(), content_type.into())],
             body: body.into(),
+        };
+        match request.path.as_str() {
+            // A slow server: the answer comes 450 ms after the request (the latency rule's input).
+            "/slow" => Reply::Late(Duration::from_millis(450), Box::new(reply)),
+            _ => reply,
         }
     })
 }

@@ -1540,23 +1540,7 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records(
              HAVING count(*) >= 3) t",
         ) == 4
     });
-    // The sink's side of /metrics: lag and rows for each partition of the topic.
-    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    let series = |name: &str, partition: i32| {
-        format!("{name}{{topic=\"sitewatch.checks\",partition=\"{partition}\"}}")
-    };
-    let mut body = String::new();
-    crate::support::wait_for("sink rows on /metrics", Duration::from_secs(120), || {
-        body = crate::metrics::get(metrics, "/metrics", "").1;
-        let rows: f64 = (0..3)
-            .filter_map(|p| crate::metrics::sample(&body, &series("sitewatch_sink_rows_total", p)))
-            .sum();
-        rows >= 12.0
-    });
-    for p in 0..3 {
-        let lag = crate::metrics::sample(&body, &series("sitewatch_sink_lag_records", p));
-        assert!(lag.is_some_and(|l| l >= 0.0), "partition {p}:\n{body}");
-    }
+    assert_sink_metrics_per_partition(metrics_port);
     let status = std::process::Command::new("kill")
         .args(["-TERM", &run.id().to_string()])
         .status()
@@ -1574,8 +1558,33 @@ fn http_targets_through_sitewatch_run_land_as_rows_equal_to_the_records(
     let records = topic_records(&p);
     assert!(records.len() >= 12, "{} records", records.len());
     p.assert_exactly_once(&records);
+    assert_rows_match_each_target_kind(&mut c);
+}
+
+/// The sink's side of /metrics on `sitewatch run`: lag and rows for each partition of the topic.
+fn assert_sink_metrics_per_partition(metrics_port: u16) {
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    let series = |name: &str, partition: i32| {
+        format!("{name}{{topic=\"sitewatch.checks\",partition=\"{partition}\"}}")
+    };
+    let mut body = String::new();
+    crate::support::wait_for("sink rows on /metrics", Duration::from_secs(120), || {
+        body = crate::metrics::get(metrics, "/metrics", "").1;
+        let rows: f64 = (0..3)
+            .filter_map(|p| crate::metrics::sample(&body, &series("sitewatch_sink_rows_total", p)))
+            .sum();
+        rows >= 12.0
+    });
+    for p in 0..3 {
+        let lag = crate::metrics::sample(&body, &series("sitewatch_sink_lag_records", p));
+        assert!(lag.is_some_and(|l| l >= 0.0), "partition {p}:\n{body}");
+    }
+}
+
+/// The rows of the four kinds of target the end-to-end test probes, and `target_status`.
+fn assert_rows_match_each_target_kind(c: &mut postgres::Client) {
     // The fields the rows must carry for each kind of target.
-    for r in stored_records(&mut c) {
+    for r in stored_records(c) {
         let t = &r.timings;
         assert!(t.total > 0.0, "{r:?}");
         // The agent's `[agent] location`, carried by the record into its row.
