@@ -338,6 +338,136 @@ fn hostile_requests_are_bounded_and_nothing_can_write() {
     }
 }
 
+/// `history` as seen from `location`.
+fn history_at(target: &str, location: &str, down_every: usize, last_up: bool) -> Vec<CheckResult> {
+    let mut records = history(target, 40.0, down_every, last_up);
+    for r in &mut records {
+        r.location = Some(location.into());
+    }
+    records
+}
+
+#[test]
+fn several_locations_each_shown_and_the_quorum_decides_the_state() {
+    let (db, cfg) = served_db();
+    // min_down stays 2; the histories end a minute ago, so every location counts.
+    db.client()
+        .execute("UPDATE quorum_settings SET fresh_for = '1 hour'", &[])
+        .unwrap();
+    let mut records = history_at("split", "eu-west", 0, false);
+    records.extend(history_at("split", "us-east", 0, true));
+    records.extend(history_at("everywhere", "eu-west", 0, false));
+    records.extend(history_at("everywhere", "us-east", 0, false));
+    records.extend(history("solo", 40.0, 0, true));
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+
+    let (status, _, body) = get(addr, "/api/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let target = |id: &str| {
+        let all = doc["targets"].as_array().unwrap();
+        all.iter().find(|t| t["id"] == id).unwrap().clone()
+    };
+    // Down in one of two locations is not a quorum of two: up, each location as it is.
+    let split = target("split");
+    assert_eq!(split["state"], "up", "{split}");
+    let seen: Vec<(String, String, bool)> = split["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let name = l["location"].as_str().unwrap().to_string();
+            (
+                name,
+                l["state"].as_str().unwrap().into(),
+                l["counted"] == true,
+            )
+        })
+        .collect();
+    let want = [("eu-west", "down", true), ("us-east", "up", true)];
+    let want: Vec<(String, String, bool)> = (want.iter())
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), *c))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(split["locations"][0]["failure"], "connect");
+    assert_eq!(split["quorum"]["down"], 1);
+    let everywhere = target("everywhere");
+    assert_eq!(everywhere["state"], "down", "{everywhere}");
+    assert_eq!(everywhere["quorum"]["down"], 2);
+    assert_eq!(everywhere["failure"], "connect");
+    // One location: as before, no locations to list.
+    let solo = target("solo");
+    assert_eq!(
+        (solo["state"].as_str(), solo["quorum"].is_null()),
+        (Some("up"), true)
+    );
+    assert_eq!(solo["locations"].as_array().map(Vec::len), Some(0));
+    let (_, _, svg) = get(addr, "/badge/everywhere/status.svg");
+    assert_eq!(message_colour(&svg), badge::RED, "{svg}");
+    let (_, _, svg) = get(addr, "/badge/split/status.svg");
+    assert_eq!(message_colour(&svg), badge::GREEN, "{svg}");
+
+    // The same in the browser: chips on `/` with the state in text, a table per target.
+    let dir = crate::support::TempDir::new("serve-locations");
+    let profile = dir.path().join("chromium");
+    let dump = |path: &str| {
+        let dom = chromium(&profile, &["--dump-dom", &format!("http://{addr}{path}")]);
+        assert!(
+            dom.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dom.stderr)
+        );
+        String::from_utf8_lossy(&dom.stdout).to_string()
+    };
+    let text = dump("/");
+    let block = |id: &str| {
+        let start = text.find(&format!("id=\"t-{id}\"")).unwrap();
+        let end = text[start..].find("</section>").unwrap() + start;
+        text[start..end].to_string()
+    };
+    let split = block("split");
+    assert!(split.contains(">Up<"), "{split}");
+    assert!(
+        split.contains("eu-west<span class=\"sr\">: down</span>")
+            && split.contains("us-east<span class=\"sr\">: up</span>")
+            && split.contains("Down in 1 of 2 locations counted (down at 2)."),
+        "{split}"
+    );
+    let everywhere = block("everywhere");
+    assert!(
+        everywhere.contains(">Down<") && everywhere.contains("Last failure: connect"),
+        "{everywhere}"
+    );
+    assert!(
+        !block("solo").contains("class=\"locs\""),
+        "{}",
+        block("solo")
+    );
+    let page = dump("/target/split");
+    let table = &page[page.find("<h2>Locations</h2>").expect("a locations table")..];
+    let rows: Vec<&str> = table.split("<tr>").skip(2).collect();
+    assert!(
+        rows.len() >= 2
+            && rows[0].contains("eu-west")
+            && rows[0].contains("down: connect")
+            && rows[1].contains("us-east")
+            && rows[1].contains(">up<"),
+        "{table}"
+    );
+    let file = screenshot_dir().join("target-locations.png");
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", file.display()),
+            "--window-size=1280,1200",
+            &format!("http://{addr}/target/split"),
+        ],
+    );
+    assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
+}
+
 /// Where the screenshots go: `<target dir>/serve-screenshots/`.
 fn screenshot_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))

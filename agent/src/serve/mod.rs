@@ -391,6 +391,12 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
                 "uptime_90d_from": time(since_90d),
                 "p50_24h_ms_at_most": quantile(&hist, 0.5),
                 "p95_24h_ms_at_most": quantile(&hist, 0.95),
+                "locations": v.locations.iter().map(|l| location_json(l, &time)).collect::<Vec<_>>(),
+                "quorum": v.quorum.map(|q| serde_json::json!({
+                    "counted": q.counted,
+                    "down": q.down,
+                    "min_down": q.min_down,
+                })),
             })
         })
         .collect();
@@ -401,6 +407,22 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
         "targets": targets,
     });
     doc.to_string()
+}
+
+/// One location of a target in `/api/v1/status` (added within version 1: new fields only).
+fn location_json(l: &data::LocationView, time: &dyn Fn(i64) -> String) -> serde_json::Value {
+    serde_json::json!({
+        "location": l.location,
+        "state": if l.up { "up" } else { "down" },
+        "up": l.up,
+        "since": time(l.since_ms),
+        "last_check": time(l.last_check_ms),
+        "failure": l.failure,
+        "error": l.error,
+        "status": l.status,
+        "total_ms": l.total_ms,
+        "counted": l.counted,
+    })
 }
 
 #[cfg(test)]
