@@ -549,6 +549,15 @@ fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16)
             .get(0);
         n == 4
     });
+    // `run` itself serves the page on `[serve] listen` while it sinks.
+    let (status, _, page) = get(
+        format!("127.0.0.1:{serve_port}").parse().unwrap(),
+        "/?from=run",
+    );
+    assert!(
+        status == 200 && page.contains("id=\"t-shop\""),
+        "{status}: {page}"
+    );
     let _ = run.kill();
     let _ = run.wait();
     config
@@ -640,4 +649,67 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
     assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
     let _ = serve.kill();
     let _ = serve.wait();
+}
+
+#[test]
+fn run_serves_the_status_page_and_badges_on_the_metrics_listener_while_it_sinks() {
+    use crate::support::http::{HttpServer, Reply};
+    let p = crate::sink::Pipeline::new(1);
+    let dir = crate::support::TempDir::new("serve-in-run");
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let port = crate::support::free_port();
+    let text = format!(
+        "[agent]\nid = \"inside\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{state}\"\n\n{pipeline}\n\
+         [[target]]\nid = \"shop\"\nurl = \"{up}\"\n\n\
+         [serve]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        state = dir.path().join("state").display(),
+        pipeline = p.config_text(),
+        up = up.url("/"),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let mut run = spawn("run", &config, &dir.path().join("run.log"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The badge turns green once the sink has written shop's rows (a new query each time:
+    // answers are cached for a few seconds).
+    let mut i = 0;
+    crate::support::wait_for("a green badge from run", Duration::from_secs(120), || {
+        i += 1;
+        if TcpStream::connect(addr).is_err() {
+            return false; // not listening yet
+        }
+        let (status, _, svg) = get(addr, &format!("/badge/shop/status.svg?n={i}"));
+        status == 200 && message_colour(&svg) == badge::GREEN
+    });
+    let (status, head, page) = get(addr, "/");
+    assert_eq!(status, 200, "{page}");
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    assert!(
+        page.contains("id=\"t-shop\"") && page.contains(">Up<"),
+        "{page}"
+    );
+    // The metrics listener's own paths still answer: one listener, both handlers.
+    let (status, _, metrics) = get(addr, "/metrics");
+    assert!(
+        status == 200 && metrics.contains("probe_success{"),
+        "{metrics}"
+    );
+    // Still sinking: more rows arrive while it serves.
+    let mut c = p.db.client();
+    let mut count = || -> i64 {
+        c.query_one("SELECT count(*) FROM checks", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = count();
+    crate::support::wait_for("more rows", Duration::from_secs(60), || count() > before);
+    // No write path here either.
+    assert_eq!(
+        request(addr, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").0,
+        405
+    );
+    let _ = run.kill();
+    let _ = run.wait();
 }

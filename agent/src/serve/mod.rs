@@ -110,6 +110,18 @@ impl Server {
     }
 }
 
+/// The status page as a [`Handler`] for a listener of `sitewatch sink` or `run`
+/// (`daemon`): the same pages, session rules and cache as `sitewatch serve`, but its session
+/// opens on the first request, so a database that is down at start delays the page, not the
+/// daemon.
+pub fn pages(pg: &PostgresConfig) -> Arc<dyn Handler> {
+    Arc::new(Pages {
+        pg: pg.clone(),
+        client: Mutex::new(None),
+        cache: Mutex::new(Cache::default()),
+    })
+}
+
 /// `sitewatch serve`: serves until `shutdown`.
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), ServeError> {
     let _server = Server::start(config)?;
