@@ -338,6 +338,65 @@ fn hostile_requests_are_bounded_and_nothing_can_write() {
     }
 }
 
+/// `(ids, more)` of one `/api/v1/status` answer.
+fn api_ids(addr: SocketAddr, query: &str) -> (Vec<String>, bool) {
+    let (status, _, body) = get(addr, &format!("/api/v1/status?{query}"));
+    assert_eq!(status, 200, "{query}: {body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let ids = (doc["targets"].as_array().unwrap().iter())
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, doc["more"] == true)
+}
+
+#[test]
+fn pages_and_tags_are_picked_from_the_targets_table() {
+    let (db, cfg) = served_db();
+    let mut records = Vec::new();
+    for (id, tag) in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "y"), ("e", "x")] {
+        let mut h = history(id, 40.0, 0, true);
+        for r in &mut h {
+            r.tags = vec![tag.into(), "all".into()];
+        }
+        records.extend(h);
+    }
+    // A newer record with other tags: the target's tags are its newest record's.
+    let mut newer = CheckResult::new("b", "http://127.0.0.1/x", "test", "GET");
+    newer.up = true;
+    newer.tags = vec!["x".into()];
+    records.push(newer);
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(api_ids(addr, "per_page=2"), (ids(&["a", "b"]), true));
+    assert_eq!(api_ids(addr, "per_page=2&page=2"), (ids(&["e"]), false));
+    assert_eq!(api_ids(addr, "tag=x"), (ids(&["a", "b", "c", "e"]), false));
+    assert_eq!(
+        api_ids(addr, "tag=x&per_page=3&page=1"),
+        (ids(&["e"]), false)
+    );
+    assert_eq!(api_ids(addr, "tag=y"), (ids(&["d"]), false));
+    assert_eq!(get(addr, "/?per_page=1001").0, 400);
+    // The next-page link keeps per_page.
+    let (_, _, page) = get(addr, "/?per_page=2&tag=all");
+    assert!(
+        page.contains("href=\"/?page=1&tag=all&per_page=2\""),
+        "{page}"
+    );
+    // init-db fills the tags of targets written before version 5 from their latest check.
+    let mut client = db.client();
+    client
+        .execute("UPDATE targets SET tags = NULL", &[])
+        .unwrap();
+    sink::init_db(&cfg).expect("init-db again");
+    let tags: Vec<String> = client
+        .query_one("SELECT tags FROM targets WHERE id = 'b'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tags, ["x"]);
+}
+
 /// `history` as seen from `location`.
 fn history_at(target: &str, location: &str, down_every: usize, last_up: bool) -> Vec<CheckResult> {
     let mut records = history(target, 40.0, down_every, last_up);

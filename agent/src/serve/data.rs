@@ -10,10 +10,13 @@ use postgres::{Client, Transaction};
 
 use crate::sink::rollup::BUCKETS;
 
-/// Targets on one page (sorted by id); `?page=N` shows the next ones. Each target is about
-/// 16 KB of HTML (90 focusable day cells with their figures, 24 hourly bars), so a page stays
-/// near 3 MB; past a few hundred targets, `?tag=` is the way to find one.
+/// Targets on one page unless `?per_page=` says otherwise (sorted by id); `?page=N` shows the
+/// next ones. Each target is about 16 KB of HTML (90 focusable day cells with their figures,
+/// 24 hourly bars), so a page stays near 3 MB; past a few hundred targets, `?tag=` is the way
+/// to find one.
 pub const MAX_TARGETS: i64 = 200;
+/// `?per_page=` at most: a page of 1,000 targets is about 16 MB of HTML.
+pub const MAX_PER_PAGE: i64 = 1000;
 /// Checks listed on `/target/<id>`.
 pub const RECENT_CHECKS: i64 = 50;
 /// Days in the uptime bar.
@@ -123,50 +126,76 @@ pub fn read_only<T>(
     read(&mut tx)
 }
 
+/// The page is picked from `targets` alone (an index-only scan of its primary key in order, or
+/// the GIN index on its tags), and only the page's targets are looked up in `target_status` and `checks`: a page
+/// costs its own targets' index lookups, whatever the number of targets (OFFSET skips index
+/// entries of `targets`, not status lookups). A target without checks (expired) is skipped but
+/// still counts for `more`. `since` is null in `target_status` when the last check and the
+/// last one in the other state started at the same instant (two locations, one millisecond):
+/// the state then holds since that check.
 const STATUS_SQL: &str = "\
-SELECT s.target, s.url, s.up, (extract(epoch FROM s.since) * 1000)::int8,
+WITH page AS (
+    SELECT t.id FROM targets t
+    WHERE ($1::text IS NULL OR t.tags @> ARRAY[$1::text]) AND ($2::text IS NULL OR t.id = $2)
+    ORDER BY t.id LIMIT $3 OFFSET $4
+)
+SELECT p.id, s.url, s.up, (extract(epoch FROM COALESCE(s.since, s.last_check)) * 1000)::int8,
        (extract(epoch FROM s.last_check) * 1000)::int8, s.failure, s.error, s.status, s.total_ms,
-       (extract(epoch FROM l.cert_not_after) * 1000)::int8, l.tags
-FROM target_status s
-CROSS JOIN LATERAL (
-    SELECT c.cert_not_after, c.tags FROM checks c WHERE c.target = s.target
+       (extract(epoch FROM l.cert_not_after) * 1000)::int8, COALESCE(t.tags, '{}')
+FROM page p
+JOIN targets t ON t.id = p.id
+LEFT JOIN target_status s ON s.target = p.id
+LEFT JOIN LATERAL (
+    SELECT c.cert_not_after FROM checks c WHERE c.target = p.id
     ORDER BY c.started_at DESC LIMIT 1
-) l
-WHERE ($1::text IS NULL OR $1 = ANY(l.tags)) AND ($2::text IS NULL OR s.target = $2)
-ORDER BY s.target LIMIT $3 OFFSET $4";
+) l ON true
+ORDER BY p.id";
 
 /// Which targets a request asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Selection {
     pub tag: Option<String>,
     pub target: Option<String>,
-    /// 0-based page of [`MAX_TARGETS`].
+    /// 0-based page of [`Selection::per_page`] targets.
     pub page: i64,
+    /// `?per_page=` (1 to [`MAX_PER_PAGE`]); [`MAX_TARGETS`] without it.
+    pub per_page: Option<i64>,
 }
 
-/// The targets of `selection` (at most [`MAX_TARGETS`]; `more` says whether others follow),
-/// with their rollups, as of `now_ms`.
+impl Selection {
+    pub fn per_page(&self) -> i64 {
+        self.per_page.unwrap_or(MAX_TARGETS)
+    }
+}
+
+/// The targets of `selection` (at most [`Selection::per_page`]; `more` says whether others
+/// follow), with their rollups, as of `now_ms`.
 pub fn targets(
     tx: &mut Transaction,
     selection: &Selection,
     now_ms: i64,
 ) -> Result<(Vec<TargetView>, bool), postgres::Error> {
+    let per_page = selection.per_page();
     let rows = tx.query(
         STATUS_SQL,
         &[
             &selection.tag,
             &selection.target,
-            &(MAX_TARGETS + 1),
-            &(selection.page * MAX_TARGETS),
+            &(per_page + 1),
+            &(selection.page * per_page),
         ],
     )?;
-    let more = rows.len() as i64 > MAX_TARGETS;
+    let more = rows.len() as i64 > per_page;
     let mut views: Vec<TargetView> = rows
         .iter()
-        .take(MAX_TARGETS as usize)
-        .map(|r| TargetView {
+        .take(per_page as usize)
+        .filter_map(|r| {
+            let url: Option<String> = r.get(1);
+            Some((r, url?))
+        })
+        .map(|(r, url)| TargetView {
             id: r.get(0),
-            url: r.get(1),
+            url,
             up: r.get(2),
             since_ms: r.get(3),
             last_check_ms: r.get(4),
@@ -235,7 +264,7 @@ pairs AS (
 several AS (SELECT target, location FROM pairs
             WHERE target IN (SELECT target FROM pairs GROUP BY target HAVING count(*) > 1))
 SELECT p.target, p.location, l.up, (extract(epoch FROM l.started_at) * 1000)::int8,
-       (extract(epoch FROM COALESCE(since.started_at, first.started_at)) * 1000)::int8,
+       (extract(epoch FROM COALESCE(since.started_at, first.started_at, l.started_at)) * 1000)::int8,
        l.failure, l.error, l.status, l.total_ms,
        l.started_at >= now() - s.fresh_for
          AND (NOT EXISTS (SELECT 1 FROM agent_liveness a WHERE a.location = p.location)

@@ -372,10 +372,13 @@ pub fn status_page(
     }
     if more || selection.page > 0 {
         body.push_str("<nav aria-label=\"Pages\">");
-        let tag = selection
+        let mut tag = selection
             .tag
             .as_deref()
             .map_or(String::new(), |t| format!("&tag={}", encode_segment(t)));
+        if let Some(n) = selection.per_page {
+            let _ = write!(tag, "&per_page={n}");
+        }
         if selection.page > 0 {
             let _ = write!(
                 body,

@@ -209,6 +209,13 @@ fn route(path: &str, query: &str) -> Result<Route, Response> {
                 Ok(n) if (0..=MAX_PAGE).contains(&n) => selection.page = n,
                 _ => return Err(refuse(400, &format!("page: expected 0 to {MAX_PAGE}"))),
             },
+            "per_page" => match value.parse::<i64>() {
+                Ok(n) if (1..=data::MAX_PER_PAGE).contains(&n) => selection.per_page = Some(n),
+                _ => {
+                    let max = data::MAX_PER_PAGE;
+                    return Err(refuse(400, &format!("per_page: expected 1 to {max}")));
+                }
+            },
             "window" => window = Some(value),
             _ => {}
         }
@@ -484,6 +491,16 @@ mod tests {
         );
         assert_eq!(status(route("/badge/x/uptime.svg", "window=1y")), Some(400));
         assert_eq!(status(route("/", "page=99999999")), Some(400));
+        assert_eq!(status(route("/", "per_page=1001")), Some(400));
+        assert_eq!(status(route("/", "per_page=0")), Some(400));
+        assert_eq!(
+            ok("/api/v1/status", "per_page=1000&page=3"),
+            Route::Api(Selection {
+                page: 3,
+                per_page: Some(1000),
+                ..Selection::default()
+            })
+        );
         assert_eq!(status(route("/../etc/passwd", "")), Some(404));
         assert_eq!(status(route("/target/", "")), Some(404));
         assert_eq!(status(route("/target/a/b", "")), Some(404));
