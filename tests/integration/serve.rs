@@ -559,16 +559,27 @@ fn chromium(profile: &Path, args: &[&str]) -> std::process::Output {
         .expect("run chromium (scripts/setup installs it)")
 }
 
+/// A `sitewatch` process, killed and reaped when dropped: also when an assertion fails first.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `sitewatch` `cmd` with `config`, logging to `log`.
-fn spawn(cmd: &str, config: &Path, log: &Path) -> std::process::Child {
-    crate::support::sitewatch()
+fn spawn(cmd: &str, config: &Path, log: &Path) -> Running {
+    let child = crate::support::sitewatch()
         .args([cmd, "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "sitewatch=info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .expect("start sitewatch")
+        .expect("start sitewatch");
+    Running(child)
 }
 
 /// Runs a real `sitewatch run` against local targets (up, TLS, a closed port, a body that does
@@ -595,7 +606,7 @@ fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16)
     );
     let config = dir.join("agent.toml");
     std::fs::write(&config, text).unwrap();
-    let mut run = spawn("run", &config, &dir.join("run.log"));
+    let run = spawn("run", &config, &dir.join("run.log"));
     let mut c = p.db.client();
     crate::support::wait_for("3 rows per target", Duration::from_secs(120), || {
         let n: i64 = c
@@ -617,8 +628,7 @@ fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16)
         status == 200 && page.contains("id=\"t-shop\""),
         "{status}: {page}"
     );
-    let _ = run.kill();
-    let _ = run.wait();
+    drop(run);
     config
 }
 
@@ -628,7 +638,7 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
     let dir = crate::support::TempDir::new("serve-chromium");
     let port = crate::support::free_port();
     let config = fill_by_sitewatch_run(&p, dir.path(), port);
-    let mut serve = spawn("serve", &config, &dir.path().join("serve.log"));
+    let serve = spawn("serve", &config, &dir.path().join("serve.log"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
         TcpStream::connect(addr).is_ok()
@@ -706,8 +716,7 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
         ],
     );
     assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
 }
 
 #[test]
@@ -729,7 +738,7 @@ fn run_serves_the_status_page_and_badges_on_the_metrics_listener_while_it_sinks(
     );
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, text).unwrap();
-    let mut run = spawn("run", &config, &dir.path().join("run.log"));
+    let run = spawn("run", &config, &dir.path().join("run.log"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // The badge turns green once the sink has written shop's rows (a new query each time:
     // answers are cached for a few seconds).
@@ -769,6 +778,5 @@ fn run_serves_the_status_page_and_badges_on_the_metrics_listener_while_it_sinks(
         request(addr, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").0,
         405
     );
-    let _ = run.kill();
-    let _ = run.wait();
+    drop(run);
 }
