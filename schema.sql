@@ -418,3 +418,16 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 INSERT INTO sitewatch_schema (version) VALUES (4) ON CONFLICT (version) DO NOTHING;
+
+-- Version 5: each target's tags as of its newest record (the sink writes them with `url`), so
+-- the status page picks a page of `?tag=` among 100,000 targets from this table and its GIN
+-- index instead of reading every target's latest check. Targets written before get the tags
+-- of their latest check once (a target without checks gets none).
+ALTER TABLE targets ADD COLUMN IF NOT EXISTS tags text[];
+UPDATE targets t
+SET tags = COALESCE((SELECT c.tags FROM checks c WHERE c.target = t.id
+                     ORDER BY c.started_at DESC LIMIT 1), '{}')
+WHERE t.tags IS NULL;
+CREATE INDEX IF NOT EXISTS targets_tags ON targets USING gin (tags);
+
+INSERT INTO sitewatch_schema (version) VALUES (5) ON CONFLICT (version) DO NOTHING;

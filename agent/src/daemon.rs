@@ -64,6 +64,9 @@ pub enum DaemonError {
     /// The `[metrics]` listener could not start.
     #[cfg(feature = "metrics")]
     Metrics(crate::metrics::ServerError),
+    /// The `[serve]` listener of `sink` or `run` could not start.
+    #[cfg(feature = "serve")]
+    Serve(crate::httpd::ServerError),
     /// Kafka refused the agent's first connection as configured (credentials, certificates).
     Kafka(KafkaError),
 }
@@ -90,6 +93,8 @@ impl fmt::Display for DaemonError {
             DaemonError::Output(e) => e.fmt(f),
             #[cfg(feature = "metrics")]
             DaemonError::Metrics(e) => e.fmt(f),
+            #[cfg(feature = "serve")]
+            DaemonError::Serve(e) => e.fmt(f),
             DaemonError::Kafka(e) => write!(f, "Kafka: {e}"),
         }
     }
@@ -106,6 +111,8 @@ impl std::error::Error for DaemonError {
             DaemonError::Output(e) => Some(&**e),
             #[cfg(feature = "metrics")]
             DaemonError::Metrics(e) => Some(e),
+            #[cfg(feature = "serve")]
+            DaemonError::Serve(e) => Some(e),
             DaemonError::Kafka(e) => Some(e),
         }
     }
@@ -146,7 +153,8 @@ fn run_role(role: Role, path: &Path) -> Result<(), DaemonError> {
     } else {
         None
     };
-    let metrics = Metrics::start(&cfg, role, sink.clone())?;
+    let pages = start_serve(&cfg, role)?;
+    let metrics = Metrics::start(&cfg, role, sink.clone(), pages)?;
     // A sink that stops on its own (e.g. the schema is missing) stops the process, so
     // systemd's Restart= and the exit code tell the operator.
     let monitor = sink.clone().map(|s| {
@@ -416,6 +424,43 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
+/// The status page's handler, to be mounted on the `[metrics]` listener.
+#[cfg(feature = "serve")]
+type Pages = Arc<dyn crate::httpd::Handler>;
+#[cfg(not(feature = "serve"))]
+type Pages = std::convert::Infallible;
+
+/// `[serve]` in `sitewatch sink` and `run`: the same read-only status page as `sitewatch
+/// serve` (its own read-only session, connected on the first request so that a database down
+/// at start does not stop the sink, which retries on its own). On its own listener, or, when
+/// `[serve] listen` is `[metrics] listen`, returned to answer every path but `/metrics` and
+/// `/probe` on that listener (whose connection cap then applies). The agent alone has no
+/// database: it ignores `[serve]`.
+#[cfg(feature = "serve")]
+fn start_serve(cfg: &Config, role: Role) -> Result<Option<Pages>, DaemonError> {
+    let (Some(serve), Some(pg), true) = (&cfg.serve, &cfg.postgres, role.sinks()) else {
+        return Ok(None);
+    };
+    let pages = crate::serve::pages(pg);
+    if cfg
+        .metrics
+        .as_ref()
+        .is_some_and(|m| m.listen == serve.listen)
+    {
+        log::info!("serve: status page on the metrics listener");
+        return Ok(Some(pages));
+    }
+    let addr = crate::httpd::start("serve", serve.listen, serve.connections, pages)
+        .map_err(DaemonError::Serve)?;
+    log::info!("serve: status page on http://{addr}/");
+    Ok(None)
+}
+
+#[cfg(not(feature = "serve"))]
+fn start_serve(_: &Config, _: Role) -> Result<Option<Pages>, DaemonError> {
+    Ok(None)
+}
+
 pub use wiring::Metrics;
 
 /// The `[metrics]` listener as the daemon sees it: started or not, fed by the output, told of
@@ -425,7 +470,7 @@ pub use wiring::Metrics;
 mod wiring {
     use std::sync::Arc;
 
-    use super::{DaemonError, Role};
+    use super::{DaemonError, Pages, Role};
     use crate::config::Config;
     use crate::metrics::{ProbeEndpoint, Recorder, Registry, Server};
     use crate::output::Output;
@@ -441,11 +486,12 @@ mod wiring {
 
     impl Metrics {
         /// Starts the listener when `cfg` has `[metrics]`: `/probe` for the roles that probe,
-        /// the sink's partitions for those that sink.
+        /// the sink's partitions for those that sink, the status `pages` on every other path.
         pub fn start(
             cfg: &Config,
             role: Role,
             sink: Option<Arc<Sink>>,
+            pages: Option<Pages>,
         ) -> Result<Option<Metrics>, DaemonError> {
             let Some(m) = &cfg.metrics else {
                 return Ok(None);
@@ -455,8 +501,16 @@ mod wiring {
                 registry.set_sink(Some(Box::new(move || sink.status())));
             }
             let probe = role.probes().then(|| Arc::new(ProbeEndpoint::new()));
-            Server::start(m.listen, m.connections, registry.clone(), probe.clone())
-                .map_err(DaemonError::Metrics)?;
+            #[cfg(not(feature = "serve"))]
+            let pages = pages.map(|never| -> Arc<dyn crate::httpd::Handler> { match never {} });
+            Server::start(
+                m.listen,
+                m.connections,
+                registry.clone(),
+                probe.clone(),
+                pages,
+            )
+            .map_err(DaemonError::Metrics)?;
             Ok(Some(Metrics { registry, probe }))
         }
 
@@ -486,7 +540,7 @@ mod wiring {
 mod wiring {
     use std::sync::Arc;
 
-    use super::{DaemonError, Role};
+    use super::{DaemonError, Pages, Role};
     use crate::config::Config;
     use crate::output::Output;
     use crate::probe::Prober;
@@ -501,6 +555,7 @@ mod wiring {
             _: &Config,
             _: Role,
             _: Option<Arc<Sink>>,
+            _: Option<Pages>,
         ) -> Result<Option<Metrics>, DaemonError> {
             Ok(None)
         }

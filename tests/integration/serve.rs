@@ -338,6 +338,195 @@ fn hostile_requests_are_bounded_and_nothing_can_write() {
     }
 }
 
+/// `(ids, more)` of one `/api/v1/status` answer.
+fn api_ids(addr: SocketAddr, query: &str) -> (Vec<String>, bool) {
+    let (status, _, body) = get(addr, &format!("/api/v1/status?{query}"));
+    assert_eq!(status, 200, "{query}: {body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let ids = (doc["targets"].as_array().unwrap().iter())
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
+    (ids, doc["more"] == true)
+}
+
+#[test]
+fn pages_and_tags_are_picked_from_the_targets_table() {
+    let (db, cfg) = served_db();
+    let mut records = Vec::new();
+    for (id, tag) in [("a", "x"), ("b", "y"), ("c", "x"), ("d", "y"), ("e", "x")] {
+        let mut h = history(id, 40.0, 0, true);
+        for r in &mut h {
+            r.tags = vec![tag.into(), "all".into()];
+        }
+        records.extend(h);
+    }
+    // A newer record with other tags: the target's tags are its newest record's.
+    let mut newer = CheckResult::new("b", "http://127.0.0.1/x", "test", "GET");
+    newer.up = true;
+    newer.tags = vec!["x".into()];
+    records.push(newer);
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(api_ids(addr, "per_page=2"), (ids(&["a", "b"]), true));
+    assert_eq!(api_ids(addr, "per_page=2&page=2"), (ids(&["e"]), false));
+    assert_eq!(api_ids(addr, "tag=x"), (ids(&["a", "b", "c", "e"]), false));
+    assert_eq!(
+        api_ids(addr, "tag=x&per_page=3&page=1"),
+        (ids(&["e"]), false)
+    );
+    assert_eq!(api_ids(addr, "tag=y"), (ids(&["d"]), false));
+    assert_eq!(get(addr, "/?per_page=1001").0, 400);
+    // The next-page link keeps per_page.
+    let (_, _, page) = get(addr, "/?per_page=2&tag=all");
+    assert!(
+        page.contains("href=\"/?page=1&tag=all&per_page=2\""),
+        "{page}"
+    );
+    // init-db fills the tags of targets written before version 5 from their latest check.
+    let mut client = db.client();
+    client
+        .execute("UPDATE targets SET tags = NULL", &[])
+        .unwrap();
+    sink::init_db(&cfg).expect("init-db again");
+    let tags: Vec<String> = client
+        .query_one("SELECT tags FROM targets WHERE id = 'b'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tags, ["x"]);
+}
+
+/// `history` as seen from `location`.
+fn history_at(target: &str, location: &str, down_every: usize, last_up: bool) -> Vec<CheckResult> {
+    let mut records = history(target, 40.0, down_every, last_up);
+    for r in &mut records {
+        r.location = Some(location.into());
+    }
+    records
+}
+
+#[test]
+fn several_locations_each_shown_and_the_quorum_decides_the_state() {
+    let (db, cfg) = served_db();
+    // min_down stays 2; the histories end a minute ago, so every location counts.
+    db.client()
+        .execute("UPDATE quorum_settings SET fresh_for = '1 hour'", &[])
+        .unwrap();
+    let mut records = history_at("split", "eu-west", 0, false);
+    records.extend(history_at("split", "us-east", 0, true));
+    records.extend(history_at("everywhere", "eu-west", 0, false));
+    records.extend(history_at("everywhere", "us-east", 0, false));
+    records.extend(history("solo", 40.0, 0, true));
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let addr = server.addr;
+
+    let (status, _, body) = get(addr, "/api/v1/status");
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let target = |id: &str| {
+        let all = doc["targets"].as_array().unwrap();
+        all.iter().find(|t| t["id"] == id).unwrap().clone()
+    };
+    // Down in one of two locations is not a quorum of two: up, each location as it is.
+    let split = target("split");
+    assert_eq!(split["state"], "up", "{split}");
+    let seen: Vec<(String, String, bool)> = split["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let name = l["location"].as_str().unwrap().to_string();
+            (
+                name,
+                l["state"].as_str().unwrap().into(),
+                l["counted"] == true,
+            )
+        })
+        .collect();
+    let want = [("eu-west", "down", true), ("us-east", "up", true)];
+    let want: Vec<(String, String, bool)> = (want.iter())
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), *c))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(split["locations"][0]["failure"], "connect");
+    assert_eq!(split["quorum"]["down"], 1);
+    let everywhere = target("everywhere");
+    assert_eq!(everywhere["state"], "down", "{everywhere}");
+    assert_eq!(everywhere["quorum"]["down"], 2);
+    assert_eq!(everywhere["failure"], "connect");
+    // One location: as before, no locations to list.
+    let solo = target("solo");
+    assert_eq!(
+        (solo["state"].as_str(), solo["quorum"].is_null()),
+        (Some("up"), true)
+    );
+    assert_eq!(solo["locations"].as_array().map(Vec::len), Some(0));
+    let (_, _, svg) = get(addr, "/badge/everywhere/status.svg");
+    assert_eq!(message_colour(&svg), badge::RED, "{svg}");
+    let (_, _, svg) = get(addr, "/badge/split/status.svg");
+    assert_eq!(message_colour(&svg), badge::GREEN, "{svg}");
+
+    // The same in the browser: chips on `/` with the state in text, a table per target.
+    let dir = crate::support::TempDir::new("serve-locations");
+    let profile = dir.path().join("chromium");
+    let dump = |path: &str| {
+        let dom = chromium(&profile, &["--dump-dom", &format!("http://{addr}{path}")]);
+        assert!(
+            dom.status.success(),
+            "{}",
+            String::from_utf8_lossy(&dom.stderr)
+        );
+        String::from_utf8_lossy(&dom.stdout).to_string()
+    };
+    let text = dump("/");
+    let block = |id: &str| {
+        let start = text.find(&format!("id=\"t-{id}\"")).unwrap();
+        let end = text[start..].find("</section>").unwrap() + start;
+        text[start..end].to_string()
+    };
+    let split = block("split");
+    assert!(split.contains(">Up<"), "{split}");
+    assert!(
+        split.contains("eu-west<span class=\"sr\">: down</span>")
+            && split.contains("us-east<span class=\"sr\">: up</span>")
+            && split.contains("Down in 1 of 2 locations counted (down at 2)."),
+        "{split}"
+    );
+    let everywhere = block("everywhere");
+    assert!(
+        everywhere.contains(">Down<") && everywhere.contains("Last failure: connect"),
+        "{everywhere}"
+    );
+    assert!(
+        !block("solo").contains("class=\"locs\""),
+        "{}",
+        block("solo")
+    );
+    let page = dump("/target/split");
+    let table = &page[page.find("<h2>Locations</h2>").expect("a locations table")..];
+    let rows: Vec<&str> = table.split("<tr>").skip(2).collect();
+    assert!(
+        rows.len() >= 2
+            && rows[0].contains("eu-west")
+            && rows[0].contains("down: connect")
+            && rows[1].contains("us-east")
+            && rows[1].contains(">up<"),
+        "{table}"
+    );
+    let file = screenshot_dir().join("target-locations.png");
+    chromium(
+        &profile,
+        &[
+            &format!("--screenshot={}", file.display()),
+            "--window-size=1280,1200",
+            &format!("http://{addr}/target/split"),
+        ],
+    );
+    assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
+}
+
 /// Where the screenshots go: `<target dir>/serve-screenshots/`.
 fn screenshot_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -370,16 +559,27 @@ fn chromium(profile: &Path, args: &[&str]) -> std::process::Output {
         .expect("run chromium (scripts/setup installs it)")
 }
 
+/// A `sitewatch` process, killed and reaped when dropped: also when an assertion fails first.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `sitewatch` `cmd` with `config`, logging to `log`.
-fn spawn(cmd: &str, config: &Path, log: &Path) -> std::process::Child {
-    crate::support::sitewatch()
+fn spawn(cmd: &str, config: &Path, log: &Path) -> Running {
+    let child = crate::support::sitewatch()
         .args([cmd, "--config", config.to_str().unwrap()])
         .env("RUST_LOG", "sitewatch=info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .expect("start sitewatch")
+        .expect("start sitewatch");
+    Running(child)
 }
 
 /// Runs a real `sitewatch run` against local targets (up, TLS, a closed port, a body that does
@@ -406,7 +606,7 @@ fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16)
     );
     let config = dir.join("agent.toml");
     std::fs::write(&config, text).unwrap();
-    let mut run = spawn("run", &config, &dir.join("run.log"));
+    let run = spawn("run", &config, &dir.join("run.log"));
     let mut c = p.db.client();
     crate::support::wait_for("3 rows per target", Duration::from_secs(120), || {
         let n: i64 = c
@@ -419,8 +619,16 @@ fn fill_by_sitewatch_run(p: &crate::sink::Pipeline, dir: &Path, serve_port: u16)
             .get(0);
         n == 4
     });
-    let _ = run.kill();
-    let _ = run.wait();
+    // `run` itself serves the page on `[serve] listen` while it sinks.
+    let (status, _, page) = get(
+        format!("127.0.0.1:{serve_port}").parse().unwrap(),
+        "/?from=run",
+    );
+    assert!(
+        status == 200 && page.contains("id=\"t-shop\""),
+        "{status}: {page}"
+    );
+    drop(run);
     config
 }
 
@@ -430,7 +638,7 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
     let dir = crate::support::TempDir::new("serve-chromium");
     let port = crate::support::free_port();
     let config = fill_by_sitewatch_run(&p, dir.path(), port);
-    let mut serve = spawn("serve", &config, &dir.path().join("serve.log"));
+    let serve = spawn("serve", &config, &dir.path().join("serve.log"));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     crate::support::wait_for("serve to listen", Duration::from_secs(30), || {
         TcpStream::connect(addr).is_ok()
@@ -508,6 +716,67 @@ fn chromium_shows_each_state_from_a_database_filled_by_sitewatch_run() {
         ],
     );
     assert!(std::fs::metadata(&file).is_ok_and(|m| m.len() > 10_000));
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
+}
+
+#[test]
+fn run_serves_the_status_page_and_badges_on_the_metrics_listener_while_it_sinks() {
+    use crate::support::http::{HttpServer, Reply};
+    let p = crate::sink::Pipeline::new(1);
+    let dir = crate::support::TempDir::new("serve-in-run");
+    let up = HttpServer::start(|_, _| Reply::status(200, "hello"));
+    let port = crate::support::free_port();
+    let text = format!(
+        "[agent]\nid = \"inside\"\ninterval = \"300ms\"\ntimeout = \"2s\"\njitter = \"0%\"\n\
+         state_dir = \"{state}\"\n\n{pipeline}\n\
+         [[target]]\nid = \"shop\"\nurl = \"{up}\"\n\n\
+         [serve]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        state = dir.path().join("state").display(),
+        pipeline = p.config_text(),
+        up = up.url("/"),
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, text).unwrap();
+    let run = spawn("run", &config, &dir.path().join("run.log"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The badge turns green once the sink has written shop's rows (a new query each time:
+    // answers are cached for a few seconds).
+    let mut i = 0;
+    crate::support::wait_for("a green badge from run", Duration::from_secs(120), || {
+        i += 1;
+        if TcpStream::connect(addr).is_err() {
+            return false; // not listening yet
+        }
+        let (status, _, svg) = get(addr, &format!("/badge/shop/status.svg?n={i}"));
+        status == 200 && message_colour(&svg) == badge::GREEN
+    });
+    let (status, head, page) = get(addr, "/");
+    assert_eq!(status, 200, "{page}");
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    assert!(
+        page.contains("id=\"t-shop\"") && page.contains(">Up<"),
+        "{page}"
+    );
+    // The metrics listener's own paths still answer: one listener, both handlers.
+    let (status, _, metrics) = get(addr, "/metrics");
+    assert!(
+        status == 200 && metrics.contains("probe_success{"),
+        "{metrics}"
+    );
+    // Still sinking: more rows arrive while it serves.
+    let mut c = p.db.client();
+    let mut count = || -> i64 {
+        c.query_one("SELECT count(*) FROM checks", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = count();
+    crate::support::wait_for("more rows", Duration::from_secs(60), || count() > before);
+    // No write path here either.
+    assert_eq!(
+        request(addr, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").0,
+        405
+    );
+    drop(run);
 }

@@ -13,6 +13,9 @@ use crate::httpd::{self, Handler, Head, Response};
 struct Metrics {
     registry: Arc<Registry>,
     probe: Option<Arc<ProbeEndpoint>>,
+    /// What answers every other path when another listener's pages share this one (`[serve]`
+    /// with the same address in `sink` and `run`).
+    rest: Option<Arc<dyn Handler>>,
 }
 
 /// The running listener. Its `metrics` thread accepts until the process ends: it holds no
@@ -23,14 +26,20 @@ pub struct Server {
 
 impl Server {
     /// Binds `addr` and starts the `metrics` accept thread. `/probe` answers 404 without a
-    /// `probe` endpoint (the sink has no prober).
+    /// `probe` endpoint (the sink has no prober); paths other than `/metrics` and `/probe` go
+    /// to `rest` when given.
     pub fn start(
         addr: SocketAddr,
         connections: usize,
         registry: Arc<Registry>,
         probe: Option<Arc<ProbeEndpoint>>,
+        rest: Option<Arc<dyn Handler>>,
     ) -> Result<Server, ServerError> {
-        let handler = Arc::new(Metrics { registry, probe });
+        let handler = Arc::new(Metrics {
+            registry,
+            probe,
+            rest,
+        });
         let addr = httpd::start("metrics", addr, connections, handler)?;
         log::info!("metrics: listening on http://{addr}/metrics");
         Ok(Server { addr })
@@ -40,6 +49,12 @@ impl Server {
 impl Handler for Metrics {
     fn answer(&self, head: &Head) -> Response {
         let (path, query) = head.path_and_query();
+        if let Some(rest) = &self.rest
+            && path != "/metrics"
+            && path != "/probe"
+        {
+            return rest.answer(head);
+        }
         match (path, &self.probe) {
             ("/metrics", _) => Response::new(200, expo::CONTENT_TYPE, self.registry.render()),
             ("/probe", Some(probe)) => {

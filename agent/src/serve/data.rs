@@ -10,10 +10,13 @@ use postgres::{Client, Transaction};
 
 use crate::sink::rollup::BUCKETS;
 
-/// Targets on one page (sorted by id); `?page=N` shows the next ones. Each target is about
-/// 16 KB of HTML (90 focusable day cells with their figures, 24 hourly bars), so a page stays
-/// near 3 MB; past a few hundred targets, `?tag=` is the way to find one.
+/// Targets on one page unless `?per_page=` says otherwise (sorted by id); `?page=N` shows the
+/// next ones. Each target is about 16 KB of HTML (90 focusable day cells with their figures,
+/// 24 hourly bars), so a page stays near 3 MB; past a few hundred targets, `?tag=` is the way
+/// to find one.
 pub const MAX_TARGETS: i64 = 200;
+/// `?per_page=` at most: a page of 1,000 targets is about 16 MB of HTML.
+pub const MAX_PER_PAGE: i64 = 1000;
 /// Checks listed on `/target/<id>`.
 pub const RECENT_CHECKS: i64 = 50;
 /// Days in the uptime bar.
@@ -45,6 +48,39 @@ pub struct TargetView {
     pub hours: HashMap<i64, [i64; BUCKETS]>,
     pub checks_24h: i64,
     pub successes_24h: i64,
+    /// Each location's latest check, for a target seen from several locations in the last day
+    /// (empty otherwise); unnamed locations (`None`) first, then by name.
+    pub locations: Vec<LocationView>,
+    /// Set when the locations' quorum decided `up` and `since_ms` (see [`decide`]).
+    pub quorum: Option<Quorum>,
+}
+
+/// What one location sees of a target: its latest check within the last day, as
+/// `target_status_by_location` has it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocationView {
+    /// `None`: agents without an `[agent] location`.
+    pub location: Option<String>,
+    pub up: bool,
+    /// Since when this location has seen the target in its current state (unix ms).
+    pub since_ms: i64,
+    pub last_check_ms: i64,
+    pub failure: Option<String>,
+    pub error: Option<String>,
+    pub status: Option<i32>,
+    pub total_ms: f64,
+    /// Whether it counts for the quorum: `target_quorum`'s rule (a fresh latest check, and
+    /// an alive agent where the location has fleet agents).
+    pub counted: bool,
+}
+
+/// How the quorum stands: `down` of `counted` locations see the target down; `min_down`
+/// make it down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quorum {
+    pub counted: usize,
+    pub down: usize,
+    pub min_down: i64,
 }
 
 impl TargetView {
@@ -90,50 +126,76 @@ pub fn read_only<T>(
     read(&mut tx)
 }
 
+/// The page is picked from `targets` alone (an index-only scan of its primary key in order, or
+/// the GIN index on its tags), and only the page's targets are looked up in `target_status` and `checks`: a page
+/// costs its own targets' index lookups, whatever the number of targets (OFFSET skips index
+/// entries of `targets`, not status lookups). A target without checks (expired) is skipped but
+/// still counts for `more`. `since` is null in `target_status` when the last check and the
+/// last one in the other state started at the same instant (two locations, one millisecond):
+/// the state then holds since that check.
 const STATUS_SQL: &str = "\
-SELECT s.target, s.url, s.up, (extract(epoch FROM s.since) * 1000)::int8,
+WITH page AS (
+    SELECT t.id FROM targets t
+    WHERE ($1::text IS NULL OR t.tags @> ARRAY[$1::text]) AND ($2::text IS NULL OR t.id = $2)
+    ORDER BY t.id LIMIT $3 OFFSET $4
+)
+SELECT p.id, s.url, s.up, (extract(epoch FROM COALESCE(s.since, s.last_check)) * 1000)::int8,
        (extract(epoch FROM s.last_check) * 1000)::int8, s.failure, s.error, s.status, s.total_ms,
-       (extract(epoch FROM l.cert_not_after) * 1000)::int8, l.tags
-FROM target_status s
-CROSS JOIN LATERAL (
-    SELECT c.cert_not_after, c.tags FROM checks c WHERE c.target = s.target
+       (extract(epoch FROM l.cert_not_after) * 1000)::int8, COALESCE(t.tags, '{}')
+FROM page p
+JOIN targets t ON t.id = p.id
+LEFT JOIN target_status s ON s.target = p.id
+LEFT JOIN LATERAL (
+    SELECT c.cert_not_after FROM checks c WHERE c.target = p.id
     ORDER BY c.started_at DESC LIMIT 1
-) l
-WHERE ($1::text IS NULL OR $1 = ANY(l.tags)) AND ($2::text IS NULL OR s.target = $2)
-ORDER BY s.target LIMIT $3 OFFSET $4";
+) l ON true
+ORDER BY p.id";
 
 /// Which targets a request asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Selection {
     pub tag: Option<String>,
     pub target: Option<String>,
-    /// 0-based page of [`MAX_TARGETS`].
+    /// 0-based page of [`Selection::per_page`] targets.
     pub page: i64,
+    /// `?per_page=` (1 to [`MAX_PER_PAGE`]); [`MAX_TARGETS`] without it.
+    pub per_page: Option<i64>,
 }
 
-/// The targets of `selection` (at most [`MAX_TARGETS`]; `more` says whether others follow),
-/// with their rollups, as of `now_ms`.
+impl Selection {
+    pub fn per_page(&self) -> i64 {
+        self.per_page.unwrap_or(MAX_TARGETS)
+    }
+}
+
+/// The targets of `selection` (at most [`Selection::per_page`]; `more` says whether others
+/// follow), with their rollups, as of `now_ms`.
 pub fn targets(
     tx: &mut Transaction,
     selection: &Selection,
     now_ms: i64,
 ) -> Result<(Vec<TargetView>, bool), postgres::Error> {
+    let per_page = selection.per_page();
     let rows = tx.query(
         STATUS_SQL,
         &[
             &selection.tag,
             &selection.target,
-            &(MAX_TARGETS + 1),
-            &(selection.page * MAX_TARGETS),
+            &(per_page + 1),
+            &(selection.page * per_page),
         ],
     )?;
-    let more = rows.len() as i64 > MAX_TARGETS;
+    let more = rows.len() as i64 > per_page;
     let mut views: Vec<TargetView> = rows
         .iter()
-        .take(MAX_TARGETS as usize)
-        .map(|r| TargetView {
+        .take(per_page as usize)
+        .filter_map(|r| {
+            let url: Option<String> = r.get(1);
+            Some((r, url?))
+        })
+        .map(|(r, url)| TargetView {
             id: r.get(0),
-            url: r.get(1),
+            url,
             up: r.get(2),
             since_ms: r.get(3),
             last_check_ms: r.get(4),
@@ -184,7 +246,129 @@ pub fn targets(
             *sum += n;
         }
     }
+    add_locations(tx, &mut views, &ids, &index)?;
     Ok((views, more))
+}
+
+/// Each location's latest check (within a day) and since when it holds, for the targets of
+/// `ids` seen from two or more locations; `min_down` from `quorum_settings` and `counted` the
+/// way `target_quorum` decides them. The (target, location) pairs come from the hourly rollups
+/// of the last day (rows the sink writes with the checks), so a target's own checks are
+/// read through its index a few rows each, never a day of every target's checks.
+const LOCATIONS_SQL: &str = "\
+WITH s AS (SELECT min_down, fresh_for FROM quorum_settings),
+pairs AS (
+    SELECT DISTINCT target, location FROM check_rollups_hourly
+    WHERE target = ANY($1) AND period_start >= date_trunc('hour', now() - interval '1 day')
+),
+several AS (SELECT target, location FROM pairs
+            WHERE target IN (SELECT target FROM pairs GROUP BY target HAVING count(*) > 1))
+SELECT p.target, p.location, l.up, (extract(epoch FROM l.started_at) * 1000)::int8,
+       (extract(epoch FROM COALESCE(since.started_at, first.started_at, l.started_at)) * 1000)::int8,
+       l.failure, l.error, l.status, l.total_ms,
+       l.started_at >= now() - s.fresh_for
+         AND (NOT EXISTS (SELECT 1 FROM agent_liveness a WHERE a.location = p.location)
+              OR EXISTS (SELECT 1 FROM agent_liveness a
+                         WHERE a.location = p.location AND a.state = 'alive')),
+       s.min_down::int8
+FROM several p CROSS JOIN s
+CROSS JOIN LATERAL (
+    SELECT c.started_at, c.up, c.failure, c.error, c.status, c.total_ms FROM checks c
+    WHERE c.target = p.target AND c.location IS NOT DISTINCT FROM p.location
+      AND c.started_at >= now() - interval '1 day'
+    ORDER BY c.started_at DESC LIMIT 1
+) l
+LEFT JOIN LATERAL (
+    SELECT c.started_at FROM checks c
+    WHERE c.target = p.target AND c.location IS NOT DISTINCT FROM p.location AND c.up = NOT l.up
+    ORDER BY c.started_at DESC LIMIT 1
+) flip ON true
+LEFT JOIN LATERAL (
+    SELECT c.started_at FROM checks c
+    WHERE c.target = p.target AND c.location IS NOT DISTINCT FROM p.location
+      AND c.started_at > flip.started_at
+    ORDER BY c.started_at ASC LIMIT 1
+) since ON true
+LEFT JOIN LATERAL (
+    SELECT c.started_at FROM checks c
+    WHERE c.target = p.target AND c.location IS NOT DISTINCT FROM p.location
+      AND flip.started_at IS NULL
+    ORDER BY c.started_at ASC LIMIT 1
+) first ON true
+ORDER BY p.target, p.location NULLS FIRST";
+
+/// Fills in [`TargetView::locations`] and lets the quorum decide the state of the targets
+/// seen from several locations.
+fn add_locations(
+    tx: &mut Transaction,
+    views: &mut [TargetView],
+    ids: &[String],
+    index: &HashMap<&str, usize>,
+) -> Result<(), postgres::Error> {
+    let mut min_down = HashMap::new();
+    for r in tx.query(LOCATIONS_SQL, &[&ids])? {
+        let i = index[r.get::<_, &str>(0)];
+        views[i].locations.push(LocationView {
+            location: r.get(1),
+            up: r.get(2),
+            last_check_ms: r.get(3),
+            since_ms: r.get(4),
+            failure: r.get(5),
+            error: r.get(6),
+            status: r.get(7),
+            total_ms: r.get(8),
+            counted: r.get(9),
+        });
+        min_down.insert(i, r.get::<_, i64>(10));
+    }
+    for (i, min_down) in min_down {
+        decide(&mut views[i], min_down);
+    }
+    Ok(())
+}
+
+/// The target's state as `target_quorum` decides it from the locations that count: down when
+/// at least `min_down` of them see it down, up otherwise (so with fewer counted locations than
+/// `min_down` it is never down). Since when: the `min_down`-th location to go down, or the
+/// recovery that took the count below `min_down` (the locations' own since). With no location
+/// counting the latest check stands, as before.
+pub fn decide(view: &mut TargetView, min_down: i64) {
+    let counted: Vec<&LocationView> = view.locations.iter().filter(|l| l.counted).collect();
+    if counted.is_empty() {
+        return;
+    }
+    let need = min_down.max(1) as usize;
+    let mut down: Vec<&LocationView> = counted.iter().copied().filter(|l| !l.up).collect();
+    let mut ups: Vec<i64> = counted
+        .iter()
+        .filter(|l| l.up)
+        .map(|l| l.since_ms)
+        .collect();
+    view.quorum = Some(Quorum {
+        counted: counted.len(),
+        down: down.len(),
+        min_down,
+    });
+    if down.len() >= need {
+        down.sort_by_key(|l| l.since_ms);
+        view.up = false;
+        view.since_ms = down[need - 1].since_ms;
+        // The reason shown is the newest failure a down location saw.
+        if let Some(newest) = down.iter().max_by_key(|l| l.last_check_ms) {
+            view.failure = newest.failure.clone();
+            view.error = newest.error.clone();
+            view.status = newest.status;
+        }
+    } else {
+        ups.sort_unstable_by(|a, b| b.cmp(a));
+        let earliest = counted
+            .iter()
+            .map(|l| l.since_ms)
+            .min()
+            .unwrap_or(view.since_ms);
+        view.up = true;
+        view.since_ms = ups.get(need - down.len() - 1).copied().unwrap_or(earliest);
+    }
 }
 
 /// Checks and successes of `target` in the hours starting after `since_ms`.
@@ -226,4 +410,70 @@ pub fn recent_checks(
             phases: [r.get(7), r.get(8), r.get(9), r.get(10), r.get(11)],
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(location: &str, up: bool, since_ms: i64, counted: bool) -> LocationView {
+        LocationView {
+            location: Some(location.into()),
+            up,
+            since_ms,
+            last_check_ms: since_ms + 5,
+            failure: (!up).then(|| format!("connect in {location}")),
+            counted,
+            ..LocationView::default()
+        }
+    }
+
+    fn decided(locations: Vec<LocationView>, min_down: i64) -> TargetView {
+        let mut view = TargetView {
+            up: true,
+            since_ms: 1,
+            locations,
+            ..TargetView::default()
+        };
+        decide(&mut view, min_down);
+        view
+    }
+
+    #[test]
+    fn the_quorum_decides_the_state_and_since_when() {
+        // Down in 2 of 3 with min_down 2: down since the second went down.
+        let v = decided(
+            vec![
+                at("a", false, 300, true),
+                at("b", false, 100, true),
+                at("c", true, 50, true),
+            ],
+            2,
+        );
+        assert_eq!((v.up, v.since_ms), (false, 300));
+        assert_eq!(v.failure.as_deref(), Some("connect in a"));
+        let q = v.quorum.unwrap();
+        assert_eq!((q.counted, q.down, q.min_down), (3, 2, 2));
+        // Down in 1 of 3: up since the recovery that took the count below 2.
+        let v = decided(
+            vec![
+                at("a", false, 300, true),
+                at("b", true, 200, true),
+                at("c", true, 100, true),
+            ],
+            2,
+        );
+        assert_eq!((v.up, v.since_ms), (true, 200));
+        // A location that does not count is not part of it: one counted down location is
+        // not a quorum of 2.
+        let v = decided(
+            vec![at("a", false, 300, true), at("b", false, 100, false)],
+            2,
+        );
+        assert_eq!((v.up, v.since_ms), (true, 300));
+        assert_eq!(v.quorum.unwrap().counted, 1);
+        // No location counts: the latest check stands.
+        let v = decided(vec![at("a", false, 300, false)], 1);
+        assert_eq!((v.up, v.since_ms, v.quorum), (true, 1, None));
+    }
 }

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use super::badge::{State, uptime_colour};
-use super::data::{BAR_DAYS, CheckView, DAY_MS, HOUR_MS, Selection, TargetView};
+use super::data::{BAR_DAYS, CheckView, DAY_MS, HOUR_MS, LocationView, Selection, TargetView};
 use crate::sink::rollup::quantile;
 use crate::util::format_rfc3339_ms;
 
@@ -56,6 +56,10 @@ svg.spark{width:100%;max-width:24rem;height:2.5rem;display:block}\
 rect:focus{outline:2px solid #0969da}\
 table{border-collapse:collapse;width:100%;font-size:.9rem}th,td{text-align:left;padding:.25rem .4rem;border-bottom:1px solid #d0d7de;vertical-align:top}\
 .scroll{overflow-x:auto}\
+.locs{list-style:none;display:flex;flex-wrap:wrap;gap:.3rem;margin:.3rem 0;padding:0}\
+.chip{font-size:.8rem;border-radius:1rem;padding:0 .5rem;color:#fff}\
+.chip.stale{background:none;color:inherit;border:1px dashed #6e6e6e}\
+.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}\
 @media (prefers-color-scheme:dark){body{background:#0d1117;color:#e6edf3}a{color:#58a6ff}.meta{color:#9da7b3}.t,th,td{border-color:#30363d}}";
 
 fn page(title: &str, body: &str) -> String {
@@ -198,6 +202,7 @@ fn target_block(out: &mut String, view: &TargetView, now_ms: i64) {
         since = time(view.since_ms),
         url = escape(&view.url),
     );
+    location_chips(out, view);
     if !view.up {
         let reason = view.failure.as_deref().unwrap_or("down");
         let error = view.error.as_deref().unwrap_or("");
@@ -223,6 +228,80 @@ fn target_block(out: &mut String, view: &TargetView, now_ms: i64) {
         let _ = write!(out, "<p class=\"meta\">Tags: {}</p>", tags.join(", "));
     }
     out.push_str("</section>");
+}
+
+/// A location's name as shown; agents without `[agent] location` have none.
+fn location_name(l: &LocationView) -> String {
+    escape(l.location.as_deref().unwrap_or("(no location)"))
+}
+
+fn location_word(l: &LocationView) -> &'static str {
+    if l.up { "up" } else { "down" }
+}
+
+/// One chip per location (a symbol and a colour, the state in text for screen readers),
+/// and how the quorum stands, for a target seen from several locations.
+fn location_chips(out: &mut String, view: &TargetView) {
+    if view.locations.is_empty() {
+        return;
+    }
+    out.push_str("<ul class=\"locs\" aria-label=\"Locations\">");
+    for l in &view.locations {
+        let word = location_word(l);
+        let (class, note) = match l.counted {
+            true => (word, ""),
+            false => ("stale", ", not counted (no recent check or agent)"),
+        };
+        let _ = write!(
+            out,
+            "<li class=\"chip {class}\" title=\"{name}: {word} since {since} UTC\">\
+             <span aria-hidden=\"true\">{symbol} </span>{name}<span class=\"sr\">: {word}{note}</span></li>",
+            name = location_name(l),
+            since = &format_rfc3339_ms(l.since_ms)[..16].replace('T', " "),
+            symbol = if l.up { "✓" } else { "✕" },
+        );
+    }
+    out.push_str("</ul>");
+    if let Some(q) = view.quorum {
+        let _ = write!(
+            out,
+            "<p class=\"meta\">Down in {} of {} locations counted (down at {}).</p>",
+            q.down, q.counted, q.min_down
+        );
+    }
+}
+
+/// `/target/<id>`'s table: what each location sees now.
+fn location_table(body: &mut String, view: &TargetView, now_ms: i64) {
+    if view.locations.is_empty() {
+        return;
+    }
+    body.push_str(
+        "<h2>Locations</h2><div class=\"scroll\"><table><caption class=\"meta\">Each location's latest check in the last day</caption>\
+         <thead><tr><th scope=\"col\">Location</th><th scope=\"col\">State</th><th scope=\"col\">Since (UTC)</th>\
+         <th scope=\"col\">Last check (UTC)</th><th scope=\"col\">Latency (ms)</th><th scope=\"col\">Counted</th>\
+         <th scope=\"col\">Error</th></tr></thead><tbody>",
+    );
+    for l in &view.locations {
+        let state = match &l.failure {
+            Some(f) if !l.up => format!("down: {f}"),
+            _ => location_word(l).to_string(),
+        };
+        let _ = write!(
+            body,
+            "<tr><th scope=\"row\">{}</th><td><span class=\"st {}\">{}</span></td><td>{} ({})</td><td>{}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
+            location_name(l),
+            location_word(l),
+            escape(&state),
+            time(l.since_ms),
+            human_duration(now_ms - l.since_ms),
+            time(l.last_check_ms),
+            l.total_ms,
+            if l.counted { "yes" } else { "no" },
+            escape(l.error.as_deref().unwrap_or("")),
+        );
+    }
+    body.push_str("</tbody></table></div>");
 }
 
 fn capitalise(word: &str) -> String {
@@ -293,10 +372,13 @@ pub fn status_page(
     }
     if more || selection.page > 0 {
         body.push_str("<nav aria-label=\"Pages\">");
-        let tag = selection
+        let mut tag = selection
             .tag
             .as_deref()
             .map_or(String::new(), |t| format!("&tag={}", encode_segment(t)));
+        if let Some(n) = selection.per_page {
+            let _ = write!(tag, "&per_page={n}");
+        }
         if selection.page > 0 {
             let _ = write!(
                 body,
@@ -323,6 +405,7 @@ pub fn target_page(view: &TargetView, checks: &[CheckView], now_ms: i64) -> Stri
         escape(&view.id)
     );
     target_block(&mut body, view, now_ms);
+    location_table(&mut body, view, now_ms);
     body.push_str(
         "<h2>Recent checks</h2><div class=\"scroll\"><table><caption class=\"meta\">Newest first; times in ms</caption>\
          <thead><tr><th scope=\"col\">Started (UTC)</th><th scope=\"col\">Result</th><th scope=\"col\">Status</th>\

@@ -110,6 +110,18 @@ impl Server {
     }
 }
 
+/// The status page as a [`Handler`] for a listener of `sitewatch sink` or `run`
+/// (`daemon`): the same pages, session rules and cache as `sitewatch serve`, but its session
+/// opens on the first request, so a database that is down at start delays the page, not the
+/// daemon.
+pub fn pages(pg: &PostgresConfig) -> Arc<dyn Handler> {
+    Arc::new(Pages {
+        pg: pg.clone(),
+        client: Mutex::new(None),
+        cache: Mutex::new(Cache::default()),
+    })
+}
+
 /// `sitewatch serve`: serves until `shutdown`.
 pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), ServeError> {
     let _server = Server::start(config)?;
@@ -196,6 +208,13 @@ fn route(path: &str, query: &str) -> Result<Route, Response> {
             "page" => match value.parse::<i64>() {
                 Ok(n) if (0..=MAX_PAGE).contains(&n) => selection.page = n,
                 _ => return Err(refuse(400, &format!("page: expected 0 to {MAX_PAGE}"))),
+            },
+            "per_page" => match value.parse::<i64>() {
+                Ok(n) if (1..=data::MAX_PER_PAGE).contains(&n) => selection.per_page = Some(n),
+                _ => {
+                    let max = data::MAX_PER_PAGE;
+                    return Err(refuse(400, &format!("per_page: expected 1 to {max}")));
+                }
             },
             "window" => window = Some(value),
             _ => {}
@@ -391,6 +410,12 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
                 "uptime_90d_from": time(since_90d),
                 "p50_24h_ms_at_most": quantile(&hist, 0.5),
                 "p95_24h_ms_at_most": quantile(&hist, 0.95),
+                "locations": v.locations.iter().map(|l| location_json(l, &time)).collect::<Vec<_>>(),
+                "quorum": v.quorum.map(|q| serde_json::json!({
+                    "counted": q.counted,
+                    "down": q.down,
+                    "min_down": q.min_down,
+                })),
             })
         })
         .collect();
@@ -401,6 +426,22 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
         "targets": targets,
     });
     doc.to_string()
+}
+
+/// One location of a target in `/api/v1/status` (added within version 1: new fields only).
+fn location_json(l: &data::LocationView, time: &dyn Fn(i64) -> String) -> serde_json::Value {
+    serde_json::json!({
+        "location": l.location,
+        "state": if l.up { "up" } else { "down" },
+        "up": l.up,
+        "since": time(l.since_ms),
+        "last_check": time(l.last_check_ms),
+        "failure": l.failure,
+        "error": l.error,
+        "status": l.status,
+        "total_ms": l.total_ms,
+        "counted": l.counted,
+    })
 }
 
 #[cfg(test)]
@@ -450,6 +491,16 @@ mod tests {
         );
         assert_eq!(status(route("/badge/x/uptime.svg", "window=1y")), Some(400));
         assert_eq!(status(route("/", "page=99999999")), Some(400));
+        assert_eq!(status(route("/", "per_page=1001")), Some(400));
+        assert_eq!(status(route("/", "per_page=0")), Some(400));
+        assert_eq!(
+            ok("/api/v1/status", "per_page=1000&page=3"),
+            Route::Api(Selection {
+                page: 3,
+                per_page: Some(1000),
+                ..Selection::default()
+            })
+        );
         assert_eq!(status(route("/../etc/passwd", "")), Some(404));
         assert_eq!(status(route("/target/", "")), Some(404));
         assert_eq!(status(route("/target/a/b", "")), Some(404));

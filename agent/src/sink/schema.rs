@@ -13,7 +13,7 @@ use crate::util::format_rfc3339_ms;
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
 /// The schema version `schema.sql` records; the sink refuses an older database.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// Partitions are created this many days ahead of today (UTC), so a day's first records never
 /// wait for DDL.

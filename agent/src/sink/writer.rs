@@ -260,11 +260,13 @@ const INSERT_DEAD_LETTERS: &str = "INSERT INTO dead_letters \
     FROM unnest($3::int8[], $4::timestamptz[], $5::bytea[], $6::bytea[], $7::int4[], $8::text[]) \
     AS u(o, ts, k, v, n, e) ON CONFLICT DO NOTHING";
 
-const UPSERT_TARGETS: &str = "INSERT INTO targets (id, url, first_seen, last_seen, last_agent) \
-    SELECT u.id, u.url, u.seen, u.seen, u.agent \
-    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(id, url, seen, agent) \
+// Tags travel as JSON arrays, as in the checks insert (a ragged text[][] cannot be unnested).
+const UPSERT_TARGETS: &str = "INSERT INTO targets (id, url, first_seen, last_seen, last_agent, tags) \
+    SELECT u.id, u.url, u.seen, u.seen, u.agent, ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)) \
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[]) \
+    AS u(id, url, seen, agent, tags) \
     ON CONFLICT (id) DO UPDATE SET url = EXCLUDED.url, last_seen = EXCLUDED.last_seen, \
-    last_agent = EXCLUDED.last_agent WHERE targets.last_seen < EXCLUDED.last_seen";
+    last_agent = EXCLUDED.last_agent, tags = EXCLUDED.tags WHERE targets.last_seen < EXCLUDED.last_seen";
 
 const ADVANCE_OFFSET: &str = "UPDATE sink_offsets SET next_offset = $3, updated_at = now() \
     WHERE topic = $1 AND partition = $2 AND next_offset = $4";
@@ -715,7 +717,10 @@ impl Prepared {
         let urls: Vec<&str> = latest.values().map(|r| r.record.url.as_str()).collect();
         let seen: Vec<SystemTime> = latest.values().map(|r| system_time(r.started_ms)).collect();
         let agents: Vec<&str> = latest.values().map(|r| r.record.agent.as_str()).collect();
-        tx.execute(&self.upsert_targets, &[&ids, &urls, &seen, &agents])?;
+        let tags: Vec<String> = (latest.values())
+            .map(|r| serde_json::Value::from(r.record.tags.clone()).to_string())
+            .collect();
+        tx.execute(&self.upsert_targets, &[&ids, &urls, &seen, &agents, &tags])?;
         Ok(())
     }
 }
