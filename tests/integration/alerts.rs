@@ -866,3 +866,83 @@ fn depends_on_holds_when_parent_and_child_fail_in_one_batch() {
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
 }
+
+/// A weekly window in a named zone mutes by that zone's clock. "quiet" and "loud" fail alike
+/// under windows at the same wall-clock time, half an hour ago in Asia/Kolkata (UTC+05:30 all
+/// year, so the test computes it without a tz library) for "quiet", in UTC for "loud": only
+/// "loud" alerts. Read as UTC, "quiet"'s window would open in five hours.
+#[test]
+fn a_weekly_window_in_a_named_zone_mutes_by_that_zones_clock() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let now = sitewatch::util::unix_ms_now();
+    let kolkata = now + 330 * 60_000;
+    let minute = (kolkata - 30 * 60_000).rem_euclid(86_400_000) / 60_000;
+    let time = format!("{:02}:{:02}", minute / 60, minute % 60);
+    let days = r#"["mon", "tue", "wed", "thu", "fri", "sat", "sun"]"#;
+    let window = |target: &str, zone: &str| {
+        format!(
+            "[[alerts.maintenance]]\ntargets = [\"{target}\"]\ndays = {days}\n\
+             time = \"{time}\"\nzone = \"{zone}\"\nduration = \"2h\"\n"
+        )
+    };
+    let extra = window("quiet", "Asia/Kolkata") + &window("loud", "UTC");
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", &extra), &r);
+    let mut records = checks("quiet", &[false; 3], 30_000);
+    records.extend(checks("loud", &[false; 3], 30_000));
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let got: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    assert_eq!(got, [("loud".to_string(), "down".to_string())]);
+    let mut c = p.db.client();
+    let muted: Vec<(String, Option<String>)> = c
+        .query("SELECT target, muted FROM open_alerts ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        muted,
+        [
+            ("loud".to_string(), None),
+            ("quiet".to_string(), Some("maintenance".to_string()))
+        ]
+    );
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// `check-config` on a weekly window in a named zone: a misspelt zone stops it with the file,
+/// line and field (never a fallback to UTC); the right one is printed back by name. (No tz
+/// database at all is a unit test: jiff falls back from a bad `TZDIR` to /usr/share/zoneinfo,
+/// which this machine has.)
+#[test]
+fn check_config_names_the_line_of_an_unknown_zone_and_prints_a_known_one() {
+    let dir = crate::support::TempDir::new("alerts-zone");
+    let path = dir.path().join("agent.toml");
+    let check = |zone: &str| {
+        let text = format!(
+            "[alerts]\n\n[[alerts.maintenance]]\ndays = [\"sun\"]\nzone = \"{zone}\"\n\
+             duration = \"1h\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        crate::support::sitewatch()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("sitewatch check-config")
+    };
+    let o = check("Europe/Berln");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let want = format!(
+        "{}: line 5, column 8: alerts.maintenance: zone \"Europe/Berln\": \
+         not a time zone of the tz database",
+        path.display()
+    );
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    let o = check("Europe/Berlin");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("zone = \"Europe/Berlin\""), "{out}");
+}

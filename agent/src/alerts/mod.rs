@@ -29,9 +29,14 @@
 //!   At least once: a sink killed after sending but before marking is retried once the lease
 //!   (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
 //!   incident) makes its retries harmless too.
-//! - **Time zones**: maintenance windows are one-off (RFC 3339) or weekly in UTC or a fixed
-//!   offset (`+02:00`). Named zones need the tz database and DST rules (a crate such as
-//!   chrono-tz adds ~1 MB); refused with a clear message for now.
+//! - **Time zones**: maintenance windows are one-off (RFC 3339) or weekly in UTC, a fixed
+//!   offset (`+02:00`) or a named zone (`Europe/Berlin`). Named zones come from the system tz
+//!   database (`/usr/share/zoneinfo`, Debian's tzdata, or `$TZDIR`) through jiff, read when the
+//!   config is loaded; nothing is bundled (a bundled copy would grow the binary and go stale
+//!   between our releases). An unknown zone, or no database, is a config error with its line,
+//!   never a silent UTC. A start time a DST change skips or repeats takes jiff's "compatible"
+//!   reading: after the gap (02:30 on spring-forward day starts at 03:30), the first of the
+//!   fold; the duration is real time.
 
 #[cfg(feature = "alerts")]
 pub mod config;
