@@ -393,6 +393,19 @@ fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
     sink.join().expect("sink stops cleanly");
 }
 
+/// What `sitewatch alerts --config <path>` prints (it must succeed).
+fn alerts_cli(path: &std::path::Path) -> String {
+    let o = crate::support::sitewatch()
+        .args(["alerts", "--config"])
+        .arg(path)
+        .output()
+        .expect("sitewatch alerts");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}{err}");
+    text
+}
+
 /// A config file for a sink process: the pipeline's, then `alerts` with every `*_env`
 /// replaced by a `*_file` holding the same secret.
 fn config_file(
@@ -552,17 +565,7 @@ fn depends_on_maintenance_and_degraded_states() {
     let dir = crate::support::TempDir::new("alerts-cli");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, p.config_text()).unwrap();
-    let o = crate::support::sitewatch()
-        .args(["alerts", "--config"])
-        .arg(&path)
-        .output()
-        .expect("sitewatch alerts");
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = alerts_cli(&path);
     for want in [
         "OPEN ALERTS",
         "muted: depends_on router (down)",
@@ -945,4 +948,80 @@ fn check_config_names_the_line_of_an_unknown_zone_and_prints_a_known_one() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("zone = \"Europe/Berlin\""), "{out}");
+}
+
+/// A channel removed from the config while it still had an event to deliver: the next sink
+/// start marks that delivery `abandoned` with the reason, the views and `sitewatch alerts`
+/// show it, the log says how many (naming the channel, never its URL), and the other
+/// channels are untouched.
+#[test]
+fn a_removed_channels_pending_deliveries_are_abandoned_at_sink_start() {
+    let p = Pipeline::new(1);
+    let hook = HttpServer::start(|_, _| Reply::status(503, "down for now"));
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    p.produce(&checks("api", &[false, false, false], 10_000));
+    wait_requests(&r.hook, 1, "a try at the hook");
+    wait_for("Slack and PagerDuty delivered", WITHIN, || {
+        delivered(&p) == 2
+    });
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+    let mut c = p.db.client();
+    let pending =
+        "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state = 'pending'";
+    assert_eq!(count(&mut c, pending), 1);
+
+    // The same config without the hook channel.
+    let without_hook = alerts_text("", "").replacen(
+        "[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl_env = \"HOOK_URL\"\n\
+         secret_env = \"HOOK_SECRET\"\ntimeout = \"2s\"\n",
+        "",
+        1,
+    );
+    assert!(!without_hook.contains("HOOK_URL"), "{without_hook}");
+    let dir = crate::support::TempDir::new("alerts-removed-channel");
+    let path = config_file(&p, &r, &dir, &without_hook);
+    let log = dir.path().join("sink.log");
+    let sink = SinkProcess::start(&path, &log);
+    let abandoned =
+        "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state = 'abandoned'";
+    wait_for("the hook's delivery abandoned", WITHIN, || {
+        count(&mut c, abandoned) == 1
+    });
+    let row = c
+        .query_one(
+            "SELECT pending, abandoned, last_error FROM alert_channels WHERE channel = 'hook'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0);
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, String>(2), "channel no longer configured");
+    let history = c
+        .query_one(
+            "SELECT delivered, pending, abandoned FROM alert_history",
+            &[],
+        )
+        .unwrap();
+    let h: (i64, i64, i64) = (history.get(0), history.get(1), history.get(2));
+    assert_eq!(h, (2, 0, 1));
+    let text = alerts_cli(&path);
+    assert!(
+        text.contains("2 delivered, 0 pending, 0 failed, 1 abandoned"),
+        "{text}"
+    );
+    assert!(text.contains("channel no longer configured"), "{text}");
+    wait_for("the log line", WITHIN, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains(
+            "alert channel \"hook\" is no longer configured: 1 pending delivery abandoned",
+        )
+    });
+    sink.kill();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log.contains(&r.hook.url("/hook")), "{log}");
+    // The other channels' deliveries were left as they were.
+    let others =
+        "SELECT count(*) FROM alert_deliveries WHERE channel <> 'hook' AND state = 'delivered'";
+    assert_eq!(count(&mut c, others), 2);
 }

@@ -29,6 +29,13 @@
 //!   At least once: a sink killed after sending but before marking is retried once the lease
 //!   (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
 //!   incident) makes its retries harmless too.
+//! - **Removed channels**: deliveries are written only for configured channels, so a channel
+//!   removed from the config would leave its pending ones pending for ever (blocking their
+//!   events' retention, and looking like work to do). The sink's first maintenance pass marks
+//!   them `abandoned` with the reason and logs the count per channel. Decided at start, from
+//!   this sink's config: sinks share one config, and during a rolling change a sink still on
+//!   the old one only loses deliveries it could have sent late. Not revived if the channel
+//!   comes back: an old page is noise by then (an `UPDATE` revives them by hand).
 //! - **Time zones**: maintenance windows are one-off (RFC 3339) or weekly in UTC, a fixed
 //!   offset (`+02:00`) or a named zone (`Europe/Berlin`). Named zones come from the system tz
 //!   database (`/usr/share/zoneinfo`, Debian's tzdata, or `$TZDIR`) through jiff, read when the

@@ -386,7 +386,7 @@ impl Coordinator {
                 }
             }
             if maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
-                match self.maintain() {
+                match self.maintain(maintained_at.is_none()) {
                     Ok(()) => maintained_at = Some(Instant::now()),
                     // Retried on a later pass; partitions are also created on demand.
                     Err(e) => log::warn!(target: "sitewatch::sink", "maintenance: {e}"),
@@ -466,8 +466,16 @@ impl Coordinator {
         client.partitions(&self.kafka.topic)
     }
 
-    fn maintain(&self) -> Result<(), SinkError> {
+    /// `first`: the first pass since start (until one succeeds), which also ends the pending
+    /// deliveries of alert channels removed from the config.
+    fn maintain(&self, first: bool) -> Result<(), SinkError> {
         let mut client = db::connect(&self.pg, "sitewatch sink maintenance")?;
+        #[cfg(feature = "alerts")]
+        if first && let Some(a) = &self.alerts {
+            crate::alerts::notify::abandon_removed_channels(&mut client, a)?;
+        }
+        #[cfg(not(feature = "alerts"))]
+        let _ = first;
         let done = schema::maintain(
             &mut client,
             self.pg.retention,
