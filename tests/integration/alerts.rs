@@ -1025,3 +1025,81 @@ fn a_removed_channels_pending_deliveries_are_abandoned_at_sink_start() {
         "SELECT count(*) FROM alert_deliveries WHERE channel <> 'hook' AND state = 'delivered'";
     assert_eq!(count(&mut c, others), 2);
 }
+
+/// Per channel, events go out in order, but a permanent refusal does not hold the rest back.
+/// The webhook receiver refuses the "rejected" target's event with 400 (every time), answers
+/// the "busy" target's event 425 Too Early once, and takes everything else: the 400 is marked
+/// `failed` with its status and reason and not retried, the 425 (a 4xx that means "not now")
+/// is retried before anything after it goes out, and the event after both is delivered.
+#[test]
+fn a_permanently_refused_event_is_failed_and_the_channel_moves_on() {
+    let p = Pipeline::new(1);
+    let busy_once = Arc::new(AtomicBool::new(true));
+    let flag = busy_once.clone();
+    let hook = HttpServer::start(move |q, _| {
+        let target = json(q)["target"].as_str().unwrap_or("").to_string();
+        match target.as_str() {
+            "rejected" => Reply::status(400, "unknown field \"incident\""),
+            "busy" if flag.swap(false, Ordering::SeqCst) => Reply::status(425, "too early"),
+            _ => Reply::status(200, ""),
+        }
+    });
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    // One at a time, so that the events' order is rejected, busy, after.
+    for (i, target) in ["rejected", "busy", "after"].into_iter().enumerate() {
+        p.produce(&checks(target, &[false, false, false], 10_000));
+        wait_for("the event in the outbox", WITHIN, || {
+            events(&p).len() == i + 1
+        });
+    }
+    wait_for("the hook done with every event", WITHIN, || {
+        count(
+            &mut p.db.client(),
+            "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state <> 'pending'",
+        ) == 3
+    });
+    let seen: Vec<String> = (r.hook.requests().iter())
+        .map(|q| json(q)["target"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        ["rejected", "busy", "busy", "after"],
+        "in order, 400 not retried"
+    );
+    let mut c = p.db.client();
+    // target, state, attempts, last status, last error
+    let rows: Vec<String> = c
+        .query(
+            "SELECT e.target, d.state, d.attempts, d.last_status, d.last_error \
+             FROM alert_deliveries d JOIN alert_events e ON e.id = d.event_id \
+             WHERE d.channel = 'hook' ORDER BY e.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (t, s, n): (String, String, i32) = (r.get(0), r.get(1), r.get(2));
+            let (status, e): (Option<i32>, Option<String>) = (r.get(3), r.get(4));
+            format!("{t} {s} {n} {status:?} {e:?}")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            r#"rejected failed 1 Some(400) Some("HTTP 400: unknown field \"incident\"")"#,
+            "busy delivered 2 Some(200) None",
+            "after delivered 1 Some(200) None",
+        ]
+    );
+    let failed: i64 = c
+        .query_one(
+            "SELECT failed FROM alert_channels WHERE channel = 'hook'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 1);
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}

@@ -24,8 +24,9 @@
 //!   sink's batches. Per channel, events go out in id order (a resolve never overtakes its
 //!   trigger): the first pending delivery is leased (`lease_until`), sent, and marked
 //!   delivered; a failure keeps it pending with a backoff (`backoff.rs`, 500 ms doubling to
-//!   60 s) and the channel shows as failing in the STATUS line and the `alert_channels` view.
-//!   A 4xx answer other than 408/429 is permanent: marked `failed`, and the channel moves on.
+//!   30 s) and the channel shows as failing in the STATUS line and the `alert_channels` view.
+//!   A 4xx answer other than 408/425/429 is permanent: marked `failed` (status and the start
+//!   of the answer), and the channel moves on; 408/425/429, 5xx and no answer keep the order.
 //!   At least once: a sink killed after sending but before marking is retried once the lease
 //!   (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
 //!   incident) makes its retries harmless too.

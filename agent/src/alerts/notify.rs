@@ -94,8 +94,7 @@ pub enum DeliveryError {
         message: String,
         source: ureq::Error,
     },
-    /// An answer that is not 2xx. `permanent`: a 4xx other than 408/429, which a retry of the
-    /// same request cannot fix.
+    /// An answer that is not 2xx. `permanent`: see [`is_permanent`].
     Status {
         status: u16,
         body: String,
@@ -373,6 +372,29 @@ pub fn send(agent: &ureq::Agent, ch: &Channel, ev: &Event) -> Result<u16, Delive
     Err(DeliveryError::Status {
         status,
         body: text.trim().chars().take(200).collect(),
-        permanent: (400..500).contains(&status) && status != 408 && status != 429,
+        permanent: is_permanent(status),
     })
+}
+
+/// Whether an answer refuses this request for good, so that retrying it would only hold back
+/// the channel's later events (a channel delivers in order): a 4xx, which says the request is
+/// wrong, except the ones that say "not now" — 408 Request Timeout, 425 Too Early, 429 Too
+/// Many Requests. 5xx and anything else (3xx not followed) are retried with backoff.
+pub fn is_permanent(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    #[test]
+    fn client_errors_are_permanent_except_the_ones_that_mean_not_now() {
+        for status in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(is_permanent(status), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504, 301, 302] {
+            assert!(!is_permanent(status), "{status}");
+        }
+    }
 }
