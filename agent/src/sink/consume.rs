@@ -208,6 +208,8 @@ impl Sink {
             health: health.clone(),
             worker_beats: BTreeMap::new(),
             alerts: alerts.clone(),
+            #[cfg(feature = "alerts")]
+            removed_channels_checked: std::cell::Cell::new(false),
         };
         #[cfg(feature = "alerts")]
         let notifier = match &alerts {
@@ -311,6 +313,9 @@ struct Coordinator {
     /// One heartbeat per partition ever owned, reused when a partition comes back.
     worker_beats: BTreeMap<i32, Heartbeat>,
     alerts: Option<Arc<crate::alerts::AlertsConfig>>,
+    /// Whether `maintain` has ended the deliveries of removed alert channels since start.
+    #[cfg(feature = "alerts")]
+    removed_channels_checked: std::cell::Cell<bool>,
 }
 
 impl Coordinator {
@@ -386,7 +391,7 @@ impl Coordinator {
                 }
             }
             if maintained_at.is_none_or(|t| t.elapsed() >= MAINTENANCE_INTERVAL) {
-                match self.maintain(maintained_at.is_none()) {
+                match self.maintain() {
                     Ok(()) => maintained_at = Some(Instant::now()),
                     // Retried on a later pass; partitions are also created on demand.
                     Err(e) => log::warn!(target: "sitewatch::sink", "maintenance: {e}"),
@@ -466,16 +471,17 @@ impl Coordinator {
         client.partitions(&self.kafka.topic)
     }
 
-    /// `first`: the first pass since start (until one succeeds), which also ends the pending
-    /// deliveries of alert channels removed from the config.
-    fn maintain(&self, first: bool) -> Result<(), SinkError> {
+    fn maintain(&self) -> Result<(), SinkError> {
         let mut client = db::connect(&self.pg, "sitewatch sink maintenance")?;
+        // Once per start, on the first pass that reaches the database: the pending deliveries
+        // of alert channels removed from the config end as `abandoned`.
         #[cfg(feature = "alerts")]
-        if first && let Some(a) = &self.alerts {
+        if let Some(a) = &self.alerts
+            && !self.removed_channels_checked.get()
+        {
             crate::alerts::notify::abandon_removed_channels(&mut client, a)?;
+            self.removed_channels_checked.set(true);
         }
-        #[cfg(not(feature = "alerts"))]
-        let _ = first;
         let done = schema::maintain(
             &mut client,
             self.pg.retention,
