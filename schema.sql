@@ -247,8 +247,7 @@ CREATE TABLE IF NOT EXISTS alert_events (
 );
 CREATE INDEX IF NOT EXISTS alert_events_target ON alert_events (target, id DESC);
 
--- Delivery of each event to each channel configured when it was created. A delivery still
--- pending when a sink starts without its channel is `abandoned` (last_error says why).
+-- Delivery of each event to each channel configured when it was created.
 CREATE TABLE IF NOT EXISTS alert_deliveries (
     event_id     bigint      NOT NULL REFERENCES alert_events (id) ON DELETE CASCADE,
     channel      text        NOT NULL,
@@ -277,7 +276,6 @@ SELECT e.id, e.created_at, e.at, e.target, e.kind, e.previous, e.state, e.reason
        count(d.*) FILTER (WHERE d.state = 'delivered') AS delivered,
        count(d.*) FILTER (WHERE d.state = 'pending')   AS pending,
        count(d.*) FILTER (WHERE d.state = 'failed')    AS failed,
-       -- To a channel removed from the config (a sink found it pending at start).
        count(d.*) FILTER (WHERE d.state = 'abandoned') AS abandoned
 FROM alert_events e
 LEFT JOIN alert_deliveries d ON d.event_id = e.id
@@ -285,7 +283,7 @@ GROUP BY e.id
 ORDER BY e.id DESC;
 
 -- Per channel: what waits, what failed, and the last error (a channel that keeps failing).
--- New columns go last in both views: CREATE OR REPLACE VIEW can only add columns at the end.
+-- (New columns go last: CREATE OR REPLACE VIEW only appends.)
 CREATE OR REPLACE VIEW alert_channels AS
 SELECT d.channel,
        count(*) FILTER (WHERE d.state = 'pending')   AS pending,
