@@ -251,7 +251,7 @@ CREATE INDEX IF NOT EXISTS alert_events_target ON alert_events (target, id DESC)
 CREATE TABLE IF NOT EXISTS alert_deliveries (
     event_id     bigint      NOT NULL REFERENCES alert_events (id) ON DELETE CASCADE,
     channel      text        NOT NULL,
-    state        text        NOT NULL DEFAULT 'pending',  -- pending, delivered, failed
+    state        text        NOT NULL DEFAULT 'pending',  -- pending, delivered, failed, abandoned
     attempts     integer     NOT NULL DEFAULT 0,
     next_attempt timestamptz NOT NULL DEFAULT now(),
     lease_until  timestamptz,  -- a notifier is delivering it until then
@@ -275,13 +275,15 @@ CREATE OR REPLACE VIEW alert_history AS
 SELECT e.id, e.created_at, e.at, e.target, e.kind, e.previous, e.state, e.reason, e.key,
        count(d.*) FILTER (WHERE d.state = 'delivered') AS delivered,
        count(d.*) FILTER (WHERE d.state = 'pending')   AS pending,
-       count(d.*) FILTER (WHERE d.state = 'failed')    AS failed
+       count(d.*) FILTER (WHERE d.state = 'failed')    AS failed,
+       count(d.*) FILTER (WHERE d.state = 'abandoned') AS abandoned
 FROM alert_events e
 LEFT JOIN alert_deliveries d ON d.event_id = e.id
 GROUP BY e.id
 ORDER BY e.id DESC;
 
 -- Per channel: what waits, what failed, and the last error (a channel that keeps failing).
+-- (New columns go last: CREATE OR REPLACE VIEW only appends.)
 CREATE OR REPLACE VIEW alert_channels AS
 SELECT d.channel,
        count(*) FILTER (WHERE d.state = 'pending')   AS pending,
@@ -291,7 +293,8 @@ SELECT d.channel,
        max(d.delivered_at) AS last_delivered,
        (SELECT x.last_error FROM alert_deliveries x
         WHERE x.channel = d.channel AND x.last_error IS NOT NULL
-        ORDER BY x.event_id DESC LIMIT 1) AS last_error
+        ORDER BY x.event_id DESC LIMIT 1) AS last_error,
+       count(*) FILTER (WHERE d.state = 'abandoned') AS abandoned
 FROM alert_deliveries d
 GROUP BY d.channel;
 

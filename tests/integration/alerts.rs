@@ -393,6 +393,19 @@ fn a_failing_receiver_is_visible_and_gets_the_event_once_it_recovers() {
     sink.join().expect("sink stops cleanly");
 }
 
+/// What `sitewatch alerts --config <path>` prints (it must succeed).
+fn alerts_cli(path: &std::path::Path) -> String {
+    let o = crate::support::sitewatch()
+        .args(["alerts", "--config"])
+        .arg(path)
+        .output()
+        .expect("sitewatch alerts");
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}{err}");
+    text
+}
+
 /// A config file for a sink process: the pipeline's, then `alerts` with every `*_env`
 /// replaced by a `*_file` holding the same secret.
 fn config_file(
@@ -552,17 +565,7 @@ fn depends_on_maintenance_and_degraded_states() {
     let dir = crate::support::TempDir::new("alerts-cli");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, p.config_text()).unwrap();
-    let o = crate::support::sitewatch()
-        .args(["alerts", "--config"])
-        .arg(&path)
-        .output()
-        .expect("sitewatch alerts");
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = alerts_cli(&path);
     for want in [
         "OPEN ALERTS",
         "muted: depends_on router (down)",
@@ -863,6 +866,240 @@ fn depends_on_holds_when_parent_and_child_fail_in_one_batch() {
         .unwrap()
         .get(0);
     assert_eq!(muted.as_deref(), Some("depends_on router (down)"));
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// A weekly window in a named zone mutes by that zone's clock. "quiet" and "loud" fail alike
+/// under windows at the same wall-clock time, half an hour ago in Asia/Kolkata (UTC+05:30 all
+/// year, so the test computes it without a tz library) for "quiet", in UTC for "loud": only
+/// "loud" alerts. Read as UTC, "quiet"'s window would open in five hours.
+#[test]
+fn a_weekly_window_in_a_named_zone_mutes_by_that_zones_clock() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let now = sitewatch::util::unix_ms_now();
+    let kolkata = now + 330 * 60_000;
+    let minute = (kolkata - 30 * 60_000).rem_euclid(86_400_000) / 60_000;
+    let time = format!("{:02}:{:02}", minute / 60, minute % 60);
+    let days = r#"["mon", "tue", "wed", "thu", "fri", "sat", "sun"]"#;
+    let window = |target: &str, zone: &str| {
+        format!(
+            "[[alerts.maintenance]]\ntargets = [\"{target}\"]\ndays = {days}\n\
+             time = \"{time}\"\nzone = \"{zone}\"\nduration = \"2h\"\n"
+        )
+    };
+    let extra = window("quiet", "Asia/Kolkata") + &window("loud", "UTC");
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", &extra), &r);
+    let mut records = checks("quiet", &[false; 3], 30_000);
+    records.extend(checks("loud", &[false; 3], 30_000));
+    p.produce(&records);
+    p.wait_offsets_at_end();
+    let got: Vec<(String, String)> = events(&p).into_iter().map(|(t, k, _)| (t, k)).collect();
+    assert_eq!(got, [("loud".to_string(), "down".to_string())]);
+    let mut c = p.db.client();
+    let muted: Vec<(String, Option<String>)> = c
+        .query("SELECT target, muted FROM open_alerts ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        muted,
+        [
+            ("loud".to_string(), None),
+            ("quiet".to_string(), Some("maintenance".to_string()))
+        ]
+    );
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// `check-config` on a weekly window in a named zone: a misspelt zone stops it with the file,
+/// line and field (never a fallback to UTC); the right one is printed back by name. (No tz
+/// database at all is a unit test: jiff falls back from a bad `TZDIR` to /usr/share/zoneinfo,
+/// which this machine has.)
+#[test]
+fn check_config_names_the_line_of_an_unknown_zone_and_prints_a_known_one() {
+    let dir = crate::support::TempDir::new("alerts-zone");
+    let path = dir.path().join("agent.toml");
+    let check = |zone: &str| {
+        let text = format!(
+            "[alerts]\n\n[[alerts.maintenance]]\ndays = [\"sun\"]\nzone = \"{zone}\"\n\
+             duration = \"1h\"\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        crate::support::sitewatch()
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .expect("sitewatch check-config")
+    };
+    let o = check("Europe/Berln");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let want = format!(
+        "{}: line 5, column 8: alerts.maintenance: zone \"Europe/Berln\": \
+         not a time zone of the tz database",
+        path.display()
+    );
+    assert!(err.contains(&want), "{want:?} not in:\n{err}");
+    let o = check("Europe/Berlin");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("zone = \"Europe/Berlin\""), "{out}");
+}
+
+/// A channel removed from the config while it still had an event to deliver: the next sink
+/// start marks that delivery `abandoned` with the reason, the views and `sitewatch alerts`
+/// show it, the log says how many (naming the channel, never its URL), and the other
+/// channels are untouched.
+#[test]
+fn a_removed_channels_pending_deliveries_are_abandoned_at_sink_start() {
+    let p = Pipeline::new(1);
+    let hook = HttpServer::start(|_, _| Reply::status(503, "down for now"));
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    p.produce(&checks("api", &[false, false, false], 10_000));
+    wait_requests(&r.hook, 1, "a try at the hook");
+    wait_for("Slack and PagerDuty delivered", WITHIN, || {
+        delivered(&p) == 2
+    });
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+    let mut c = p.db.client();
+    let pending =
+        "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state = 'pending'";
+    assert_eq!(count(&mut c, pending), 1);
+
+    // The same config without the hook channel.
+    let without_hook = alerts_text("", "").replacen(
+        "[[alerts.channel]]\nname = \"hook\"\nkind = \"webhook\"\nurl_env = \"HOOK_URL\"\n\
+         secret_env = \"HOOK_SECRET\"\ntimeout = \"2s\"\n",
+        "",
+        1,
+    );
+    assert!(!without_hook.contains("HOOK_URL"), "{without_hook}");
+    let dir = crate::support::TempDir::new("alerts-removed-channel");
+    let path = config_file(&p, &r, &dir, &without_hook);
+    let log = dir.path().join("sink.log");
+    let sink = SinkProcess::start(&path, &log);
+    let abandoned =
+        "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state = 'abandoned'";
+    wait_for("the hook's delivery abandoned", WITHIN, || {
+        count(&mut c, abandoned) == 1
+    });
+    let row = c
+        .query_one(
+            "SELECT pending, abandoned, last_error FROM alert_channels WHERE channel = 'hook'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0);
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, String>(2), "channel no longer configured");
+    let history = c
+        .query_one(
+            "SELECT delivered, pending, abandoned FROM alert_history",
+            &[],
+        )
+        .unwrap();
+    let h: (i64, i64, i64) = (history.get(0), history.get(1), history.get(2));
+    assert_eq!(h, (2, 0, 1));
+    let text = alerts_cli(&path);
+    assert!(
+        text.contains("2 delivered, 0 pending, 0 failed, 1 abandoned"),
+        "{text}"
+    );
+    assert!(text.contains("channel no longer configured"), "{text}");
+    wait_for("the log line", WITHIN, || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains(
+            "alert channel \"hook\" is no longer configured: 1 pending delivery abandoned",
+        )
+    });
+    sink.kill();
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log.contains(&r.hook.url("/hook")), "{log}");
+    // The other channels' deliveries were left as they were.
+    let others =
+        "SELECT count(*) FROM alert_deliveries WHERE channel <> 'hook' AND state = 'delivered'";
+    assert_eq!(count(&mut c, others), 2);
+}
+
+/// Per channel, events go out in order, but a permanent refusal does not hold the rest back.
+/// The webhook receiver refuses the "rejected" target's event with 400 (every time), answers
+/// the "busy" target's event 425 Too Early once, and takes everything else: the 400 is marked
+/// `failed` with its status and reason and not retried, the 425 (a 4xx that means "not now")
+/// is retried before anything after it goes out, and the event after both is delivered.
+#[test]
+fn a_permanently_refused_event_is_failed_and_the_channel_moves_on() {
+    let p = Pipeline::new(1);
+    let busy_once = Arc::new(AtomicBool::new(true));
+    let flag = busy_once.clone();
+    let hook = HttpServer::start(move |q, _| {
+        let target = json(q)["target"].as_str().unwrap_or("").to_string();
+        match target.as_str() {
+            "rejected" => Reply::status(400, "unknown field \"incident\""),
+            "busy" if flag.swap(false, Ordering::SeqCst) => Reply::status(425, "too early"),
+            _ => Reply::status(200, ""),
+        }
+    });
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    // One at a time, so that the events' order is rejected, busy, after.
+    for (i, target) in ["rejected", "busy", "after"].into_iter().enumerate() {
+        p.produce(&checks(target, &[false, false, false], 10_000));
+        wait_for("the event in the outbox", WITHIN, || {
+            events(&p).len() == i + 1
+        });
+    }
+    wait_for("the hook done with every event", WITHIN, || {
+        count(
+            &mut p.db.client(),
+            "SELECT count(*) FROM alert_deliveries WHERE channel = 'hook' AND state <> 'pending'",
+        ) == 3
+    });
+    let seen: Vec<String> = (r.hook.requests().iter())
+        .map(|q| json(q)["target"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        ["rejected", "busy", "busy", "after"],
+        "in order, 400 not retried"
+    );
+    let mut c = p.db.client();
+    // target, state, attempts, last status, last error
+    let rows: Vec<String> = c
+        .query(
+            "SELECT e.target, d.state, d.attempts, d.last_status, d.last_error \
+             FROM alert_deliveries d JOIN alert_events e ON e.id = d.event_id \
+             WHERE d.channel = 'hook' ORDER BY e.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (t, s, n): (String, String, i32) = (r.get(0), r.get(1), r.get(2));
+            let (status, e): (Option<i32>, Option<String>) = (r.get(3), r.get(4));
+            format!("{t} {s} {n} {status:?} {e:?}")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            r#"rejected failed 1 Some(400) Some("HTTP 400: unknown field \"incident\"")"#,
+            "busy delivered 2 Some(200) None",
+            "after delivered 1 Some(200) None",
+        ]
+    );
+    let failed: i64 = c
+        .query_one(
+            "SELECT failed FROM alert_channels WHERE channel = 'hook'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 1);
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
 }

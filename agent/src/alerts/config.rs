@@ -86,7 +86,10 @@ pub struct RawMaintenance {
     /// Weekly: day names and a `HH:MM` time in `zone`.
     pub days: Option<Vec<String>>,
     pub time: Option<String>,
-    pub zone: Option<String>,
+    /// Resolved while parsing (the tz database is read here), so that an unknown zone is
+    /// reported with its line and column.
+    #[serde(default, deserialize_with = "deserialize_zone")]
+    pub zone: Option<Zone>,
     pub duration: Option<String>,
 }
 
@@ -184,16 +187,42 @@ impl Channel {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The zone of a weekly window's days and time.
+#[derive(Debug, Clone)]
+pub enum Zone {
+    /// Minutes east of UTC; `"UTC"` is 0.
+    Fixed(i32),
+    /// A tz database zone with its DST rules, read from the system copy when the config is
+    /// loaded (a tzdata update applies at the next reload or restart).
+    Named {
+        name: String,
+        tz: jiff::tz::TimeZone,
+    },
+}
+
+/// By name: the same name from the same database is the same zone (what a config parsed back
+/// from `check-config` must compare equal on).
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        match (self, other) {
+            (Zone::Fixed(a), Zone::Fixed(b)) => a == b,
+            (Zone::Named { name: a, .. }, Zone::Named { name: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Zone {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum When {
     /// From this instant (Unix ms).
     Once { start_ms: i64 },
-    /// On these weekdays (0 = Monday) at `minute` of the day, in a zone `offset_minutes` east
-    /// of UTC.
+    /// On these weekdays (0 = Monday) at `minute` of the day, local time in `zone`.
     Weekly {
         days: [bool; 7],
         minute: u32,
-        offset_minutes: i32,
+        zone: Zone,
     },
 }
 
@@ -217,12 +246,17 @@ impl Window {
     /// Whether the window is open at `t_ms` (Unix ms).
     pub fn is_open(&self, t_ms: i64) -> bool {
         let len = self.duration.as_millis() as i64;
-        match self.when {
-            When::Once { start_ms } => start_ms <= t_ms && t_ms < start_ms.saturating_add(len),
+        match &self.when {
+            &When::Once { start_ms } => start_ms <= t_ms && t_ms < start_ms.saturating_add(len),
             When::Weekly {
                 days,
                 minute,
-                offset_minutes,
+                zone: Zone::Named { tz, .. },
+            } => weekly_open_in(tz, days, *minute, len, t_ms),
+            &When::Weekly {
+                days,
+                minute,
+                zone: Zone::Fixed(offset_minutes),
             } => {
                 let local = t_ms + i64::from(offset_minutes) * 60_000;
                 let today = local.div_euclid(DAY_MS);
@@ -237,6 +271,47 @@ impl Window {
             }
         }
     }
+}
+
+/// Whether a weekly window in the named zone `tz` is open at `t_ms`. Each window starts at
+/// `minute` local time on its days and lasts `len_ms` of real time (a 2 h window across a DST
+/// change is still 2 h long). A local start time that a DST change makes ambiguous is taken as
+/// jiff's "compatible" disambiguation (RFC 5545, Temporal): in a spring-forward gap (02:30 on
+/// the day Berlin goes from 02:00 to 03:00) the window starts after the gap, as far from it as
+/// the time was from the gap's start (03:30 CEST); in a fall-back fold (02:30 happens twice) it
+/// starts at the first 02:30, and once that day, not twice.
+fn weekly_open_in(
+    tz: &jiff::tz::TimeZone,
+    days: &[bool; 7],
+    minute: u32,
+    len_ms: i64,
+    t_ms: i64,
+) -> bool {
+    let Ok(now) = jiff::Timestamp::from_millisecond(t_ms) else {
+        return false;
+    };
+    let mut day = tz.to_datetime(now).date();
+    let (hour, min) = ((minute / 60) as i8, (minute % 60) as i8);
+    // A window that started on an earlier local day may still be open; one day more than
+    // for a fixed offset covers a local day shortened or lengthened by DST.
+    for _ in 0..=len_ms / DAY_MS + 2 {
+        if days[day.weekday().to_monday_zero_offset() as usize] {
+            let start = tz
+                .to_ambiguous_timestamp(day.at(hour, min, 0, 0))
+                .compatible();
+            if let Ok(start) = start.map(jiff::Timestamp::as_millisecond)
+                && start <= t_ms
+                && t_ms < start.saturating_add(len_ms)
+            {
+                return true;
+            }
+        }
+        match day.yesterday() {
+            Ok(d) => day = d,
+            Err(_) => break,
+        }
+    }
+    false
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -518,18 +593,45 @@ fn override_(index: usize, raw: &RawOverride) -> Result<Override, String> {
     })
 }
 
-/// `"UTC"`, `"Z"` or a fixed offset `"+02:00"` → minutes east of UTC. Named zones
-/// (`Europe/Berlin`) would need the tz database and its DST rules: refused with a clear word.
-fn zone_offset(ctx: &str, zone: &str) -> Result<i32, String> {
+fn deserialize_zone<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Zone>, D::Error> {
+    let text = String::deserialize(d)?;
+    let zone = parse_zone("alerts.maintenance: ", &text, jiff::tz::db());
+    zone.map(Some).map_err(serde::de::Error::custom)
+}
+
+/// `"UTC"`, `"Z"`, a fixed offset `"+02:00"`, or a tz database name (`"Europe/Berlin"`) looked
+/// up in `db`. Never a silent UTC: an unknown name, or no database at all (no tzdata
+/// installed), is an error that says so.
+fn parse_zone(ctx: &str, zone: &str, db: &jiff::tz::TimeZoneDatabase) -> Result<Zone, String> {
     if zone == "UTC" || zone == "Z" {
-        return Ok(0);
+        return Ok(Zone::Fixed(0));
     }
-    let bad = || {
-        format!(
-            "{ctx}zone {zone:?}: expected \"UTC\" or a fixed offset like \"+02:00\" \
-             (named time zones are not supported yet)"
-        )
-    };
+    if zone.starts_with(['+', '-']) {
+        return zone_offset(ctx, zone).map(Zone::Fixed);
+    }
+    // `available()` also sees a directory that exists but holds no zones (TZDIR set wrong).
+    if db.is_definitively_empty() || db.available().next().is_none() {
+        return Err(format!(
+            "{ctx}zone {zone:?}: no time zone database found (install tzdata: \
+             /usr/share/zoneinfo, or set TZDIR); or use \"UTC\" or a fixed offset like \"+01:00\""
+        ));
+    }
+    match db.get(zone) {
+        // jiff answers "Etc/Unknown" without the database: it is UTC under another name.
+        Ok(tz) if !tz.is_unknown() => Ok(Zone::Named {
+            name: tz.iana_name().unwrap_or(zone).to_string(),
+            tz,
+        }),
+        _ => Err(format!(
+            "{ctx}zone {zone:?}: not a time zone of the tz database (like \"Europe/Berlin\"); \
+             or use \"UTC\" or a fixed offset like \"+01:00\""
+        )),
+    }
+}
+
+/// A fixed offset `"+02:00"` → minutes east of UTC.
+fn zone_offset(ctx: &str, zone: &str) -> Result<i32, String> {
+    let bad = || format!("{ctx}zone {zone:?}: expected a fixed offset like \"+02:00\"");
     let (sign, rest) = match zone.as_bytes().first() {
         Some(b'+') => (1, &zone[1..]),
         Some(b'-') => (-1, &zone[1..]),
@@ -543,7 +645,11 @@ fn zone_offset(ctx: &str, zone: &str) -> Result<i32, String> {
     Ok(sign * (h * 60 + m))
 }
 
-fn format_zone(offset: i32) -> String {
+fn format_zone(zone: &Zone) -> String {
+    let offset = match zone {
+        Zone::Named { name, .. } => return name.clone(),
+        &Zone::Fixed(offset) => offset,
+    };
     if offset == 0 {
         return "UTC".into();
     }
@@ -591,11 +697,10 @@ fn window(index: usize, raw: &RawMaintenance) -> Result<Window, String> {
                 .filter(|&(h, m)| h < 24 && m < 60)
                 .map(|(h, m)| h * 60 + m)
                 .ok_or_else(|| format!("{ctx}time {time:?}: expected HH:MM"))?;
-            let offset_minutes = zone_offset(&ctx, raw.zone.as_deref().unwrap_or("UTC"))?;
             When::Weekly {
                 days,
                 minute,
-                offset_minutes,
+                zone: raw.zone.clone().unwrap_or(Zone::Fixed(0)),
             }
         }
         _ => {
@@ -701,15 +806,11 @@ impl AlertsConfig {
             let _ = writeln!(out, "\n[[alerts.maintenance]]");
             let _ = writeln!(out, "targets = {}", list(&w.targets, q));
             let _ = writeln!(out, "tags = {}", list(&w.tags, q));
-            match w.when {
-                When::Once { start_ms } => {
+            match &w.when {
+                &When::Once { start_ms } => {
                     let _ = writeln!(out, "start = {}", q(&format_rfc3339_ms(start_ms)));
                 }
-                When::Weekly {
-                    days,
-                    minute,
-                    offset_minutes,
-                } => {
+                When::Weekly { days, minute, zone } => {
                     let names: Vec<String> = (0..7)
                         .filter(|&i| days[i])
                         .map(|i| DAYS[i].to_string())
@@ -717,7 +818,7 @@ impl AlertsConfig {
                     let _ = writeln!(out, "days = {}", list(&names, q));
                     let time = format!("{:02}:{:02}", minute / 60, minute % 60);
                     let _ = writeln!(out, "time = {}", q(&time));
-                    let _ = writeln!(out, "zone = {}", q(&format_zone(offset_minutes)));
+                    let _ = writeln!(out, "zone = {}", q(&format_zone(zone)));
                 }
             }
             let _ = writeln!(out, "duration = {}", q(&format_duration(w.duration)));
@@ -729,7 +830,7 @@ impl AlertsConfig {
 mod tests {
     use super::*;
 
-    fn weekly(days: &[usize], minute: u32, offset: i32, hours: u64) -> Window {
+    fn weekly(days: &[usize], minute: u32, zone: Zone, hours: u64) -> Window {
         let mut d = [false; 7];
         for &i in days {
             d[i] = true;
@@ -740,39 +841,143 @@ mod tests {
             when: When::Weekly {
                 days: d,
                 minute,
-                offset_minutes: offset,
+                zone,
             },
             duration: Duration::from_secs(hours * 3600),
         }
     }
 
+    fn at(s: &str) -> i64 {
+        parse_rfc3339_ms(s).unwrap()
+    }
+
+    /// From the system tz database (tzdata; `scripts/setup` installs it).
+    fn berlin() -> Zone {
+        parse_zone("", "Europe/Berlin", jiff::tz::db()).expect("tzdata installed")
+    }
+
     #[test]
     fn weekly_windows_open_on_their_days_in_their_zone() {
         // 2026-11-29 is a Sunday (index 6).
-        let at = |s: &str| parse_rfc3339_ms(s).unwrap();
-        let w = weekly(&[6], 2 * 60, 0, 1);
+        let w = weekly(&[6], 2 * 60, Zone::Fixed(0), 1);
         assert!(!w.is_open(at("2026-11-29T01:59:59Z")));
         assert!(w.is_open(at("2026-11-29T02:00:00Z")));
         assert!(!w.is_open(at("2026-11-29T03:00:00Z")));
         assert!(!w.is_open(at("2026-11-30T02:30:00Z")), "Monday");
         // 02:00 at +02:00 is 00:00 UTC.
-        let w = weekly(&[6], 2 * 60, 120, 1);
+        let w = weekly(&[6], 2 * 60, Zone::Fixed(120), 1);
         assert!(w.is_open(at("2026-11-29T00:30:00Z")));
         assert!(!w.is_open(at("2026-11-29T02:30:00Z")));
         // Saturday 23:00 for 2h reaches into Sunday.
-        let w = weekly(&[5], 23 * 60, 0, 2);
+        let w = weekly(&[5], 23 * 60, Zone::Fixed(0), 2);
         assert!(w.is_open(at("2026-11-29T00:30:00Z")));
         assert!(!w.is_open(at("2026-11-29T01:00:00Z")));
     }
 
     #[test]
-    fn zones_are_utc_or_fixed_offsets() {
-        assert_eq!(zone_offset("", "UTC"), Ok(0));
-        assert_eq!(zone_offset("", "+02:00"), Ok(120));
-        assert_eq!(zone_offset("", "-05:30"), Ok(-330));
-        assert_eq!(format_zone(-330), "-05:30");
-        let e = zone_offset("x: ", "Europe/Berlin").unwrap_err();
-        assert!(e.contains("named time zones are not supported"), "{e}");
+    fn named_zones_follow_daylight_saving_time() {
+        // Sunday 02:00 in Berlin: 01:00 UTC in winter (CET), 00:00 UTC in summer (CEST).
+        let w = weekly(&[6], 2 * 60, berlin(), 1);
+        assert!(!w.is_open(at("2026-11-29T00:59:59Z")));
+        assert!(w.is_open(at("2026-11-29T01:00:00Z")));
+        assert!(!w.is_open(at("2026-11-29T02:00:00Z")));
+        assert!(w.is_open(at("2026-07-05T00:00:00Z")));
+        assert!(!w.is_open(at("2026-07-05T01:00:00Z")));
+        // Saturday 23:00 for 5 h on the night clocks go forward: 5 real hours, to 05:00 CEST.
+        let w = weekly(&[5], 23 * 60, berlin(), 5);
+        assert!(!w.is_open(at("2026-03-28T21:59:59Z")));
+        assert!(w.is_open(at("2026-03-28T22:00:00Z")));
+        assert!(w.is_open(at("2026-03-29T02:59:59Z")));
+        assert!(!w.is_open(at("2026-03-29T03:00:00Z")));
+    }
+
+    /// 2026-03-29: Berlin goes from 02:00 CET straight to 03:00 CEST, so 02:30 does not exist.
+    /// The window starts after the gap, at 03:30 CEST (01:30 UTC), and still lasts its hour.
+    #[test]
+    fn a_window_in_the_spring_forward_gap_starts_after_it() {
+        let w = weekly(&[6], 2 * 60 + 30, berlin(), 1);
+        assert!(!w.is_open(at("2026-03-29T00:30:00Z")), "not at 02:30 CET");
+        assert!(!w.is_open(at("2026-03-29T01:29:59Z")));
+        assert!(w.is_open(at("2026-03-29T01:30:00Z")));
+        assert!(w.is_open(at("2026-03-29T02:29:59Z")));
+        assert!(!w.is_open(at("2026-03-29T02:30:00Z")));
+        // The Sundays around it are ordinary: 02:30 CET, then 02:30 CEST.
+        assert!(w.is_open(at("2026-03-22T01:30:00Z")));
+        assert!(w.is_open(at("2026-04-05T00:30:00Z")));
+    }
+
+    /// 2026-10-25: Berlin goes back from 03:00 CEST to 02:00 CET, so 02:30 happens twice
+    /// (00:30 and 01:30 UTC). The window opens at the first and does not open again.
+    #[test]
+    fn a_window_in_the_fall_back_fold_opens_once_at_the_first() {
+        let w = weekly(&[6], 2 * 60 + 30, berlin(), 1);
+        assert!(!w.is_open(at("2026-10-25T00:29:59Z")));
+        assert!(w.is_open(at("2026-10-25T00:30:00Z")));
+        assert!(w.is_open(at("2026-10-25T01:29:59Z")));
+        assert!(
+            !w.is_open(at("2026-10-25T01:30:00Z")),
+            "not again at 02:30 CET"
+        );
+        assert!(!w.is_open(at("2026-10-25T02:00:00Z")));
+    }
+
+    #[test]
+    fn zones_are_utc_fixed_offsets_or_tz_database_names() {
+        let db = jiff::tz::db();
+        assert_eq!(parse_zone("", "UTC", db), Ok(Zone::Fixed(0)));
+        assert_eq!(parse_zone("", "+02:00", db), Ok(Zone::Fixed(120)));
+        assert_eq!(parse_zone("", "-05:30", db), Ok(Zone::Fixed(-330)));
+        assert_eq!(format_zone(&Zone::Fixed(-330)), "-05:30");
+        assert_eq!(format_zone(&Zone::Fixed(0)), "UTC");
+        let z = parse_zone("", "europe/berlin", db).unwrap();
+        assert_eq!(format_zone(&z), "Europe/Berlin", "the database's spelling");
+        assert_eq!(z, berlin());
+        for bad in ["Europe/Berln", "Etc/Unknown", "Berlin", ""] {
+            let e = parse_zone("x: ", bad, db).unwrap_err();
+            assert!(
+                e.starts_with(&format!(
+                    "x: zone {bad:?}: not a time zone of the tz database"
+                )),
+                "{e}"
+            );
+        }
+        let e = parse_zone("x: ", "+2", db).unwrap_err();
+        assert!(e.contains("expected a fixed offset like \"+02:00\""), "{e}");
+    }
+
+    /// No tzdata (or TZDIR naming an empty directory): a named zone is an error saying so,
+    /// never UTC; UTC and fixed offsets still work.
+    #[test]
+    fn a_missing_tz_database_is_an_error_not_utc() {
+        let none = jiff::tz::TimeZoneDatabase::none();
+        let dir =
+            std::env::temp_dir().join(format!("sitewatch-tz-{}", crate::util::new_check_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = jiff::tz::TimeZoneDatabase::from_dir(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        for db in [Some(&none), empty.as_ref().ok()].into_iter().flatten() {
+            let e = parse_zone("x: ", "Europe/Berlin", db).unwrap_err();
+            assert!(
+                e.contains("no time zone database found (install tzdata"),
+                "{e}"
+            );
+            assert_eq!(parse_zone("", "+01:00", db), Ok(Zone::Fixed(60)));
+            assert_eq!(parse_zone("", "UTC", db), Ok(Zone::Fixed(0)));
+        }
+    }
+
+    /// `check-config` prints the zone's name, which parses back to the same window.
+    #[test]
+    fn named_zones_round_trip_through_the_effective_config() {
+        let text = "[[alerts.maintenance]]\ndays = [\"sun\"]\ntime = \"02:30\"\n\
+                    zone = \"Europe/Berlin\"\nduration = \"1h\"\n";
+        let cfg = parse(text, &|_| None).unwrap();
+        let printed = cfg.effective();
+        assert!(printed.contains("zone = \"Europe/Berlin\""), "{printed}");
+        let again = parse(&printed, &|_| None).unwrap();
+        assert_eq!(again.alerts, cfg.alerts);
+        let w = &cfg.alerts.unwrap().maintenance[0];
+        assert!(w.is_open(at("2026-11-29T01:45:00Z")), "02:45 CET");
     }
 
     #[test]
@@ -906,8 +1111,9 @@ mod tests {
             "alerts.maintenance #1: give start",
         );
         check(
-            "[[alerts.maintenance]]\ndays = [\"sun\"]\nzone = \"Europe/Berlin\"\nduration = \"1h\"\n",
-            "named time zones are not supported yet",
+            "[[alerts.maintenance]]\ndays = [\"sun\"]\nzone = \"Europe/Berln\"\nduration = \"1h\"\n",
+            "agent.toml: line 3, column 8: alerts.maintenance: zone \"Europe/Berln\": \
+             not a time zone of the tz database",
         );
         check(
             "[[alerts.maintenance]]\ndays = [\"sun\"]\ntime = \"25:00\"\nduration = \"1h\"\n",

@@ -24,14 +24,27 @@
 //!   sink's batches. Per channel, events go out in id order (a resolve never overtakes its
 //!   trigger): the first pending delivery is leased (`lease_until`), sent, and marked
 //!   delivered; a failure keeps it pending with a backoff (`backoff.rs`, 500 ms doubling to
-//!   60 s) and the channel shows as failing in the STATUS line and the `alert_channels` view.
-//!   A 4xx answer other than 408/429 is permanent: marked `failed`, and the channel moves on.
+//!   30 s) and the channel shows as failing in the STATUS line and the `alert_channels` view.
+//!   A 4xx answer other than 408/425/429 is permanent: marked `failed` (status and the start
+//!   of the answer), and the channel moves on; 408/425/429, 5xx and no answer keep the order.
 //!   At least once: a sink killed after sending but before marking is retried once the lease
 //!   (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
 //!   incident) makes its retries harmless too.
-//! - **Time zones**: maintenance windows are one-off (RFC 3339) or weekly in UTC or a fixed
-//!   offset (`+02:00`). Named zones need the tz database and DST rules (a crate such as
-//!   chrono-tz adds ~1 MB); refused with a clear message for now.
+//! - **Removed channels**: deliveries are written only for configured channels, so a channel
+//!   removed from the config would leave its pending ones pending for ever (blocking their
+//!   events' retention, and looking like work to do). The sink's first maintenance pass marks
+//!   them `abandoned` with the reason and logs the count per channel. Decided at start, from
+//!   this sink's config: sinks share one config, and during a rolling change a sink still on
+//!   the old one only loses deliveries it could have sent late. Not revived if the channel
+//!   comes back: an old page is noise by then (an `UPDATE` revives them by hand).
+//! - **Time zones**: maintenance windows are one-off (RFC 3339) or weekly in UTC, a fixed
+//!   offset (`+02:00`) or a named zone (`Europe/Berlin`). Named zones come from the system tz
+//!   database (`/usr/share/zoneinfo`, Debian's tzdata, or `$TZDIR`) through jiff, read when the
+//!   config is loaded; nothing is bundled (a bundled copy would grow the binary and go stale
+//!   between our releases). An unknown zone, or no database, is a config error with its line,
+//!   never a silent UTC. A start time a DST change skips or repeats takes jiff's "compatible"
+//!   reading: after the gap (02:30 on spring-forward day starts at 03:30), the first of the
+//!   fold; the duration is real time.
 
 #[cfg(feature = "alerts")]
 pub mod config;

@@ -55,6 +55,37 @@ const RETRY: &str = "UPDATE alert_deliveries SET lease_until = NULL, last_status
      last_error = $4, next_attempt = now() + ($5::float8 * interval '1 millisecond') \
      WHERE event_id = $1 AND channel = $2";
 
+/// What a delivery to a channel that is no longer configured says in `last_error`.
+pub const ABANDONED_REASON: &str = "channel no longer configured";
+
+/// Ends the pending deliveries of channels the config no longer has: nobody would ever send
+/// them, and pending for ever they would keep their events from retention and show as work
+/// still to do. Per channel, how many.
+const ABANDON: &str = "WITH gone AS ( \
+       UPDATE alert_deliveries SET state = 'abandoned', lease_until = NULL, last_error = $2 \
+       WHERE state = 'pending' AND NOT (channel = ANY($1)) RETURNING channel) \
+     SELECT channel, count(*) FROM gone GROUP BY channel ORDER BY channel";
+
+/// Marks the pending deliveries of every channel not in `cfg` as `abandoned` (with
+/// [`ABANDONED_REASON`]) and logs how many per channel. Run by the sink once at start, when
+/// the database first answers (see `sink::consume`).
+pub fn abandon_removed_channels(
+    c: &mut Client,
+    cfg: &AlertsConfig,
+) -> Result<Vec<(String, i64)>, SinkError> {
+    let names: Vec<&str> = cfg.channels.iter().map(|ch| ch.name.as_str()).collect();
+    let gone: Vec<(String, i64)> = (c.query(ABANDON, &[&names, &ABANDONED_REASON])?.iter())
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (channel, n) in &gone {
+        let what = if *n == 1 { "delivery" } else { "deliveries" };
+        // A channel's name is not a secret; its URL and keys are gone with its config.
+        log::warn!(target: "sitewatch::alerts",
+            "alert channel {channel:?} is no longer configured: {n} pending {what} abandoned");
+    }
+    Ok(gone)
+}
+
 /// Why one delivery failed.
 #[derive(Debug)]
 pub enum DeliveryError {
@@ -63,8 +94,7 @@ pub enum DeliveryError {
         message: String,
         source: ureq::Error,
     },
-    /// An answer that is not 2xx. `permanent`: a 4xx other than 408/429, which a retry of the
-    /// same request cannot fix.
+    /// An answer that is not 2xx. `permanent`: see [`is_permanent`].
     Status {
         status: u16,
         body: String,
@@ -342,6 +372,29 @@ pub fn send(agent: &ureq::Agent, ch: &Channel, ev: &Event) -> Result<u16, Delive
     Err(DeliveryError::Status {
         status,
         body: text.trim().chars().take(200).collect(),
-        permanent: (400..500).contains(&status) && status != 408 && status != 429,
+        permanent: is_permanent(status),
     })
+}
+
+/// Whether an answer refuses this request for good, so that retrying it would only hold back
+/// the channel's later events (a channel delivers in order): a 4xx, which says the request is
+/// wrong, except the ones that say "not now" — 408 Request Timeout, 425 Too Early, 429 Too
+/// Many Requests. 5xx and anything else (3xx not followed) are retried with backoff.
+pub fn is_permanent(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 408 | 425 | 429)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_permanent;
+
+    #[test]
+    fn client_errors_are_permanent_except_the_ones_that_mean_not_now() {
+        for status in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(is_permanent(status), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504, 301, 302] {
+            assert!(!is_permanent(status), "{status}");
+        }
+    }
 }

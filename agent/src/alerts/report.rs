@@ -74,26 +74,31 @@ pub fn report(cfg: &Config) -> Result<String, SinkError> {
         .collect();
     let recent: Vec<Vec<String>> = c
         .query(
-            "SELECT id, created_at, target, kind, reason, delivered, pending, failed \
+            "SELECT id, created_at, target, kind, reason, delivered, pending, failed, abandoned \
              FROM alert_history LIMIT $1",
             &[&RECENT],
         )?
         .iter()
         .map(|r| {
-            let (d, p, f): (i64, i64, i64) = (r.get(5), r.get(6), r.get(7));
+            let (d, p, f, a): (i64, i64, i64, i64) = (r.get(5), r.get(6), r.get(7), r.get(8));
+            // Abandoned (a channel removed from the config) is rare: said only when it happened.
+            let a = match a {
+                0 => String::new(),
+                a => format!(", {a} abandoned"),
+            };
             vec![
                 r.get::<_, i64>(0).to_string(),
                 time(r.get(1)),
                 r.get(2),
                 r.get(3),
-                format!("{d} delivered, {p} pending, {f} failed"),
+                format!("{d} delivered, {p} pending, {f} failed{a}"),
                 r.get(4),
             ]
         })
         .collect();
     let channels: Vec<Vec<String>> = c
         .query(
-            "SELECT channel, pending, delivered, failed, last_delivered, last_error \
+            "SELECT channel, pending, delivered, failed, abandoned, last_delivered, last_error \
              FROM alert_channels ORDER BY channel",
             &[],
         )?
@@ -104,8 +109,9 @@ pub fn report(cfg: &Config) -> Result<String, SinkError> {
                 r.get::<_, i64>(1).to_string(),
                 r.get::<_, i64>(2).to_string(),
                 r.get::<_, i64>(3).to_string(),
-                time(r.get(4)),
-                r.get::<_, Option<String>>(5).unwrap_or_default(),
+                r.get::<_, i64>(4).to_string(),
+                time(r.get(5)),
+                r.get::<_, Option<String>>(6).unwrap_or_default(),
             ]
         })
         .collect();
@@ -119,6 +125,7 @@ pub fn report(cfg: &Config) -> Result<String, SinkError> {
         "PENDING",
         "DELIVERED",
         "FAILED",
+        "ABANDONED",
         "LAST DELIVERED",
         "LAST ERROR",
     ];

@@ -208,6 +208,8 @@ impl Sink {
             health: health.clone(),
             worker_beats: BTreeMap::new(),
             alerts: alerts.clone(),
+            #[cfg(feature = "alerts")]
+            removed_channels_checked: std::cell::Cell::new(false),
         };
         #[cfg(feature = "alerts")]
         let notifier = match &alerts {
@@ -311,6 +313,9 @@ struct Coordinator {
     /// One heartbeat per partition ever owned, reused when a partition comes back.
     worker_beats: BTreeMap<i32, Heartbeat>,
     alerts: Option<Arc<crate::alerts::AlertsConfig>>,
+    /// Whether `maintain` has ended the deliveries of removed alert channels since start.
+    #[cfg(feature = "alerts")]
+    removed_channels_checked: std::cell::Cell<bool>,
 }
 
 impl Coordinator {
@@ -468,6 +473,15 @@ impl Coordinator {
 
     fn maintain(&self) -> Result<(), SinkError> {
         let mut client = db::connect(&self.pg, "sitewatch sink maintenance")?;
+        // Once per start, on the first pass that reaches the database: the pending deliveries
+        // of alert channels removed from the config end as `abandoned`.
+        #[cfg(feature = "alerts")]
+        if let Some(a) = &self.alerts
+            && !self.removed_channels_checked.get()
+        {
+            crate::alerts::notify::abandon_removed_channels(&mut client, a)?;
+            self.removed_channels_checked.set(true);
+        }
         let done = schema::maintain(
             &mut client,
             self.pg.retention,
