@@ -284,11 +284,15 @@ const UPSERT_STATES: &str = "INSERT INTO alert_state (target, state, fails, oks,
      alerted = EXCLUDED.alerted, muted = EXCLUDED.muted, last_event = EXCLUDED.last_event, \
      reason = EXCLUDED.reason";
 
-const INSERT_EVENT: &str = "INSERT INTO alert_events (key, target, url, kind, state, previous, \
-     reason, incident, check_id, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id";
-
-const INSERT_DELIVERIES: &str =
-    "INSERT INTO alert_deliveries (event_id, channel) SELECT $1, unnest($2::text[])";
+/// Every event of a batch and one pending delivery per channel, in one statement: the ids
+/// follow the drafts' order (decided per target in time order), so a channel sends them in
+/// that order.
+const INSERT_EVENTS: &str = "WITH e AS (INSERT INTO alert_events (key, target, url, kind, state, \
+     previous, reason, incident, check_id, at) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+     $7::text[], $8::text[], $9::text[], $10::timestamptz[]) RETURNING id) \
+     INSERT INTO alert_deliveries (event_id, channel) \
+     SELECT e.id, c.name FROM e CROSS JOIN unnest($11::text[]) AS c(name)";
 
 fn ms_of(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
@@ -328,7 +332,8 @@ impl Evaluator {
 
     /// Applies the checks this transaction inserted in time order per target, writes the
     /// changed states and one outbox event (with a pending delivery per channel) per
-    /// transition. Returns the number of events.
+    /// transition. Returns the number of events: when there are any, call [`wake`] once
+    /// the transaction committed.
     pub fn evaluate(
         &self,
         tx: &mut Transaction,
@@ -367,31 +372,41 @@ impl Evaluator {
         if !dirty.is_empty() {
             store(tx, &dirty, &states)?;
         }
-        for (d, r, t) in &drafts {
-            let row = tx.query_one(
-                INSERT_EVENT,
-                &[
-                    &crate::util::new_check_id(),
-                    &r.target,
-                    &r.url,
-                    &d.kind,
-                    &d.state.as_str(),
-                    &d.previous.as_str(),
-                    &d.reason,
-                    &d.incident,
-                    &r.check_id,
-                    &system_time(*t),
-                ],
-            )?;
-            let id: i64 = row.get(0);
-            let channels: Vec<&str> = self.cfg.channels.iter().map(|c| c.name.as_str()).collect();
-            tx.execute(INSERT_DELIVERIES, &[&id, &channels])?;
-        }
         if !drafts.is_empty() {
-            // Wakes the notifiers when this transaction commits (NOTIFY is transactional).
-            tx.execute("SELECT pg_notify('sitewatch_alerts', '')", &[])?;
+            self.insert_events(tx, &drafts)?;
         }
         Ok(drafts.len() as u64)
+    }
+
+    /// Writes the batch's events and their deliveries (one statement, whatever their number:
+    /// a statement per event cost the sink a round trip each).
+    fn insert_events<'a>(
+        &self,
+        tx: &mut Transaction,
+        drafts: &'a [(Draft, &'a CheckResult, i64)],
+    ) -> Result<(), postgres::Error> {
+        let keys: Vec<String> = drafts.iter().map(|_| crate::util::new_check_id()).collect();
+        let col = |f: fn(&'a (Draft, &'a CheckResult, i64)) -> &'a str| -> Vec<&'a str> {
+            drafts.iter().map(f).collect()
+        };
+        let targets = col(|(_, r, _)| &r.target);
+        let urls = col(|(_, r, _)| &r.url);
+        let kinds = col(|(d, _, _)| d.kind);
+        let states = col(|(d, _, _)| d.state.as_str());
+        let previous = col(|(d, _, _)| d.previous.as_str());
+        let reasons = col(|(d, _, _)| &d.reason);
+        let incidents = col(|(d, _, _)| &d.incident);
+        let check_ids = col(|(_, r, _)| &r.check_id);
+        let at: Vec<SystemTime> = drafts.iter().map(|(_, _, t)| system_time(*t)).collect();
+        let channels: Vec<&str> = self.cfg.channels.iter().map(|c| c.name.as_str()).collect();
+        tx.execute(
+            INSERT_EVENTS,
+            &[
+                &keys, &targets, &urls, &kinds, &states, &previous, &reasons, &incidents,
+                &check_ids, &at, &channels,
+            ],
+        )?;
+        Ok(())
     }
 
     /// Why an alert for `target` must not be created at `t_ms`, if it must not.
@@ -458,6 +473,17 @@ impl Evaluator {
         }
         Ok(out)
     }
+}
+
+/// Wakes the notifiers once a batch with events committed. Not inside the batch transaction:
+/// PostgreSQL serializes the commits of transactions that NOTIFY (one lock, held through
+/// their WAL flush), which queued the partitions' writers behind each other. This one waits
+/// for no flush. A wake-up that fails, or never comes because the sink died right after its
+/// commit, only delays the delivery to the notifier's next look (within 500 ms).
+pub fn wake(client: &mut postgres::Client) -> Result<(), postgres::Error> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off; NOTIFY sitewatch_alerts")?;
+    tx.commit()
 }
 
 fn load(
