@@ -964,3 +964,41 @@ fn the_quorum_of_locations_decides_the_target_state_and_a_silent_one_does_not_co
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
 }
+
+/// A target that goes down inside a maintenance window (no event) and is still failing after
+/// the window closed: its down event goes out at the first failing check after the window,
+/// once, saying it was held back; a target that recovered within the window sends nothing.
+#[test]
+fn a_target_still_down_when_its_maintenance_window_ends_alerts_then() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let now = sitewatch::util::unix_ms_now();
+    // Open from 2 h ago to 1 h ago.
+    let extra = format!(
+        "[[alerts.maintenance]]\ntargets = [\"late\", \"fixed\"]\nstart = \"{}\"\nduration = \"1h\"\n",
+        sitewatch::util::format_rfc3339_ms(now - 7_200_000)
+    );
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", &extra), &r);
+    let mut records = checks("late", &[false; 4], 5_400_000);
+    records.extend(checks("late", &[false; 2], 1_800_000));
+    records.extend(checks(
+        "fixed",
+        &[false, false, false, true, true],
+        5_400_000,
+    ));
+    records.extend(checks("fixed", &[true; 2], 1_800_000));
+    p.produce(&records);
+    wait_requests(&r.hook, 1, "the held-back down event at the webhook");
+    p.wait_offsets_at_end();
+    let got = events(&p);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str()), ("late", "down"));
+    assert!(
+        got[0].2.ends_with("(held back until now: maintenance)"),
+        "{}",
+        got[0].2
+    );
+    check_webhook(&r.hook.requests()[0], "late", "down");
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}

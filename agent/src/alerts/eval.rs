@@ -404,6 +404,12 @@ impl Target {
             return None;
         }
         let (fails, oks, slows) = (seen.fails, seen.oks, seen.slows);
+        // This check itself was bad (a failure; for degraded, not a good one).
+        let bad_now = match seen.health {
+            Health::Down => fails > 0,
+            Health::Degraded => oks == 0,
+            Health::Up => false,
+        };
         let v = verdict(&self.locations, here, q, t_ms);
         let located = self.located();
         let names = match v.health {
@@ -455,7 +461,10 @@ impl Target {
                 if health == Health::Down {
                     st.reason = Some(reason);
                 }
-                reminder(st, p, t_ms)
+                match st.muted.is_some() && bad_now {
+                    true => unmuted(st, t_ms, muted),
+                    false => reminder(st, p, t_ms),
+                }
             }
         };
         (st.fails, st.oks, st.slows) = (fails, oks, slows);
@@ -492,6 +501,32 @@ fn reminder(st: &mut State, p: &Policy, t_ms: i64) -> Option<Draft> {
         previous: st.health,
         state: st.health,
         reason: st.reason.clone().unwrap_or_default(),
+        incident: st.incident.clone().unwrap_or_default(),
+        locations: Vec::new(),
+    })
+}
+
+/// An episode entered while muted (a maintenance window, a parent down) that is still bad at
+/// a check once nothing mutes it: its event goes out then, and so its resolve later. Uptime
+/// Kuma alerts a monitor still down when its maintenance ends, and a muted start must not hide
+/// an outage that outlives the window. An episode alerted before a window opened is not muted,
+/// so it is not alerted again when the window closes (what Kuma's users ask for, #7148).
+fn unmuted(st: &mut State, t_ms: i64, muted: &dyn Fn() -> Option<String>) -> Option<Draft> {
+    if let Some(why) = muted() {
+        st.muted = Some(why);
+        return None;
+    }
+    let was = st.muted.take().unwrap_or_default();
+    st.alerted = true;
+    st.last_event_ms = Some(t_ms);
+    Some(Draft {
+        kind: st.health.as_str(),
+        previous: Health::Up,
+        state: st.health,
+        reason: format!(
+            "{} (held back until now: {was})",
+            st.reason.as_deref().unwrap_or_default()
+        ),
         incident: st.incident.clone().unwrap_or_default(),
         locations: Vec::new(),
     })
@@ -1062,6 +1097,28 @@ mod tests {
         assert_eq!(tg.state.muted.as_deref(), Some("m"));
         assert!(run(&mut tg, &p, &[ok.clone(), ok.clone()], false).is_empty());
         assert_eq!(tg.state.health, Health::Up);
+    }
+
+    #[test]
+    fn an_episode_muted_at_its_start_alerts_when_unmuted_while_still_down() {
+        let p = policy();
+        let (ok, bad) = (check(true, 10.0, None), check(false, 10.0, None));
+        let mut tg = Target::new(0);
+        assert!(run(&mut tg, &p, &[bad.clone(), bad.clone(), bad.clone()], true).is_empty());
+        assert!(run(&mut tg, &p, std::slice::from_ref(&bad), true).is_empty());
+        let got: Vec<Draft> = [&bad, &bad]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| tg.step(&p, Quorum::ONE, r, 10 + i as i64, &|| None))
+            .collect();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].kind, got[0].previous), ("down", Health::Up));
+        assert_eq!(got[0].reason, "connect: refused (held back until now: m)");
+        assert!(tg.state.alerted && tg.state.muted.is_none());
+        assert_eq!(
+            run(&mut tg, &p, &[ok.clone(), ok.clone()], false),
+            ["resolved"]
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //!   (`muted`: `maintenance`, `depends_on X (down)`). Maintenance is not a state of its own: a
 //!   target keeps being judged during a window (so the state is right when it closes), only the
 //!   alert is not created; `open_alerts` shows it as muted. A state entered while muted stays
-//!   unalerted (no trigger, and so no resolve) until it ends.
+//!   unalerted (no trigger, and so no resolve) while muted; if it is still bad at a check once
+//!   nothing mutes it (the window closed, the parent is up again), its event goes out then.
 //! - **Locations** (`alert_locations`, [`eval`]): with agents in several locations each
 //!   location's checks of a target decide that location's health alone, and the target's
 //!   state follows the quorum (`[alerts] quorum` of the locations whose latest check is within
