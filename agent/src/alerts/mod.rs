@@ -26,7 +26,8 @@
 //!   level crossed is its own event. Back to up after `success_threshold` good checks.
 //! - **Outbox** (`alert_events`, `alert_deliveries`): one event per transition with a UUIDv7
 //!   key (the receivers' idempotency key), and one delivery row per configured channel, written
-//!   in the same transaction. `NOTIFY sitewatch_alerts` wakes the notifiers at commit.
+//!   in the same transaction. `NOTIFY sitewatch_alerts`, sent by the writer right after that
+//!   commit in a transaction of its own, wakes the notifiers (see `eval::wake`).
 //! - **Delivery** ([`notify`]): one thread per channel in the sink process, with its own
 //!   PostgreSQL connection, so a channel that hangs or fails delays only itself and never the
 //!   sink's batches. Per channel, events go out in id order (a resolve never overtakes its

@@ -204,8 +204,8 @@ impl ChannelWorker {
                 Ok(true) => db_backoff.reset(),
                 Ok(false) => {
                     db_backoff.reset();
-                    // Woken by the evaluator's NOTIFY at commit, or looks again soon (a
-                    // retry that became due).
+                    // Woken by the writer's NOTIFY after a batch with events, or looks
+                    // again soon (a retry that became due, a wake-up that was lost).
                     let _ = c.notifications().timeout_iter(IDLE_WAIT).next();
                 }
                 Err(e) => {
