@@ -432,5 +432,26 @@ SET tags = COALESCE((SELECT c.tags FROM checks c WHERE c.target = t.id
                      ORDER BY c.started_at DESC LIMIT 1), '{}')
 WHERE t.tags IS NULL;
 CREATE INDEX IF NOT EXISTS targets_tags ON targets USING gin (tags);
-
 INSERT INTO sitewatch_schema (version) VALUES (5) ON CONFLICT (version) DO NOTHING;
+
+-- Version 6: alert state per location (`[alerts] quorum`). Each location that checks a target
+-- has its own health here, decided by the thresholds from its checks alone; the target's row
+-- of alert_state follows the quorum of the locations that count (see sitewatch::alerts::eval).
+-- A target checked only by agents without a location has no rows here: its one location is
+-- its alert_state row, as before. location '' stands for records without one.
+CREATE TABLE IF NOT EXISTS alert_locations (
+    target     text        NOT NULL,
+    location   text        NOT NULL,
+    state      text        NOT NULL,            -- up, down, degraded (as this location sees it)
+    fails      integer     NOT NULL DEFAULT 0,
+    oks        integer     NOT NULL DEFAULT 0,
+    slows      integer     NOT NULL DEFAULT 0,
+    cert_level integer,
+    since      timestamptz NOT NULL,
+    last_check timestamptz NOT NULL,            -- whether the location counts depends on it
+    reason     text,
+    PRIMARY KEY (target, location)
+);
+-- The named locations that saw the target down (degraded) when the event was decided.
+ALTER TABLE alert_events ADD COLUMN IF NOT EXISTS locations text[] NOT NULL DEFAULT '{}';
+INSERT INTO sitewatch_schema (version) VALUES (6) ON CONFLICT (version) DO NOTHING;

@@ -1103,3 +1103,139 @@ fn a_permanently_refused_event_is_failed_and_the_channel_moves_on() {
     shutdown.trigger();
     sink.join().expect("sink stops cleanly");
 }
+
+/// Checks of `target` from `location`, failing or not, 1 s apart, the last `end_ago_ms` ago.
+fn located(target: &str, location: &str, pattern: &[bool], end_ago_ms: i64) -> Vec<CheckResult> {
+    let mut list = checks(target, pattern, end_ago_ms);
+    for c in &mut list {
+        c.location = Some(location.into());
+    }
+    list
+}
+
+/// (kind, reason, locations) of `target`'s outbox events, oldest first.
+fn located_events(p: &Pipeline, target: &str) -> Vec<(String, String, Vec<String>)> {
+    let mut c = p.db.client();
+    c.query(
+        "SELECT kind, reason, locations FROM alert_events WHERE target = $1 ORDER BY id",
+        &[&target],
+    )
+    .expect("events")
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2)))
+    .collect()
+}
+
+/// Issue 14 with issue 16: three locations check one target and `[alerts] quorum = 2`. One
+/// location seeing it down creates no event; two do: one down event naming both; recovery:
+/// one resolve. A location that went silent (no check within `quorum_settings.fresh_for`)
+/// does not count, even though its last word was "down".
+#[test]
+fn the_quorum_of_locations_decides_the_target_state_and_a_silent_one_does_not_count() {
+    let p = Pipeline::new(2);
+    p.db.client()
+        .batch_execute("UPDATE quorum_settings SET fresh_for = '20 seconds'")
+        .expect("fresh_for");
+    let r = Receivers::start();
+    let (sink, shutdown) = start_sink(&p, &alerts_text("quorum = 2", ""), &r);
+    // "web": a fails three times while b and c answer (checks 200..192 s ago, interleaved).
+    let mut first = located("web", "a", &[false; 3], 192_000);
+    first.extend(located("web", "b", &[true; 3], 192_300));
+    first.extend(located("web", "c", &[true; 3], 192_600));
+    // "quiet": a fails three times, then says nothing more; 60 s later b fails three times.
+    first.extend(located("quiet", "a", &[false; 3], 190_000));
+    first.extend(located("quiet", "b", &[true; 3], 190_300));
+    first.extend(located("quiet", "c", &[true; 3], 190_600));
+    first.extend(located("quiet", "b", &[false; 3], 130_000));
+    first.extend(located("quiet", "c", &[true; 3], 130_300));
+    p.produce(&first);
+    p.wait_offsets_at_end();
+    assert_eq!(located_events(&p, "web"), [], "one location of three");
+    assert_eq!(
+        located_events(&p, "quiet"),
+        [],
+        "a silent location does not count"
+    );
+    let mut c = p.db.client();
+    let seen: Vec<(String, String)> = c
+        .query(
+            "SELECT location, state FROM alert_locations WHERE target = 'quiet' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [("a", "down"), ("b", "down"), ("c", "up")].map(|(l, s)| (l.into(), s.into()));
+    assert_eq!(seen, want, "each location's own state");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM open_alerts"), 0);
+    // b fails too, while a still does: down, once, naming a and b.
+    let mut second = located("web", "a", &[false; 3], 182_000);
+    second.extend(located("web", "b", &[false; 3], 182_300));
+    second.extend(located("web", "c", &[true; 3], 182_600));
+    p.produce(&second);
+    wait_requests(&r.hook, 1, "the down event at the webhook");
+    let got = located_events(&p, "web");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "down");
+    assert!(
+        got[0]
+            .1
+            .starts_with("down in a, b (2 of 3 locations, quorum 2): "),
+        "{}",
+        got[0].1
+    );
+    assert_eq!(got[0].2, ["a", "b"]);
+    check_webhook(&r.hook.requests()[0], "web", "down");
+    // Both answer again: one resolve.
+    let mut third = located("web", "a", &[true; 2], 172_000);
+    third.extend(located("web", "b", &[true; 2], 172_300));
+    third.extend(located("web", "c", &[true; 2], 172_600));
+    p.produce(&third);
+    wait_requests(&r.hook, 2, "the resolve at the webhook");
+    p.wait_offsets_at_end();
+    let kinds: Vec<String> = located_events(&p, "web").into_iter().map(|e| e.0).collect();
+    assert_eq!(kinds, ["down", "resolved"]);
+    check_webhook(&r.hook.requests()[1], "web", "resolved");
+    assert_eq!(located_events(&p, "quiet"), []);
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
+/// A target that goes down inside a maintenance window (no event) and is still failing after
+/// the window closed: its down event goes out at the first failing check after the window,
+/// once, saying it was held back; a target that recovered within the window sends nothing.
+#[test]
+fn a_target_still_down_when_its_maintenance_window_ends_alerts_then() {
+    let p = Pipeline::new(1);
+    let r = Receivers::start();
+    let now = sitewatch::util::unix_ms_now();
+    // Open from 2 h ago to 1 h ago.
+    let extra = format!(
+        "[[alerts.maintenance]]\ntargets = [\"late\", \"fixed\"]\nstart = \"{}\"\nduration = \"1h\"\n",
+        sitewatch::util::format_rfc3339_ms(now - 7_200_000)
+    );
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", &extra), &r);
+    let mut records = checks("late", &[false; 4], 5_400_000);
+    records.extend(checks("late", &[false; 2], 1_800_000));
+    records.extend(checks(
+        "fixed",
+        &[false, false, false, true, true],
+        5_400_000,
+    ));
+    records.extend(checks("fixed", &[true; 2], 1_800_000));
+    p.produce(&records);
+    wait_requests(&r.hook, 1, "the held-back down event at the webhook");
+    p.wait_offsets_at_end();
+    let got = events(&p);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str()), ("late", "down"));
+    assert!(
+        got[0].2.ends_with("(held back until now: maintenance)"),
+        "{}",
+        got[0].2
+    );
+    check_webhook(&r.hook.requests()[0], "late", "down");
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}

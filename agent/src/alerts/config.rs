@@ -38,6 +38,8 @@ pub struct RawAlerts {
     /// A duration, or "off".
     pub latency_budget: Option<String>,
     pub cert_expiry_days: Option<Vec<u32>>,
+    /// How many locations must see a target down (see `eval`).
+    pub quorum: Option<u32>,
     #[serde(default, rename = "channel")]
     pub channels: Vec<RawChannel>,
     #[serde(default, rename = "override")]
@@ -317,6 +319,9 @@ fn weekly_open_in(
 #[derive(Debug, Clone, PartialEq)]
 pub struct AlertsConfig {
     pub defaults: Policy,
+    /// A target is down (degraded) when at least this many of the locations that count see it
+    /// so; 1 (the default): any one, which is the only one for agents without a location.
+    pub quorum: u32,
     pub channels: Vec<Channel>,
     pub overrides: Vec<Override>,
     pub maintenance: Vec<Window>,
@@ -402,6 +407,7 @@ pub fn validate(raw: &RawAlerts, cx: &Ctx) -> Result<AlertsConfig, String> {
         .collect::<Result<Vec<_>, _>>()?;
     Ok(AlertsConfig {
         defaults,
+        quorum: threshold(ctx, "quorum", raw.quorum)?.unwrap_or(1),
         channels,
         overrides,
         maintenance,
@@ -753,6 +759,7 @@ impl AlertsConfig {
         let _ = writeln!(out, "send_resolved = {}", p.send_resolved);
         let _ = writeln!(out, "latency_budget = {}", q(&off_or(p.latency_budget)));
         let _ = writeln!(out, "cert_expiry_days = {}", days_list(&p.cert_expiry_days));
+        let _ = writeln!(out, "quorum = {}", self.quorum);
         for c in &self.channels {
             let _ = writeln!(out, "\n[[alerts.channel]]");
             let _ = writeln!(out, "name = {}", q(&c.name));
@@ -992,6 +999,7 @@ mod tests {
                 cert_expiry_days: vec![21, 14, 7],
                 depends_on: None,
             },
+            quorum: 1,
             channels: vec![],
             overrides: vec![
                 Override {

@@ -12,13 +12,22 @@
 //!   (`muted`: `maintenance`, `depends_on X (down)`). Maintenance is not a state of its own: a
 //!   target keeps being judged during a window (so the state is right when it closes), only the
 //!   alert is not created; `open_alerts` shows it as muted. A state entered while muted stays
-//!   unalerted (no trigger, and so no resolve) until it ends.
+//!   unalerted (no trigger, and so no resolve) while muted; if it is still bad at a check once
+//!   nothing mutes it (the window closed, the parent is up again), its event goes out then.
+//! - **Locations** (`alert_locations`, [`eval`]): with agents in several locations each
+//!   location's checks of a target decide that location's health alone, and the target's
+//!   state follows the quorum (`[alerts] quorum` of the locations whose latest check is within
+//!   `quorum_settings.fresh_for` of the check judged: the `target_quorum` view's window, on
+//!   record time so a re-read batch decides the same). One event per target transition, naming
+//!   the locations. The record key is the target id, so one partition holds every location's
+//!   checks of a target and one sink decides. One location (or none): as before.
 //! - **Degraded**: `failure_threshold` checks in a row over `latency_budget` (one slow check
 //!   is not news), or a certificate within a warning level of `cert_expiry_days`: each lower
 //!   level crossed is its own event. Back to up after `success_threshold` good checks.
 //! - **Outbox** (`alert_events`, `alert_deliveries`): one event per transition with a UUIDv7
 //!   key (the receivers' idempotency key), and one delivery row per configured channel, written
-//!   in the same transaction. `NOTIFY sitewatch_alerts` wakes the notifiers at commit.
+//!   in the same transaction. `NOTIFY sitewatch_alerts`, sent by the writer right after that
+//!   commit in a transaction of its own, wakes the notifiers (see `eval::wake`).
 //! - **Delivery** ([`notify`]): one thread per channel in the sink process, with its own
 //!   PostgreSQL connection, so a channel that hangs or fails delays only itself and never the
 //!   sink's batches. Per channel, events go out in id order (a resolve never overtakes its

@@ -13,7 +13,7 @@ use crate::util::format_rfc3339_ms;
 pub const SCHEMA_SQL: &str = include_str!("../../../schema.sql");
 
 /// The schema version `schema.sql` records; the sink refuses an older database.
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Partitions are created this many days ahead of today (UTC), so a day's first records never
 /// wait for DDL.
@@ -60,7 +60,13 @@ pub fn require(client: &mut Client, url: &str) -> Result<(), SinkError> {
 /// sitewatch with alerts). Checked only when `[alerts]` is configured, so an older database
 /// keeps working for a sink without alerts.
 pub fn require_alerts(client: &mut Client, url: &str) -> Result<(), SinkError> {
-    if !tables_exist(client, &["alert_state", "alert_events", "alert_deliveries"])? {
+    let tables = [
+        "alert_state",
+        "alert_locations",
+        "alert_events",
+        "alert_deliveries",
+    ];
+    if !tables_exist(client, &tables)? {
         return Err(SinkError::SchemaMissing {
             url: url.to_string(),
         });

@@ -617,16 +617,29 @@ impl Writer {
             fresh.iter().map(|r| Sample::of(&r.record, r.started_ms)),
         )?;
         #[cfg(feature = "alerts")]
-        if let Some(alerts) = &self.alerts {
-            let checks: Vec<crate::alerts::eval::Landed> = (fresh.iter())
-                .map(|r| crate::alerts::eval::Landed {
-                    record: &r.record,
-                    started_ms: r.started_ms,
-                })
-                .collect();
-            alerts.evaluate(&mut tx, &checks)?;
-        }
+        let events = match &self.alerts {
+            Some(alerts) => {
+                let checks: Vec<crate::alerts::eval::Landed> = (fresh.iter())
+                    .map(|r| crate::alerts::eval::Landed {
+                        record: &r.record,
+                        started_ms: r.started_ms,
+                    })
+                    .collect();
+                alerts.evaluate(&mut tx, &checks)?
+            }
+            None => 0,
+        };
         tx.commit()?;
+        #[cfg(feature = "alerts")]
+        if events > 0
+            && let Err(e) = crate::alerts::eval::wake(&mut self.client)
+        {
+            log::warn!(
+                target: "sitewatch::sink",
+                "{}/{}: waking the alert notifiers: {e} (they look again within 500 ms)",
+                self.prepared.topic, self.prepared.partition
+            );
+        }
         let inserted = fresh.len() as u64;
         Ok(BatchOutcome {
             inserted,
