@@ -119,9 +119,7 @@ impl ProbeEndpoint {
 impl Setup {
     fn of(cfg: &Config, prober: Arc<Prober>) -> Option<Setup> {
         let metrics = cfg.metrics.clone()?;
-        let default = Target {
-            id: DEFAULT_MODULE.into(),
-            url: String::new(),
+        let spec = crate::config::TargetSpec {
             method: "GET",
             headers: Vec::new(),
             body: None,
@@ -139,6 +137,11 @@ impl Setup {
             tls_ca_file: None,
             tls_insecure: false,
             tags: Vec::new(),
+        };
+        let default = Target {
+            id: DEFAULT_MODULE.into(),
+            url: String::new(),
+            spec: Arc::new(spec),
         };
         Some(Setup {
             prober,
