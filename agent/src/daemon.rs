@@ -336,7 +336,7 @@ fn run_agent(
 /// The rule files the targets of `cfg` (and its `/probe` modules) name.
 pub fn rule_names(cfg: &Config) -> Vec<&str> {
     let modules = cfg.metrics.iter().flat_map(|m| m.modules.values());
-    (cfg.targets.iter().chain(modules))
+    (cfg.targets.iter().map(|t| &**t).chain(modules))
         .filter_map(|t| t.rule.as_deref())
         .collect()
 }
@@ -525,8 +525,10 @@ mod wiring {
             if let Some(p) = &self.probe {
                 p.update(cfg, prober.clone());
             }
-            self.registry
-                .retain_targets(&|id| cfg.targets.iter().any(|t| t.id == id));
+            // A set, not a scan of the list per series: 100,000 targets would be 10^10 steps.
+            let ids: std::collections::HashSet<&str> =
+                cfg.targets.iter().map(|t| t.id.as_str()).collect();
+            self.registry.retain_targets(&|id| ids.contains(id));
         }
 
         /// Lets go of the sink, so it can be joined.

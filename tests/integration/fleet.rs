@@ -347,6 +347,133 @@ fn push(config: &Path, file: &Path, dry_run: bool) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Agents of one group sharing `n` targets every 2 s, pushed to the topic, each request
+/// recorded with the agent that made it.
+struct SharedFleet {
+    seen: Seen,
+    wanted: HashSet<String>,
+    agents: Vec<Agent>,
+    // Kept for the agents' configs and logs, and the targets' server.
+    dir: TempDir,
+    _server: HttpServer,
+}
+
+impl SharedFleet {
+    fn start(brokers: &str, group: &str, names: &[&str], n: usize) -> SharedFleet {
+        let (server, seen) = recording_server();
+        let dir = TempDir::new(group);
+        let all = ids(n);
+        let file = targets_file(&dir, "targets.toml", &server, &all);
+        let agents: Vec<Agent> = (names.iter())
+            .map(|name| Agent::start(&dir, name, brokers, group, ""))
+            .collect();
+        let out = push(&agents[0].config, &file, false);
+        assert!(out.contains(&format!("{n} added")), "{out}");
+        SharedFleet {
+            seen,
+            wanted: paths(&all),
+            agents,
+            dir,
+            _server: server,
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.agents.iter().map(|a| a.name.clone()).collect()
+    }
+
+    /// Waits until every agent probes, then for a round (the rebalances of the joins end
+    /// within it), then for two more; checks that in those two each target was requested, by
+    /// exactly one agent, at most once a round, and that every agent has a share. Returns
+    /// path → its agent.
+    fn settled_owners(&self) -> BTreeMap<String, String> {
+        let names = self.names();
+        wait_for(&format!("all of {names:?} probing"), DEADLINE, || {
+            let log = self.seen.lock().unwrap();
+            let since = log.len().saturating_sub(2 * self.wanted.len());
+            (names.iter()).all(|n| log[since..].iter().any(|(_, ua)| ua == n))
+        });
+        let seen = &self.seen;
+        let settled = wait_rounds(seen, seen_len(seen), &self.wanted, 1, "a settling round");
+        let end = wait_rounds(seen, settled, &self.wanted, 2, "two full rounds");
+        let owned = owners(seen, settled, end);
+        assert_eq!(owned.len(), self.wanted.len(), "every target requested");
+        let shared: Vec<_> = owned.iter().filter(|(_, o)| o.len() != 1).collect();
+        assert!(
+            shared.is_empty(),
+            "targets requested by more than one agent: {shared:?}"
+        );
+        let counts: Vec<usize> = (names.iter())
+            .map(|n| owned.values().filter(|o| o.contains(n)).count())
+            .collect();
+        eprintln!("targets per agent {names:?} (12 partitions, range): {counts:?}");
+        assert!(
+            counts.iter().all(|&c| c > 0),
+            "every agent a share: {counts:?}"
+        );
+        // Exactly once per round: no path more often than the busiest round allows (two rounds
+        // waited for, a third may have begun for some).
+        let mut per_path: HashMap<String, usize> = HashMap::new();
+        for (p, _) in &seen.lock().unwrap()[settled..end] {
+            *per_path.entry(p.clone()).or_default() += 1;
+        }
+        assert!(
+            per_path.values().all(|&n| n <= 3),
+            "some target probed more than once a round"
+        );
+        (owned.into_iter())
+            .map(|(p, o)| (p, o.into_iter().next().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Signals agent `name` (removed from the fleet) and waits until every path it owned is
+    /// requested by another agent; how long that took.
+    fn take_over(
+        &mut self,
+        name: &str,
+        owned: &BTreeMap<String, String>,
+        sig: &str,
+    ) -> (Agent, Duration) {
+        let orphans: HashSet<&String> = (owned.iter())
+            .filter(|(_, o)| *o == name)
+            .map(|(p, _)| p)
+            .collect();
+        assert!(!orphans.is_empty(), "{name} owned targets");
+        let i = self.agents.iter().position(|a| a.name == name).unwrap();
+        let agent = self.agents.remove(i);
+        let from = seen_len(&self.seen);
+        let t = Instant::now();
+        agent.signal(sig);
+        wait_for(
+            &format!("the others to probe {name}'s targets"),
+            DEADLINE,
+            || {
+                let by: HashSet<String> = seen_since(&self.seen, from)
+                    .into_iter()
+                    .filter(|(_, ua)| ua != name)
+                    .map(|(p, _)| p)
+                    .collect();
+                orphans.iter().all(|p| by.contains(*p))
+            },
+        );
+        let took = t.elapsed();
+        eprintln!(
+            "{sig} of {name}: its {} targets probed by the others within {took:?} \
+             (session timeout 10 s, heartbeat 1 s, interval 2 s, jitter 10%)",
+            orphans.len()
+        );
+        (agent, took)
+    }
+
+    /// SIGTERM to every agent left: each leaves the group and exits 0.
+    fn stop(self) {
+        for mut a in self.agents {
+            a.signal("-TERM");
+            assert_eq!(a.wait_exit(), Some(0), "log:\n{}", a.log());
+        }
+    }
+}
+
 /// Three agents, 600 targets every 2 s: each target requested by exactly one agent per round
 /// and none missed; SIGTERM one: the others take its targets (hand-over measured); kill -9
 /// another: the last takes all (failover measured, default session timeout).
@@ -364,132 +491,36 @@ fn three_agents_share_600_targets_and_hand_over_on_sigterm_on_tansu() {
 }
 
 fn three_agents_share_600_targets(brokers: &str, kill: bool) {
-    let (server, seen) = recording_server();
-    let dir = TempDir::new("fleet-600");
-    let all = ids(600);
-    let wanted = paths(&all);
-    let file = targets_file(&dir, "targets.toml", &server, &all);
-    let group = "fleet-600";
-    let mut agents: Vec<Agent> = ["a", "b", "c"]
-        .iter()
-        .map(|n| Agent::start(&dir, n, brokers, group, ""))
-        .collect();
-    let out = push(&agents[0].config, &file, false);
-    assert!(out.contains("600 added"), "{out}");
-
-    // Settled: every agent probes (the last join is done), then one round to let the
-    // rebalances before it end.
-    wait_for("all three agents probing", DEADLINE, || {
-        let log = seen.lock().unwrap();
-        ["a", "b", "c"]
-            .iter()
-            .all(|n| log.iter().any(|(_, ua)| ua == n))
-    });
-    let settled = wait_rounds(
-        &seen,
-        seen_len(&seen),
-        &wanted,
-        1,
-        "a round after the last join",
-    );
-    let end = wait_rounds(&seen, settled, &wanted, 2, "two full rounds");
-    let owned = owners(&seen, settled, end);
-    assert_eq!(owned.len(), 600, "every target requested");
-    let shared: Vec<_> = owned.iter().filter(|(_, o)| o.len() != 1).collect();
-    assert!(
-        shared.is_empty(),
-        "targets requested by more than one agent: {shared:?}"
-    );
-    let per_agent = |name: &str| owned.values().filter(|o| o.contains(name)).count();
-    let counts: Vec<usize> = ["a", "b", "c"].iter().map(|n| per_agent(n)).collect();
-    eprintln!("targets per agent (12 partitions, range): {counts:?}");
-    assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
-    // Exactly once per round: no path was requested more often than the busiest round allows
-    // (two rounds waited for, a third may have begun for some).
-    let mut per_path: HashMap<&str, usize> = HashMap::new();
-    let window = seen_since(&seen, settled);
-    for (p, _) in &window[..end - settled] {
-        *per_path.entry(p.as_str()).or_default() += 1;
-    }
-    assert!(
-        per_path.values().all(|&n| n <= 3),
-        "some target probed more than once a round"
-    );
-
-    // SIGTERM c: a and b take its targets.
-    let of = |name: &str| -> HashSet<String> {
-        owned
-            .iter()
-            .filter(|(_, o)| o.contains(name))
-            .map(|(p, _)| p.clone())
-            .collect()
-    };
-    let c_paths = of("c");
-    let mut c = agents.pop().unwrap();
-    let t = Instant::now();
-    let from = seen_len(&seen);
-    c.signal("-TERM");
-    wait_for("the survivors to probe c's targets", DEADLINE, || {
-        let by: HashSet<String> = seen_since(&seen, from)
-            .into_iter()
-            .filter(|(_, ua)| ua != "c")
-            .map(|(p, _)| p)
-            .collect();
-        c_paths.iter().all(|p| by.contains(p))
-    });
-    let handover = t.elapsed();
+    let mut fleet = SharedFleet::start(brokers, "fleet-600", &["a", "b", "c"], 600);
+    let owned = fleet.settled_owners();
+    // SIGTERM c: a and b take its targets; c left the group on its way out.
+    let (mut c, _) = fleet.take_over("c", &owned, "-TERM");
     assert_eq!(c.wait_exit(), Some(0), "c's log:\n{}", c.log());
     assert!(c.log().contains("left"), "c left the group:\n{}", c.log());
-    eprintln!(
-        "SIGTERM hand-over: {} targets probed by the survivors within {handover:?} \
-         (interval 2 s, jitter 10%)",
-        c_paths.len()
-    );
-
     if !kill {
-        for mut a in agents {
-            a.signal("-TERM");
-            assert_eq!(a.wait_exit(), Some(0), "log:\n{}", a.log());
-        }
+        fleet.stop();
         return;
     }
     // kill -9 b: a takes everything after the session timeout (10 s default).
-    let settled = wait_rounds(
-        &seen,
-        seen_len(&seen),
-        &wanted,
-        1,
-        "a round with two agents",
-    );
-    let end = wait_rounds(&seen, settled, &wanted, 1, "another round with two agents");
-    let owned2 = owners(&seen, settled, end);
-    let b_paths: HashSet<String> = owned2
-        .iter()
-        .filter(|(_, o)| o.contains("b"))
-        .map(|(p, _)| p.clone())
-        .collect();
-    assert!(!b_paths.is_empty());
-    let b = agents.pop().unwrap();
-    let t = Instant::now();
-    let from = seen_len(&seen);
-    b.signal("-KILL");
-    wait_for("a to probe b's targets after kill -9", DEADLINE, || {
-        let by_a: HashSet<String> = seen_since(&seen, from)
-            .into_iter()
-            .filter(|(_, ua)| ua == "a")
-            .map(|(p, _)| p)
-            .collect();
-        b_paths.iter().all(|p| by_a.contains(p))
-    });
-    eprintln!(
-        "kill -9 failover: {} targets probed by the survivor within {:?} \
-         (session timeout 10 s, heartbeat 1 s, interval 2 s)",
-        b_paths.len(),
-        t.elapsed()
-    );
+    let owned = fleet.settled_owners();
+    let (b, _) = fleet.take_over("b", &owned, "-KILL");
     drop(b);
-    let a = agents.pop().unwrap();
-    a.signal("-TERM");
+    fleet.stop();
+}
+
+/// A fourth agent that joins a running fleet of three takes a share at the next rebalance,
+/// and once that settles every target is still requested by exactly one agent per round.
+#[test]
+fn a_fourth_agent_joins_a_running_fleet_of_three_and_takes_a_share() {
+    let broker = Broker::start();
+    let mut fleet = SharedFleet::start(&broker.addr(), "fleet-join", &["a", "b", "c"], 600);
+    fleet.settled_owners();
+    let d = Agent::start(&fleet.dir, "d", &broker.addr(), "fleet-join", "");
+    fleet.agents.push(d);
+    let owned = fleet.settled_owners();
+    let of_d = owned.values().filter(|o| *o == "d").count();
+    assert!(of_d > 0, "d probes a share");
+    fleet.stop();
 }
 
 fn list(config: &Path) -> String {
@@ -524,108 +555,21 @@ fn targets_push_adds_changes_and_removes_targets_of_a_running_fleet() {
     assert!(push(&config, &file, false).contains("20 added"));
     wait_rounds(&seen, 0, &paths(&first), 1, "the first 20 targets probed");
 
-    // v2: t5 removed, t3 moved to /t3-v2, t20 added.
-    let v2 = targets_file(&dir, "v2.toml", &server, &ids(21));
-    let text = std::fs::read_to_string(&v2).unwrap();
-    let text = text
-        .replace(
-            &format!("{}\"", server.url("/t3")),
-            &format!("{}\"", server.url("/t3-v2")),
-        )
-        .replace(
-            &format!(
-                "[[target]]\nid = \"t5\"\nurl = \"{}\"\ninterval = \"2s\"\n\n",
-                server.url("/t5")
-            ),
-            "",
-        );
-    std::fs::write(&v2, text).unwrap();
-    let dry = push(&config, &v2, true);
-    assert!(
-        dry.contains("+ t20\n~ t3\n- t5\n1 added, 1 changed, 1 removed, 18 unchanged (dry run"),
-        "{dry}"
-    );
-    assert!(
-        list(&config).contains(&server.url("/t5")),
-        "a dry run writes nothing"
-    );
-    let from = seen_len(&seen);
-    let t = Instant::now();
-    assert!(push(&config, &v2, false).contains("1 added, 1 changed, 1 removed, 18 unchanged"));
-    let new: HashSet<String> = ["/t20".to_string(), "/t3-v2".to_string()].into();
-    wait_rounds(
-        &seen,
-        from,
-        &new,
-        1,
-        "the added and the changed target probed",
-    );
-    eprintln!(
-        "targets push: added and changed targets probed {:?} after the push (interval 2 s)",
-        t.elapsed()
-    );
-    let kept: HashSet<String> = paths(&ids(21))
-        .into_iter()
-        .filter(|p| p != "/t5" && p != "/t3")
-        .chain(["/t3-v2".to_string()])
-        .collect();
-    let settled = wait_rounds(&seen, from, &kept, 1, "a round of v2");
-    let end = wait_rounds(&seen, settled, &kept, 1, "another round of v2");
-    let gone: Vec<_> = seen.lock().unwrap()[settled..end]
-        .iter()
-        .filter(|(p, _)| p == "/t5" || p == "/t3")
-        .cloned()
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "removed or moved targets still probed: {gone:?}"
-    );
-    let listed = list(&config);
-    assert!(
-        listed.contains("id = \"t20\"") && !listed.contains("id = \"t5\""),
-        "{listed}"
-    );
-
-    // Refused at push: file, line, target, field.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        format!("[[target]]\nid = \"ok\"\nurl = \"{}\"\n\n[[target]]\nid = \"bad\"\nurl = \"{}\"\ninterval = \"5x\"\n", server.url("/ok"), server.url("/bad")),
-    )
-    .unwrap();
-    let out = crate::support::sitewatch()
-        .args([
-            "targets",
-            "push",
-            bad.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("bad.toml: line 5: target \"bad\": interval \"5x\""),
-        "{err}"
-    );
+    let kept = push_v2_and_check(&dir, &server, &seen, &config);
+    bad_target_is_refused_at_push(&dir, &server, &config);
 
     // A bad value in the topic (not through push): skipped with an error naming it.
     let mut client = Client::connect(&broker.config("fleet.targets")).unwrap();
-    client
-        .produce(
-            "fleet.targets",
-            &[sitewatch::kafka::ProduceRecord {
-                key: b"evil".to_vec(),
-                value: format!(
-                    "id = \"evil\"\nurl = \"{}\"\ntimeout = \"soon\"\n",
-                    server.url("/evil")
-                )
-                .into_bytes(),
-                timestamp_ms: 0,
-            }],
-        )
-        .unwrap();
+    let evil = format!(
+        "id = \"evil\"\nurl = \"{}\"\ntimeout = \"soon\"\n",
+        server.url("/evil")
+    );
+    let record = sitewatch::kafka::ProduceRecord {
+        key: b"evil".to_vec(),
+        value: evil.into_bytes(),
+        timestamp_ms: 0,
+    };
+    client.produce("fleet.targets", &[record]).unwrap();
     wait_for(
         "an agent to skip the bad target, naming it",
         DEADLINE,
@@ -642,31 +586,119 @@ fn targets_push_adds_changes_and_removes_targets_of_a_running_fleet() {
     let after = seen_len(&seen);
     wait_rounds(&seen, after, &kept, 1, "the others still probed");
 
-    // Each agent's liveness record: the latest per agent, the targets they own add up.
-    let mut owned: HashMap<String, u64> = HashMap::new();
-    wait_for(
-        "both agents' liveness records to cover the 20 targets",
-        DEADLINE,
-        || {
-            let latest =
-                sitewatch::fleet::topic::read_all(&mut client, "sitewatch.agents").unwrap();
-            owned = latest
-                .iter()
-                .map(|(id, v)| {
-                    let r: serde_json::Value = serde_json::from_str(v).unwrap();
-                    assert_eq!(r["agent_id"], id.as_str());
-                    assert_eq!(r["group"], "fleet-push");
-                    (id.clone(), r["targets_owned"].as_u64().unwrap())
-                })
-                .collect();
-            owned.len() == 2 && owned.values().sum::<u64>() == 20
-        },
-    );
-    eprintln!("liveness records: targets owned {owned:?}");
+    liveness_records_cover(&mut client, "fleet-push", 2, 20);
     for a in agents.iter_mut() {
         a.signal("-TERM");
         assert_eq!(a.wait_exit(), Some(0), "log:\n{}", a.log());
     }
+}
+
+/// v2 of the targets: t5 removed, t3 moved to /t3-v2, t20 added. Its dry run says so and
+/// writes nothing; its push takes effect (measured), the removed and moved paths are no
+/// longer probed, `targets list` shows it. Returns the paths v2 probes.
+fn push_v2_and_check(
+    dir: &TempDir,
+    server: &HttpServer,
+    seen: &Seen,
+    config: &Path,
+) -> HashSet<String> {
+    let v2 = targets_file(dir, "v2.toml", server, &ids(21));
+    let text = std::fs::read_to_string(&v2).unwrap();
+    let t5 = format!(
+        "[[target]]\nid = \"t5\"\nurl = \"{}\"\ninterval = \"2s\"\n\n",
+        server.url("/t5")
+    );
+    let text = text
+        .replace(
+            &format!("{}\"", server.url("/t3")),
+            &format!("{}\"", server.url("/t3-v2")),
+        )
+        .replace(&t5, "");
+    std::fs::write(&v2, text).unwrap();
+    let dry = push(config, &v2, true);
+    assert!(
+        dry.contains("+ t20\n~ t3\n- t5\n1 added, 1 changed, 1 removed, 18 unchanged (dry run"),
+        "{dry}"
+    );
+    assert!(
+        list(config).contains(&server.url("/t5")),
+        "a dry run writes nothing"
+    );
+    let from = seen_len(seen);
+    let t = Instant::now();
+    assert!(push(config, &v2, false).contains("1 added, 1 changed, 1 removed, 18 unchanged"));
+    let new: HashSet<String> = ["/t20".to_string(), "/t3-v2".to_string()].into();
+    let what = "the added and the changed target probed";
+    wait_rounds(seen, from, &new, 1, what);
+    eprintln!(
+        "targets push: added and changed targets probed {:?} after the push (interval 2 s)",
+        t.elapsed()
+    );
+    let kept: HashSet<String> = paths(&ids(21))
+        .into_iter()
+        .filter(|p| p != "/t5" && p != "/t3")
+        .chain(["/t3-v2".to_string()])
+        .collect();
+    let settled = wait_rounds(seen, from, &kept, 1, "a round of v2");
+    let end = wait_rounds(seen, settled, &kept, 1, "another round of v2");
+    let gone: Vec<_> = seen.lock().unwrap()[settled..end]
+        .iter()
+        .filter(|(p, _)| p == "/t5" || p == "/t3")
+        .cloned()
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "removed or moved targets still probed: {gone:?}"
+    );
+    let listed = list(config);
+    assert!(
+        listed.contains("id = \"t20\"") && !listed.contains("id = \"t5\""),
+        "{listed}"
+    );
+    kept
+}
+
+/// A file with a bad target is refused at push: file, line, target, field.
+fn bad_target_is_refused_at_push(dir: &TempDir, server: &HttpServer, config: &Path) {
+    let bad = dir.path().join("bad.toml");
+    let text = format!(
+        "[[target]]\nid = \"ok\"\nurl = \"{}\"\n\n[[target]]\nid = \"bad\"\nurl = \"{}\"\ninterval = \"5x\"\n",
+        server.url("/ok"),
+        server.url("/bad")
+    );
+    std::fs::write(&bad, text).unwrap();
+    let out = crate::support::sitewatch()
+        .args(["targets", "push", bad.to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bad.toml: line 5: target \"bad\": interval \"5x\""),
+        "{err}"
+    );
+}
+
+/// Each agent's liveness record (the latest per agent): `agents` of `group`, whose targets
+/// owned add up to `targets`.
+fn liveness_records_cover(client: &mut Client, group: &str, agents: usize, targets: u64) {
+    let mut owned: HashMap<String, u64> = HashMap::new();
+    let what = format!("{agents} agents' liveness records to cover the {targets} targets");
+    wait_for(&what, DEADLINE, || {
+        let latest = sitewatch::fleet::topic::read_all(client, "sitewatch.agents").unwrap();
+        owned = latest
+            .iter()
+            .map(|(id, v)| {
+                let r: serde_json::Value = serde_json::from_str(v).unwrap();
+                assert_eq!(r["agent_id"], id.as_str());
+                assert_eq!(r["group"], group);
+                (id.clone(), r["targets_owned"].as_u64().unwrap())
+            })
+            .collect();
+        owned.len() == agents && owned.values().sum::<u64>() == targets
+    });
+    eprintln!("liveness records: targets owned {owned:?}");
 }
 
 /// A librdkafka consumer (range assignor) joins the agents' group: it gets a share of the

@@ -360,18 +360,16 @@ impl Follower {
     /// left out: the file wins) to the scheduler. False when the scheduler is gone.
     fn send(&self) -> bool {
         let mut config = (*self.file).clone();
-        let own: HashSet<String> = config.targets.iter().map(|t| t.id.clone()).collect();
+        let own: HashSet<&str> = self.file.targets.iter().map(|t| t.id.as_str()).collect();
         let mut fleet: Vec<&Arc<Target>> = self
             .parts
             .values()
             .flat_map(|p| p.targets.values())
-            .filter(|t| !own.contains(&t.id))
+            .filter(|t| !own.contains(t.id.as_str()))
             .collect();
         fleet.sort_by(|a, b| a.id.cmp(&b.id));
         let n = fleet.len();
-        config
-            .targets
-            .extend(fleet.into_iter().map(|t| (**t).clone()));
+        config.targets.extend(fleet.into_iter().cloned());
         log::info!(
             target: "sitewatch::fleet",
             "fleet: {n} targets from partitions {:?} of {}",

@@ -119,15 +119,13 @@ impl ProbeEndpoint {
 impl Setup {
     fn of(cfg: &Config, prober: Arc<Prober>) -> Option<Setup> {
         let metrics = cfg.metrics.clone()?;
-        let default = Target {
-            id: DEFAULT_MODULE.into(),
-            url: String::new(),
-            method: "GET".into(),
+        let spec = crate::config::TargetSpec {
+            method: "GET",
             headers: Vec::new(),
             body: None,
             interval: cfg.agent.interval,
             timeout: cfg.agent.timeout,
-            expect_status: crate::config::StatusSet(vec![(200, 299)]),
+            expect_status: crate::config::StatusSet(std::borrow::Cow::Borrowed(&[(200, 299)])),
             regex: None,
             regex_absent: None,
             rule: None,
@@ -139,6 +137,11 @@ impl Setup {
             tls_ca_file: None,
             tls_insecure: false,
             tags: Vec::new(),
+        };
+        let default = Target {
+            id: DEFAULT_MODULE.into(),
+            url: String::new(),
+            spec: Arc::new(spec),
         };
         Some(Setup {
             prober,

@@ -158,6 +158,7 @@ impl Prober {
         let keys = config
             .targets
             .iter()
+            .map(|t| &**t)
             // Only https targets: a root store costs resident memory (bench section 6 keeps
             // an agent of 100 plain-http targets under 10 MB), and an http target that is
             // redirected to https builds its connector then, timed in that check's `tls`.
@@ -307,7 +308,7 @@ impl Prober {
             &target.id,
             &redact(&target.url),
             &self.agent_id,
-            &target.method,
+            target.method,
         );
         r.location.clone_from(&self.location);
         r.tags = target.tags.clone();
@@ -316,7 +317,7 @@ impl Prober {
 
         let mut hop = HopRequest {
             url: target.url.clone(),
-            method: target.method.clone(),
+            method: target.method.to_string(),
             body: target.body.clone(),
             headers: target.headers.clone(),
         };

@@ -94,7 +94,7 @@ pub struct Reload {
 /// The pieces a run needs. `reloads` may be `None` when the config never changes (`--once`).
 pub struct Run {
     pub mode: Mode,
-    pub targets: Vec<Target>,
+    pub targets: Vec<Arc<Target>>,
     pub prober: Arc<Prober>,
     pub concurrency: usize,
     /// Spread of each target's first round (Forever mode only).
@@ -217,7 +217,10 @@ impl Scheduler {
             trimmed_at_sent: 0,
             streaming: false,
         };
-        scheduler.set_targets(run.targets.into_iter().map(Arc::new).collect());
+        scheduler.set_targets(run.targets);
+        // The config's parsing is over: what it freed goes back before the first round (see
+        // apply_reload).
+        crate::service::release_free_heap();
         (scheduler, output_thread)
     }
 
@@ -403,21 +406,19 @@ impl Scheduler {
 
     /// Applies a configuration delivered by reload, if one waits.
     fn apply_reload(&mut self) {
-        let Some(reload) = self.reloads.as_ref().and_then(|rx| rx.try_recv().ok()) else {
+        let Some(Reload { config, prober }) =
+            self.reloads.as_ref().and_then(|rx| rx.try_recv().ok())
+        else {
             return;
         };
-        self.set_targets(
-            reload
-                .config
-                .targets
-                .iter()
-                .cloned()
-                .map(Arc::new)
-                .collect(),
-        );
-        self.prober = reload.prober;
+        self.set_targets(config.targets.clone());
+        self.prober = prober;
+        drop(config);
         self.lock_summary().reloads += 1;
         log::info!("configuration reloaded: {} targets", self.targets.len());
+        // What the old table and the reload's parsing freed goes back now: an agent whose
+        // checks never pause (100,000 targets a minute) has no quiet spell to trim in.
+        crate::service::release_free_heap();
     }
 
     /// Calls the status callback every [`STATUS_EVERY`].
