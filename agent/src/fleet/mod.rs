@@ -80,7 +80,8 @@ pub fn start_if_configured(
     let group = {
         let (kafka, fleet, stop) = (kafka.clone(), fleet.clone(), shutdown.clone());
         spawn("fleet-group", move || {
-            if let Some(client) = connect(&kafka, &stop) {
+            if let Some(mut client) = connect(&kafka, &stop) {
+                ensure_targets_topic(&mut client, &kafka, &fleet);
                 let member = Member::new(client, settings(&fleet));
                 group::run(member, &stop, &assign_tx);
             }
@@ -111,6 +112,28 @@ pub fn start_if_configured(
             threads: vec![group, follow],
         }),
     )
+}
+
+/// Creates the targets topic as `targets push` would (when `[kafka] create_topic` allows), so
+/// that an agent started before the first push joins a group whose topic exists: the group's
+/// first generation then splits its partitions. Without it, that generation assigned nothing,
+/// and only a broker that starts a new generation when the leader rejoins (Apache Kafka, not
+/// tansu 0.6) let the leader's metadata check repair it once the topic appeared. A refusal
+/// (no CreateTopics permission) is logged; the leader's check still applies.
+fn ensure_targets_topic(client: &mut Client, kafka: &KafkaConfig, fleet: &FleetConfig) {
+    if !kafka.create_topic {
+        return;
+    }
+    if let Err(e) = client.ensure_topic_with(
+        &fleet.targets_topic,
+        fleet.partitions,
+        kafka.replication_factor,
+        &[("cleanup.policy", "compact")],
+    ) {
+        log::warn!(target: "sitewatch::fleet",
+            "fleet: cannot create the targets topic {}: {e}; waiting for `sitewatch targets push`",
+            fleet.targets_topic);
+    }
 }
 
 /// The group settings of `[fleet]`: the rebalance timeout is the session timeout (our

@@ -289,6 +289,9 @@ pub struct Member {
     coordinator: Option<Conn>,
     member_id: String,
     generation: i32,
+    /// As leader: how many partitions each subscribed topic had when this generation was
+    /// assigned (0: the topic did not exist). See [`Member::topics_changed`].
+    assigned_counts: BTreeMap<String, usize>,
 }
 
 impl Member {
@@ -298,6 +301,7 @@ impl Member {
             settings,
             coordinator: None,
             member_id: String::new(),
+            assigned_counts: BTreeMap::new(),
             generation: -1,
         }
     }
@@ -420,6 +424,7 @@ impl Member {
         self.generation = resp.generation_id;
         let leader = resp.leader.as_str() == self.member_id;
         let members = resp.members.len();
+        self.assigned_counts.clear();
         let assignments = if leader {
             let subs = resp
                 .members
@@ -457,7 +462,7 @@ impl Member {
                 continue;
             }
             // A topic another member subscribes to that does not exist gets no partitions.
-            match self.client.partitions(topic) {
+            match self.client.partitions_now(topic) {
                 Ok(p) => {
                     partitions.insert(topic.clone(), p);
                 }
@@ -465,6 +470,11 @@ impl Member {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.assigned_counts = subs
+            .iter()
+            .flat_map(|s| s.topics.iter())
+            .map(|t| (t.clone(), partitions.get(t).map_or(0, Vec::len)))
+            .collect();
         range_assign(subs, &partitions)
             .into_iter()
             .map(|(member, topics)| {
@@ -510,6 +520,29 @@ impl Member {
     }
 
     /// One heartbeat of the current generation.
+    /// As leader: whether a subscribed topic's partition count differs from the one this
+    /// generation was assigned with (a topic created after the group formed, or grown), as
+    /// the Java consumer's leader watches its metadata. The leader then joins again, which
+    /// starts a new generation for every member. A follower has nothing to compare.
+    pub fn topics_changed(&mut self) -> Result<bool, GroupError> {
+        let topics: Vec<(String, usize)> = self
+            .assigned_counts
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        for (topic, assigned) in topics {
+            let now = match self.client.partitions_now(&topic) {
+                Ok(p) => p.len(),
+                Err(KafkaError::UnknownTopic(_)) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if now != assigned {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn heartbeat(&mut self) -> Result<(), GroupError> {
         let group = self.settings.group_id.clone();
         let mut req = HeartbeatRequest::default();
@@ -598,12 +631,16 @@ pub fn run(mut member: Member, shutdown: &Shutdown, assigned: &Sender<Assignment
             s.topic,
             if a.leader { format!(" (leader of {} members)", a.members) } else { String::new() }
         );
-        let generation = a.generation;
+        let (generation, leader) = (a.generation, a.leader);
         if assigned.send(a).is_err() {
             break;
         }
         let mut last_ok = Instant::now();
         while !shutdown.sleep(s.heartbeat_interval) {
+            if leader && leader_sees_new_partitions(&mut member) {
+                let _ = assigned.send(revoke(generation));
+                break;
+            }
             match member.heartbeat() {
                 Ok(()) => last_ok = Instant::now(),
                 Err(e) if e.lost_coordinator() && last_ok.elapsed() < s.session_timeout => {
@@ -628,6 +665,26 @@ pub fn run(mut member: Member, shutdown: &Shutdown, assigned: &Sender<Assignment
     match member.leave() {
         Ok(()) => log::info!(target: "sitewatch::fleet", "group {}: left", s.group_id),
         Err(e) => log::warn!(target: "sitewatch::fleet", "group {}: LeaveGroup: {e}", s.group_id),
+    }
+}
+
+/// The leader's metadata check between heartbeats: true when it must join again because the
+/// topic's partitions changed (one Metadata request per heartbeat interval, by the leader only).
+/// A failed check changes nothing; the next interval asks again.
+fn leader_sees_new_partitions(member: &mut Member) -> bool {
+    let group = member.settings().group_id.clone();
+    match member.topics_changed() {
+        Ok(changed) => {
+            if changed {
+                log::info!(target: "sitewatch::fleet",
+                    "group {group}: the subscribed topic's partitions changed; rebalancing");
+            }
+            changed
+        }
+        Err(e) => {
+            log::debug!(target: "sitewatch::fleet", "group {group}: metadata check: {e}");
+            false
+        }
     }
 }
 

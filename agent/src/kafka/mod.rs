@@ -638,6 +638,13 @@ impl Client {
         Ok(self.topic(topic)?.partitions.iter().map(|p| p.0).collect())
     }
 
+    /// As [`Client::partitions`], asking the broker now instead of the cache: for a topic
+    /// that may have been created or grown since it was last read.
+    pub fn partitions_now(&mut self, topic: &str) -> Result<Vec<i32>, KafkaError> {
+        self.refresh_metadata(&[topic])?;
+        self.partitions(topic)
+    }
+
     /// The first offset still stored in the partition (ListOffsets, timestamp -2).
     pub fn earliest_offset(&mut self, topic: &str, partition: i32) -> Result<i64, KafkaError> {
         self.list_offset(topic, partition, -2)
