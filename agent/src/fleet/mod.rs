@@ -124,12 +124,7 @@ fn ensure_targets_topic(client: &mut Client, kafka: &KafkaConfig, fleet: &FleetC
     if !kafka.create_topic {
         return;
     }
-    if let Err(e) = client.ensure_topic_with(
-        &fleet.targets_topic,
-        fleet.partitions,
-        kafka.replication_factor,
-        &[("cleanup.policy", "compact")],
-    ) {
+    if let Err(e) = topic::ensure(client, fleet, kafka.replication_factor) {
         log::warn!(target: "sitewatch::fleet",
             "fleet: cannot create the targets topic {}: {e}; waiting for `sitewatch targets push`",
             fleet.targets_topic);

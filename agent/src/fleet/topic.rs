@@ -237,6 +237,21 @@ pub fn read_all(client: &mut Client, topic: &str) -> Result<BTreeMap<String, Str
     Ok(out)
 }
 
+/// Creates the targets topic when missing: compacted, `[fleet] partitions` of them. Used by
+/// `targets push` and by an agent before it joins its group.
+pub fn ensure(
+    client: &mut Client,
+    fleet: &FleetConfig,
+    replication_factor: i16,
+) -> Result<(), KafkaError> {
+    client.ensure_topic_with(
+        &fleet.targets_topic,
+        fleet.partitions,
+        replication_factor,
+        &[("cleanup.policy", "compact")],
+    )
+}
+
 /// `targets push`: the topic made to match `wanted` (created compacted when missing). With
 /// `dry_run` nothing is written. Returns the diff.
 pub fn push(
@@ -252,12 +267,7 @@ pub fn push(
     if dry_run {
         return Ok(d);
     }
-    client.ensure_topic_with(
-        topic,
-        fleet.partitions,
-        replication_factor,
-        &[("cleanup.policy", "compact")],
-    )?;
+    ensure(client, fleet, replication_factor)?;
     let values: BTreeMap<&str, String> = wanted
         .iter()
         .filter(|t| d.added.contains(&t.id) || d.changed.contains(&t.id))
