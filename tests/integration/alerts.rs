@@ -1113,6 +1113,86 @@ fn a_permanently_refused_event_is_failed_and_the_channel_moves_on() {
     sink.join().expect("sink stops cleanly");
 }
 
+/// A channel takes its due deliveries in batches: five events already in the outbox when the
+/// sink starts are one batch. A retryable answer ends it there and the events after it go back
+/// untried (their attempts not counted); a permanent refusal does not end it. Nothing is sent
+/// out of order or twice.
+#[test]
+fn a_batch_of_deliveries_stops_at_a_retry_and_gives_back_the_rest_untried() {
+    let p = Pipeline::new(1);
+    p.db.client()
+        .batch_execute(
+            "INSERT INTO alert_events (key, target, url, kind, state, previous, reason, incident, \
+               check_id, at) \
+             SELECT 'k' || n, 'e' || n, 'http://127.0.0.1/', 'down', 'down', 'up', 'connect', \
+                    'i' || n, 'c' || n, now() \
+             FROM generate_series(1, 5) n ORDER BY n; \
+             INSERT INTO alert_deliveries (event_id, channel) SELECT id, 'hook' FROM alert_events;",
+        )
+        .expect("outbox");
+    let busy_once = Arc::new(AtomicBool::new(true));
+    let flag = busy_once.clone();
+    // While the first event is in flight, how many deliveries are leased: the batch's.
+    let leased = Arc::new(std::sync::Mutex::new(None));
+    let (seen_leased, url) = (leased.clone(), p.db.url());
+    let hook = HttpServer::start(move |q, _| match json(q)["target"].as_str().unwrap_or("") {
+        "e1" => {
+            let mut c = crate::support::pg::connect_retrying(&url, WITHIN);
+            *seen_leased.lock().unwrap() = Some(count(
+                &mut c,
+                "SELECT count(*) FROM alert_deliveries WHERE lease_until > now()",
+            ));
+            Reply::status(200, "")
+        }
+        "e2" if flag.swap(false, Ordering::SeqCst) => Reply::status(503, "busy"),
+        "e4" => Reply::status(422, "no"),
+        _ => Reply::status(200, ""),
+    });
+    let r = Receivers::with_hook(hook);
+    let (sink, shutdown) = start_sink(&p, &alerts_text("", ""), &r);
+    wait_for("the hook done with every event", WITHIN, || {
+        count(
+            &mut p.db.client(),
+            "SELECT count(*) FROM alert_deliveries WHERE state <> 'pending'",
+        ) == 5
+    });
+    let seen: Vec<String> = (r.hook.requests().iter())
+        .map(|q| json(q)["target"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(seen, ["e1", "e2", "e2", "e3", "e4", "e5"]);
+    assert_eq!(
+        *leased.lock().unwrap(),
+        Some(5),
+        "one claim leased all five"
+    );
+    let rows: Vec<String> = (p.db.client())
+        .query(
+            "SELECT e.target, d.state, d.attempts, d.last_status, d.lease_until IS NULL \
+             FROM alert_deliveries d JOIN alert_events e ON e.id = d.event_id ORDER BY e.id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let (t, s, n, status, free): (String, String, i32, Option<i32>, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            format!("{t} {s} {n} {status:?} {free}")
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "e1 delivered 1 Some(200) true",
+            "e2 delivered 2 Some(200) true",
+            "e3 delivered 1 Some(200) true",
+            "e4 failed 1 Some(422) true",
+            "e5 delivered 1 Some(200) true",
+        ]
+    );
+    shutdown.trigger();
+    sink.join().expect("sink stops cleanly");
+}
+
 /// Checks of `target` from `location`, failing or not, 1 s apart, the last `end_ago_ms` ago.
 fn located(target: &str, location: &str, pattern: &[bool], end_ago_ms: i64) -> Vec<CheckResult> {
     let mut list = checks(target, pattern, end_ago_ms);

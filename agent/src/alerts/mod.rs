@@ -31,13 +31,17 @@
 //! - **Delivery** ([`notify`]): one thread per channel in the sink process, with its own
 //!   PostgreSQL connection, so a channel that hangs or fails delays only itself and never the
 //!   sink's batches. Per channel, events go out in id order (a resolve never overtakes its
-//!   trigger): the first pending delivery is leased (`lease_until`), sent, and marked
-//!   delivered; a failure keeps it pending with a backoff (`backoff.rs`, 500 ms doubling to
+//!   trigger): the first pending deliveries (up to 64, as far as they are due) are leased
+//!   (`lease_until`) in one statement, sent one by one, and marked delivered in one statement
+//!   (two round trips a batch, not two an event: the sink's throughput with a delivering
+//!   channel, bench section 4); a failure keeps it pending with a backoff (`backoff.rs`, 500 ms doubling to
 //!   30 s) and the channel shows as failing in the STATUS line and the `alert_channels` view.
 //!   A 4xx answer other than 408/425/429 is permanent: marked `failed` (status and the start
 //!   of the answer), and the channel moves on; 408/425/429, 5xx and no answer keep the order.
-//!   At least once: a sink killed after sending but before marking is retried once the lease
-//!   (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
+//!   A retryable failure ends the batch and releases the events after it untried; an event is
+//!   sent only while its lease still covers a whole request, so a slow receiver cannot let a
+//!   lease run out mid-send. At least once: a sink killed after sending but before marking
+//!   (the batch's mark, a few ms later) is retried once the lease (timeout + 5 s) expires, with the same idempotency key; PagerDuty's `dedup_key` (the
 //!   incident) makes its retries harmless too.
 //! - **Removed channels**: deliveries are written only for configured channels, so a channel
 //!   removed from the config would leave its pending ones pending for ever (blocking their

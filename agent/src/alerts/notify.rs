@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use postgres::Client;
 use postgres::fallible_iterator::FallibleIterator;
@@ -31,22 +31,39 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// A lease outlives the request's timeout by this much before another try may start.
 const LEASE_SLACK: Duration = Duration::from_secs(5);
 
-/// Takes the channel's first pending delivery if it is due and not leased; with its event.
-const CLAIM: &str = "WITH first AS ( \
-       SELECT event_id FROM alert_deliveries WHERE channel = $1 AND state = 'pending' \
-       ORDER BY event_id LIMIT 1 FOR UPDATE), \
+/// Most deliveries one claim takes: a lease, its marks and its release are one statement each
+/// per batch rather than per event.
+const BATCH: i64 = 64;
+
+/// Leases the channel's first pending deliveries (up to `$3`), in event order, as far as they
+/// are due and not leased: the claim stops at the first that is not, so a later event never
+/// overtakes one that waits for its retry or is another notifier's. With their events, in
+/// order.
+const CLAIM: &str = "WITH head AS ( \
+       SELECT event_id, next_attempt <= now() AND (lease_until IS NULL OR lease_until < now()) \
+              AS ready \
+       FROM alert_deliveries WHERE channel = $1 AND state = 'pending' \
+       ORDER BY event_id LIMIT $3 FOR UPDATE), \
+     blocked AS (SELECT min(event_id) AS at FROM head WHERE NOT ready), \
      claimed AS ( \
        UPDATE alert_deliveries d \
        SET lease_until = now() + ($2::float8 * interval '1 millisecond'), attempts = d.attempts + 1 \
-       FROM first WHERE d.event_id = first.event_id AND d.channel = $1 \
-         AND d.next_attempt <= now() AND (d.lease_until IS NULL OR d.lease_until < now()) \
+       FROM head, blocked WHERE d.event_id = head.event_id AND d.channel = $1 AND head.ready \
+         AND (blocked.at IS NULL OR head.event_id < blocked.at) \
        RETURNING d.event_id) \
      SELECT e.id, e.key, e.target, e.url, e.kind, e.state, e.previous, e.reason, e.incident, \
             e.check_id, e.at \
-     FROM alert_events e JOIN claimed c ON c.event_id = e.id";
+     FROM alert_events e JOIN claimed c ON c.event_id = e.id ORDER BY e.id";
 
-const DELIVERED: &str = "UPDATE alert_deliveries SET state = 'delivered', delivered_at = now(), \
-     lease_until = NULL, last_status = $3, last_error = NULL WHERE event_id = $1 AND channel = $2";
+/// Marks the events of `$1` delivered, each with its status from `$3`.
+const DELIVERED: &str = "UPDATE alert_deliveries d SET state = 'delivered', delivered_at = now(), \
+     lease_until = NULL, last_status = u.status, last_error = NULL \
+     FROM unnest($1::int8[], $3::int4[]) AS u(id, status) \
+     WHERE d.event_id = u.id AND d.channel = $2";
+
+/// Gives back claimed deliveries that were not tried (the batch stopped before them).
+const RELEASE: &str = "UPDATE alert_deliveries SET lease_until = NULL, attempts = attempts - 1 \
+     WHERE event_id = ANY($1) AND channel = $2 AND state = 'pending'";
 
 const FAILED: &str = "UPDATE alert_deliveries SET state = 'failed', lease_until = NULL, \
      last_status = $3, last_error = $4 WHERE event_id = $1 AND channel = $2";
@@ -250,81 +267,133 @@ impl ChannelWorker {
 
     fn connect(&self) -> Result<Client, SinkError> {
         let mut c = db::connect(&self.pg, &format!("sitewatch alerts {}", self.channel.name))?;
-        // Two commits per event (the lease, the mark) need not wait for the WAL flush: a
-        // crash of PostgreSQL may lose the last few, which only sends those events again, as
-        // at-least-once allows (same idempotency key). Waiting would put two WAL flushes
-        // per event in the queue of the sink's batch commits for the disk.
+        // The notifier's commits (a batch's lease, its marks) need not wait for the WAL
+        // flush: a crash of PostgreSQL may lose the last few, which only sends those events
+        // again, as at-least-once allows (same idempotency key). Waiting would put WAL flushes
+        // in the queue of the sink's batch commits for the disk.
         c.batch_execute("SET synchronous_commit = off; LISTEN sitewatch_alerts")?;
         Ok(c)
     }
 
-    /// Delivers the channel's next due event, if any; `Ok(false)` when there was none.
+    /// Delivers the channel's next due events (a batch of at most [`BATCH`]), in order;
+    /// `Ok(false)` when none was due. A retryable failure ends the batch: the events after it
+    /// are released untried, so none overtakes it. An event is sent only while its lease still
+    /// covers a whole request, so no other notifier can take it meanwhile.
     fn pass(&mut self, c: &mut Client) -> Result<bool, SinkError> {
         let lease = self.channel.timeout + LEASE_SLACK;
-        let rows = c.query(CLAIM, &[&self.channel.name, &(lease.as_millis() as f64)])?;
-        let Some(row) = rows.first() else {
+        let claimed_at = Instant::now();
+        let rows = c.query(
+            CLAIM,
+            &[&self.channel.name, &(lease.as_millis() as f64), &BATCH],
+        )?;
+        if rows.is_empty() {
             return Ok(false);
-        };
-        let at: SystemTime = row.get(10);
-        let at_ms = at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let ev = Event {
-            id: row.get(0),
-            key: row.get(1),
-            target: row.get(2),
-            url: row.get(3),
-            kind: row.get(4),
-            state: row.get(5),
-            previous: row.get(6),
-            reason: row.get(7),
-            incident: row.get(8),
-            check_id: row.get(9),
-            at: format_rfc3339_ms(at_ms),
-        };
+        }
+        let events: Vec<Event> = rows.iter().map(event).collect();
+        let mut delivered: (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+        let mut tried = 0;
+        for ev in &events {
+            if claimed_at.elapsed() + self.channel.timeout > lease {
+                break;
+            }
+            tried += 1;
+            match self.deliver(c, ev)? {
+                Outcome::Delivered(status) => {
+                    delivered.0.push(ev.id);
+                    delivered.1.push(status);
+                }
+                Outcome::Failed => {}
+                Outcome::Retry => break,
+            }
+        }
+        if !delivered.0.is_empty() {
+            c.execute(DELIVERED, &[&delivered.0, &self.channel.name, &delivered.1])?;
+        }
+        if tried < events.len() {
+            let rest: Vec<i64> = events[tried..].iter().map(|ev| ev.id).collect();
+            c.execute(RELEASE, &[&rest, &self.channel.name])?;
+        }
+        Ok(true)
+    }
+
+    /// Sends one event; a failure is written at once (`failed`, or pending with a backoff),
+    /// a delivery is left for the batch's mark.
+    fn deliver(&mut self, c: &mut Client, ev: &Event) -> Result<Outcome, SinkError> {
         let name = &self.channel.name;
         // A request may take the channel's timeout, longer than the default budget.
-        self.hb.busy(lease);
-        match send(&self.agent, &self.channel, &ev) {
+        self.hb.busy(self.channel.timeout + LEASE_SLACK);
+        let e = match send(&self.agent, &self.channel, ev) {
             Ok(status) => {
-                c.execute(DELIVERED, &[&ev.id, name, &i32::from(status)])?;
                 self.backoff.reset();
                 let mut s = lock(&self.status);
                 let st = s.entry(name.clone()).or_default();
                 st.delivered += 1;
                 st.failures = 0;
                 st.last_error = None;
+                return Ok(Outcome::Delivered(i32::from(status)));
             }
-            Err(e) => {
-                let text = e.to_string();
-                let permanent = matches!(
-                    e,
-                    DeliveryError::Status {
-                        permanent: true,
-                        ..
-                    }
-                );
-                if permanent {
-                    log::error!(target: "sitewatch::alerts",
-                        "channel {name}: event {} ({} {}) refused: {text}; not retried",
-                        ev.key, ev.target, ev.kind);
-                    c.execute(FAILED, &[&ev.id, name, &e.status(), &text])?;
-                } else {
-                    let delay = self.backoff.next_delay();
-                    log::warn!(target: "sitewatch::alerts",
-                        "channel {name}: event {} ({} {}): {text}; retrying in {}",
-                        ev.key, ev.target, ev.kind, crate::util::format_duration(delay));
-                    let ms = delay.as_millis() as f64;
-                    c.execute(RETRY, &[&ev.id, name, &e.status(), &text, &ms])?;
-                }
-                let mut s = lock(&self.status);
-                let st = s.entry(name.clone()).or_default();
-                st.failures += 1;
-                st.last_error = Some(text);
+            Err(e) => e,
+        };
+        let text = e.to_string();
+        let permanent = matches!(
+            e,
+            DeliveryError::Status {
+                permanent: true,
+                ..
             }
-        }
-        Ok(true)
+        );
+        let outcome = if permanent {
+            log::error!(target: "sitewatch::alerts",
+                "channel {name}: event {} ({} {}) refused: {text}; not retried",
+                ev.key, ev.target, ev.kind);
+            c.execute(FAILED, &[&ev.id, name, &e.status(), &text])?;
+            Outcome::Failed
+        } else {
+            let delay = self.backoff.next_delay();
+            log::warn!(target: "sitewatch::alerts",
+                "channel {name}: event {} ({} {}): {text}; retrying in {}",
+                ev.key, ev.target, ev.kind, crate::util::format_duration(delay));
+            let ms = delay.as_millis() as f64;
+            c.execute(RETRY, &[&ev.id, name, &e.status(), &text, &ms])?;
+            Outcome::Retry
+        };
+        let mut s = lock(&self.status);
+        let st = s.entry(name.clone()).or_default();
+        st.failures += 1;
+        st.last_error = Some(text);
+        Ok(outcome)
+    }
+}
+
+/// What became of one event of a batch.
+enum Outcome {
+    /// A 2xx answer with this status; marked with the rest of the batch.
+    Delivered(i32),
+    /// Refused for good and marked `failed`: the batch goes on.
+    Failed,
+    /// Pending again with a backoff: the batch ends, so no later event overtakes it.
+    Retry,
+}
+
+/// An event as [`CLAIM`] returns it.
+fn event(row: &postgres::Row) -> Event {
+    let at: SystemTime = row.get(10);
+    let at_ms = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Event {
+        id: row.get(0),
+        key: row.get(1),
+        target: row.get(2),
+        url: row.get(3),
+        kind: row.get(4),
+        state: row.get(5),
+        previous: row.get(6),
+        reason: row.get(7),
+        incident: row.get(8),
+        check_id: row.get(9),
+        at: format_rfc3339_ms(at_ms),
     }
 }
 
