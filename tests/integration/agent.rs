@@ -532,14 +532,29 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
         "{workers} workers started for 10 fast targets"
     );
 
-    // A burst: 40 fast targets due at once. A worker keeps taking jobs, so the pool does not
-    // grow for the queue of due checks (growth counting merely "a job waiting" reached 16).
+    // A burst: 40 fast targets due at once. A worker keeps taking jobs, and the last of them
+    // starts a few ms late at most, so the pool grows little if at all (growth counting
+    // merely "a job waiting" reached 16).
     let cfg = fleet("", "b", 40, &fast.url("/"), "500ms");
     let running = Running::start(&cfg, 16, NO_JITTER, None);
     running.wait_until("three rounds of 40", |recs| recs.len() >= 120);
     let (_, _, workers) = running.stop();
     assert!(
-        workers <= 6,
+        workers <= 8,
         "{workers} workers started for bursts of 40 fast checks"
     );
+}
+
+#[test]
+fn the_worker_pool_grows_when_checks_start_late_though_every_worker_keeps_taking_jobs() {
+    // 2,000 fast targets due at once: one worker takes job after job (so "a job waiting for
+    // a worker" never fires), but the later checks would start ever later. The pool grows,
+    // and every check runs.
+    let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
+    let cfg = fleet("", "l", 2000, &fast.url("/"), "1h");
+    let running = Running::start(&cfg, 16, NO_JITTER, None);
+    running.wait_until("a check of every target", |recs| recs.len() >= 2000);
+    let (summary, _, workers) = running.stop();
+    assert!(workers > 1, "one worker ran a backlog of 2,000 due checks");
+    assert_eq!(summary.skipped_overlaps, 0);
 }
