@@ -397,6 +397,51 @@ fn pages_and_tags_are_picked_from_the_targets_table() {
     assert_eq!(tags, ["x"]);
 }
 
+/// A page of 100 targets or more reads its daily rollups on a second session, in the first
+/// one's snapshot: it must show what pages of fewer targets (one session) show.
+#[test]
+fn a_large_page_read_on_two_sessions_shows_what_small_pages_show() {
+    let (db, cfg) = served_db();
+    let records: Vec<CheckResult> = (0..120)
+        .flat_map(|i| history(&format!("t{i:03}"), 10.0 + i as f64, i % 7, i % 5 != 0))
+        .collect();
+    write_records(&db, &records);
+    let server = serve::Server::start(&cfg).expect("serve starts");
+    let targets = |query: &str| {
+        let (status, head, body) = get(server.addr, &format!("/api/v1/status?{query}"));
+        assert_eq!(status, 200, "{body}");
+        assert!(head.contains("Server-Timing: db;dur="), "{head}");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+        doc["targets"].as_array().unwrap().clone()
+    };
+    let large = targets("per_page=120");
+    let small: Vec<serde_json::Value> = (0..3)
+        .flat_map(|page| targets(&format!("per_page=50&page={page}")))
+        .collect();
+    assert_eq!(large.len(), 120);
+    assert_eq!(large, small);
+    // The figures came from the rollups: some days below 100%, p50 from the histograms.
+    assert!(large.iter().any(|t| t["uptime_90d"].as_f64() < Some(1.0)));
+    assert!(
+        large
+            .iter()
+            .all(|t| t["p50_24h_ms_at_most"].as_f64().is_some())
+    );
+    let (status, head, page) = get(server.addr, "/?per_page=120");
+    assert_eq!(status, 200);
+    assert!(head.contains("Server-Timing: db;dur="), "{head}");
+    assert_eq!(page.matches("<section class=\"t\"").count(), 120);
+    let sessions: i64 = (db.client())
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = 'sitewatch serve' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, 2, "the page's session and its helper");
+}
+
 /// `history` as seen from `location`.
 fn history_at(target: &str, location: &str, down_every: usize, last_up: bool) -> Vec<CheckResult> {
     let mut records = history(target, 40.0, down_every, last_up);

@@ -1,21 +1,24 @@
 //! What the pages read, and how: every query runs in a READ ONLY transaction on a session that
 //! is itself `default_transaction_read_only`, under a statement timeout, and every list is
-//! capped ([`MAX_TARGETS`], [`RECENT_CHECKS`]). Uptime and latency come from the rollup tables,
+//! capped ([`MAX_TARGETS`], [`RECENT_CHECKS`]). A page of [`PARALLEL_FROM`] targets or more
+//! reads its daily rollups on a second such session, in the first one's snapshot. Uptime and latency come from the rollup tables,
 //! never from scanning raw checks; only a target's current state and its recent checks read
 //! `checks`, through its (target, started_at) index.
 
 use std::collections::HashMap;
+use std::time::SystemTime;
 
-use postgres::{Client, Transaction};
+use postgres::types::{FromSql, Type};
+use postgres::{Client, IsolationLevel, Transaction};
 
 use crate::sink::rollup::BUCKETS;
 
 /// Targets on one page unless `?per_page=` says otherwise (sorted by id); `?page=N` shows the
-/// next ones. Each target is about 16 KB of HTML (90 focusable day cells with their figures,
-/// 24 hourly bars), so a page stays near 3 MB; past a few hundred targets, `?tag=` is the way
-/// to find one.
+/// next ones. Each target is up to about 9 KB of HTML (90 day cells with their figures, when
+/// no two days in a row show the same; 24 hourly bars), so a page stays under 2 MB; past a
+/// few hundred targets, `?tag=` is the way to find one.
 pub const MAX_TARGETS: i64 = 200;
-/// `?per_page=` at most: a page of 1,000 targets is about 16 MB of HTML.
+/// `?per_page=` at most: a page of 1,000 targets is up to about 9 MB of HTML.
 pub const MAX_PER_PAGE: i64 = 1000;
 /// Checks listed on `/target/<id>`.
 pub const RECENT_CHECKS: i64 = 50;
@@ -42,10 +45,13 @@ pub struct TargetView {
     pub total_ms: f64,
     pub cert_not_after_ms: Option<i64>,
     pub tags: Vec<String>,
-    /// Day start (unix ms) → (checks, successes), at most [`BAR_DAYS`] days.
-    pub days: HashMap<i64, (i64, i64)>,
-    /// The last 24 hours: hour start → histogram of timings.total.
-    pub hours: HashMap<i64, [i64; BUCKETS]>,
+    /// (checks, successes) of each of the last [`BAR_DAYS`] days, oldest first (today last;
+    /// no checks: no data); empty when none was read. Arrays, not maps: a page of 1,000
+    /// targets reads 90,000 of them.
+    pub days: Vec<(i64, i64)>,
+    /// Histogram of timings.total of each of the last 24 hours, oldest first (the current
+    /// hour last; all zero: no data); empty when none was read.
+    pub hours: Vec<[i64; BUCKETS]>,
     pub checks_24h: i64,
     pub successes_24h: i64,
     /// Each location's latest check, for a target seen from several locations in the last day
@@ -87,7 +93,7 @@ impl TargetView {
     /// The 24-hour histogram over every hour.
     pub fn hist_24h(&self) -> [i64; BUCKETS] {
         let mut sum = [0; BUCKETS];
-        for hist in self.hours.values() {
+        for hist in &self.hours {
             for (s, n) in sum.iter_mut().zip(hist) {
                 *s += n;
             }
@@ -117,12 +123,18 @@ pub fn prepare_session(client: &mut Client) -> Result<(), postgres::Error> {
     ))
 }
 
-/// Runs `read` in a READ ONLY transaction (rolled back: nothing to commit).
+/// Runs `read` in a READ ONLY transaction (rolled back: nothing to commit), REPEATABLE READ so
+/// that all of a page's statements, and a helper session's (`pg_export_snapshot`), see one
+/// snapshot.
 pub fn read_only<T>(
     client: &mut Client,
     read: impl FnOnce(&mut Transaction) -> Result<T, postgres::Error>,
 ) -> Result<T, postgres::Error> {
-    let mut tx = client.build_transaction().read_only(true).start()?;
+    let mut tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?;
     read(&mut tx)
 }
 
@@ -169,12 +181,17 @@ impl Selection {
 }
 
 /// The targets of `selection` (at most [`Selection::per_page`]; `more` says whether others
-/// follow), with their rollups, as of `now_ms`.
+/// follow), with their rollups, as of `now_ms`. With a `helper` session and a page of
+/// [`PARALLEL_FROM`] targets or more, the daily rollups are read on it while `tx` reads the
+/// hourly ones, in `tx`'s snapshot (see [`read_only`]): the two are most of a large page's
+/// time, and PostgreSQL and the decoding then use both cores.
 pub fn targets(
     tx: &mut Transaction,
+    helper: Option<&mut Client>,
     selection: &Selection,
     now_ms: i64,
 ) -> Result<(Vec<TargetView>, bool), postgres::Error> {
+    let begun = std::time::Instant::now();
     let per_page = selection.per_page();
     let rows = tx.query(
         STATUS_SQL,
@@ -214,40 +231,231 @@ pub fn targets(
         .enumerate()
         .map(|(i, id)| (id.as_str(), i))
         .collect();
-    let today = now_ms - now_ms.rem_euclid(DAY_MS);
-    let first_day = crate::sink::db::system_time(today - (BAR_DAYS - 1) * DAY_MS);
-    let days = tx.query(
-        "SELECT target, (extract(epoch FROM period_start) * 1000)::int8, checks, successes \
+    let started = std::time::Instant::now();
+    let beside = match helper {
+        Some(h) if views.len() >= PARALLEL_FROM => export_snapshot(tx)?.map(|id| (h, id)),
+        _ => None,
+    };
+    let parallel = beside.is_some();
+    let (days, hours) = match beside {
+        Some((helper, snapshot)) => std::thread::scope(|s| {
+            let days =
+                s.spawn(|| in_snapshot(helper, &snapshot, |t| read_days(t, &ids, &index, now_ms)));
+            let hours = read_hours(tx, &ids, &index, now_ms);
+            let days = days.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (days, hours)
+        }),
+        None => (
+            read_days(tx, &ids, &index, now_ms),
+            read_hours(tx, &ids, &index, now_ms),
+        ),
+    };
+    for (view, days) in views.iter_mut().zip(days?) {
+        view.days = days;
+    }
+    let Hours { per_view, several } = hours?;
+    for (view, (hours, checks, successes)) in views.iter_mut().zip(per_view) {
+        (view.hours, view.checks_24h, view.successes_24h) = (hours, checks, successes);
+    }
+    let rollups_read = started.elapsed();
+    if !several.is_empty() {
+        add_locations(tx, &mut views, &several, &index)?;
+    }
+    log::debug!(target: "sitewatch::serve",
+        "{} targets read: status {} ms, rollups {} ms ({}), {} with several locations {} ms",
+        views.len(), (started - begun).as_millis(), rollups_read.as_millis(),
+        if parallel { "daily and hourly at once" } else { "one after the other" },
+        several.len(), (started.elapsed() - rollups_read).as_millis());
+    Ok((views, more))
+}
+
+/// Pages of at least this many targets read their daily rollups on a second session.
+pub const PARALLEL_FROM: usize = 100;
+
+/// The snapshot of `tx` for another session to read in (`None` if PostgreSQL answers with
+/// something that is not a snapshot id: then one session reads everything).
+fn export_snapshot(tx: &mut Transaction) -> Result<Option<String>, postgres::Error> {
+    let id: String = tx.query_one("SELECT pg_export_snapshot()", &[])?.get(0);
+    // Pasted into SET TRANSACTION SNAPSHOT, which takes no parameter: hex digits and dashes.
+    Ok((!id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')).then_some(id))
+}
+
+/// Runs `read` in a READ ONLY transaction of `client` that sees `snapshot`.
+fn in_snapshot<T>(
+    client: &mut Client,
+    snapshot: &str,
+    read: impl FnOnce(&mut Transaction) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    read_only(client, |tx| {
+        tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))?;
+        read(tx)
+    })
+}
+
+/// The daily rollups of the bar's days: [`TargetView::days`] of each target of `ids`.
+fn read_days(
+    tx: &mut Transaction,
+    ids: &[String],
+    index: &HashMap<&str, usize>,
+    now_ms: i64,
+) -> Result<Vec<Vec<(i64, i64)>>, postgres::Error> {
+    let first_day_ms = now_ms - now_ms.rem_euclid(DAY_MS) - (BAR_DAYS - 1) * DAY_MS;
+    let first_day = crate::sink::db::system_time(first_day_ms);
+    let rows = tx.query(
+        "SELECT target, period_start, checks, successes \
          FROM check_rollups_daily WHERE target = ANY($1) AND period_start >= $2",
         &[&ids, &first_day],
     )?;
-    for r in &days {
+    let mut days: Vec<Vec<(i64, i64)>> = vec![Vec::new(); ids.len()];
+    for r in &rows {
         // One row per location: they add up (a GROUP BY here cost more than this loop).
-        let view = &mut views[index[r.get::<_, &str>(0)]];
-        let day = view.days.entry(r.get(1)).or_insert((0, 0));
+        let series = &mut days[index[r.get::<_, &str>(0)]];
+        let start = unix_ms(r.get(1));
+        let Some(day) = slot(series, BAR_DAYS, first_day_ms, DAY_MS, start) else {
+            continue;
+        };
         day.0 += r.get::<_, i64>(2);
         day.1 += r.get::<_, i64>(3);
     }
-    let hour = now_ms - now_ms.rem_euclid(HOUR_MS);
-    let first_hour = crate::sink::db::system_time(hour - 23 * HOUR_MS);
-    let hours = tx.query(
-        "SELECT target, (extract(epoch FROM period_start) * 1000)::int8, checks, successes, \
-         total_ms_hist FROM check_rollups_hourly \
+    Ok(days)
+}
+
+/// What [`read_hours`] found: per target of `ids`, [`TargetView::hours`], checks and
+/// successes in the last 24 hours; and the targets seen from several locations.
+struct Hours {
+    per_view: Vec<(Vec<[i64; BUCKETS]>, i64, i64)>,
+    several: Vec<String>,
+}
+
+/// The hourly rollups of the last 24 hours into [`TargetView::hours`] and the 24-hour counts;
+/// returns the targets seen from two or more locations in them (and the hour before, the
+/// window of `LOCATIONS_SQL`): only those need [`add_locations`], whose query costs as much
+/// as this one for a page that has none.
+fn read_hours(
+    tx: &mut Transaction,
+    ids: &[String],
+    index: &HashMap<&str, usize>,
+    now_ms: i64,
+) -> Result<Hours, postgres::Error> {
+    let first_hour_ms = now_ms - now_ms.rem_euclid(HOUR_MS) - 23 * HOUR_MS;
+    let from = crate::sink::db::system_time(first_hour_ms - HOUR_MS);
+    let rows = tx.query(
+        "SELECT target, period_start, checks, successes, \
+         total_ms_hist, location FROM check_rollups_hourly \
          WHERE target = ANY($1) AND period_start >= $2",
-        &[&ids, &first_hour],
+        &[&ids, &from],
     )?;
-    for r in &hours {
-        let view = &mut views[index[r.get::<_, &str>(0)]];
-        view.checks_24h += r.get::<_, i64>(2);
-        view.successes_24h += r.get::<_, i64>(3);
-        let hist = view.hours.entry(r.get(1)).or_insert([0; BUCKETS]);
+    let mut per_view: Vec<(Vec<[i64; BUCKETS]>, i64, i64)> = vec![(Vec::new(), 0, 0); ids.len()];
+    // Per target: the first location seen, and whether another one followed.
+    let mut first: Vec<Option<Option<String>>> = vec![None; ids.len()];
+    let mut several = vec![false; ids.len()];
+    for r in &rows {
+        let i = index[r.get::<_, &str>(0)];
+        let location: Option<&str> = r.get(5);
+        match &first[i] {
+            None => first[i] = Some(location.map(str::to_string)),
+            Some(seen) if seen.as_deref() != location => several[i] = true,
+            Some(_) => {}
+        }
+        let start = unix_ms(r.get(1));
+        if start < first_hour_ms {
+            continue;
+        }
+        let (hours, checks, successes) = &mut per_view[i];
+        *checks += r.get::<_, i64>(2);
+        *successes += r.get::<_, i64>(3);
+        let Some(hist) = slot(hours, 24, first_hour_ms, HOUR_MS, start) else {
+            continue;
+        };
         // Locations of one hour add up; a histogram of another length adds what it has.
-        for (sum, n) in hist.iter_mut().zip(r.get::<_, Vec<i64>>(4)) {
-            *sum += n;
+        r.get::<_, Int8Array>(4).add_to(hist);
+    }
+    let several = (ids.iter().zip(several))
+        .filter(|&(_, several)| several)
+        .map(|(id, _)| id.clone())
+        .collect();
+    Ok(Hours { per_view, several })
+}
+
+/// An `int8[]` as PostgreSQL sends it (binary), read in place: the page's 24,000 hourly
+/// histograms added up without a `Vec` each.
+struct Int8Array<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Int8Array<'a> {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> Result<Int8Array<'a>, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Int8Array(raw))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::INT8_ARRAY
+    }
+}
+
+impl Int8Array<'_> {
+    /// Adds element `i` (of a one-dimensional array; nulls count 0) to `sum[i]`, as far as
+    /// both go. Anything malformed adds nothing more.
+    fn add_to(&self, sum: &mut [i64]) {
+        let be32 = |at: usize| -> Option<i32> {
+            Some(i32::from_be_bytes(self.0.get(at..at + 4)?.try_into().ok()?))
+        };
+        // Header: dimensions, a has-nulls flag, the element type; then length and lower
+        // bound per dimension; then each element as its length (-1: null) and bytes.
+        let Some(1) = be32(0) else {
+            return;
+        };
+        let Some(len) = be32(12) else {
+            return;
+        };
+        let mut at = 20;
+        for slot in sum.iter_mut().take(len.max(0) as usize) {
+            let Some(n) = be32(at) else {
+                return;
+            };
+            at += 4;
+            if n < 0 {
+                continue;
+            }
+            let Some(bytes) = self.0.get(at..at + n as usize) else {
+                return;
+            };
+            if let Ok(b) = <[u8; 8]>::try_from(bytes) {
+                *slot += i64::from_be_bytes(b);
+            }
+            at += n as usize;
         }
     }
-    add_locations(tx, &mut views, &ids, &index)?;
-    Ok((views, more))
+}
+
+/// A timestamp as unix ms. The rollup queries return `period_start` as it is stored, not
+/// `extract(epoch ...) * 1000`: that is numeric arithmetic, and for the 90,000 daily rows of a
+/// page of 1,000 targets it was most of PostgreSQL's time (18 ms without it, 109 ms with).
+fn unix_ms(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// The entry of `series` (`len` periods of `period_ms` from `first_ms`, made on first use)
+/// for the period starting at `start_ms`; `None` outside them (a row written after `now`).
+fn slot<T: Default + Clone>(
+    series: &mut Vec<T>,
+    len: i64,
+    first_ms: i64,
+    period_ms: i64,
+    start_ms: i64,
+) -> Option<&mut T> {
+    let i = (start_ms - first_ms).div_euclid(period_ms);
+    if !(0..len).contains(&i) {
+        return None;
+    }
+    if series.is_empty() {
+        series.resize(len as usize, T::default());
+    }
+    series.get_mut(i as usize)
 }
 
 /// Each location's latest check (within a day) and since when it holds, for the targets of

@@ -100,7 +100,10 @@ impl Server {
         let client = connect(&pg).map_err(ServeError::Database)?;
         let pages = Arc::new(Pages {
             pg,
-            client: Mutex::new(Some(client)),
+            sessions: Mutex::new(Sessions {
+                main: Some(client),
+                helper: None,
+            }),
             cache: Mutex::new(Cache::default()),
         });
         let addr = httpd::start("serve", serve.listen, serve.connections, pages)
@@ -117,7 +120,7 @@ impl Server {
 pub fn pages(pg: &PostgresConfig) -> Arc<dyn Handler> {
     Arc::new(Pages {
         pg: pg.clone(),
-        client: Mutex::new(None),
+        sessions: Mutex::new(Sessions::default()),
         cache: Mutex::new(Cache::default()),
     })
 }
@@ -137,9 +140,19 @@ fn connect(pg: &PostgresConfig) -> Result<Client, SinkError> {
 
 struct Pages {
     pg: PostgresConfig,
-    /// The one session; `None` after it broke (the next request reconnects).
-    client: Mutex<Option<Client>>,
+    /// Held by one request at a time.
+    sessions: Mutex<Sessions>,
     cache: Mutex<Cache>,
+}
+
+/// The read-only sessions: `None` after one broke (the next request connects again).
+#[derive(Default)]
+struct Sessions {
+    main: Option<Client>,
+    /// Reads a large page's daily rollups beside `main` (`data::targets`); connected on the
+    /// first request for a list of targets. Without it (it cannot connect) `main` reads
+    /// everything.
+    helper: Option<Client>,
 }
 
 #[derive(Default)]
@@ -274,10 +287,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pages {
+    /// The helper session for `route`, if it lists targets; connected when there is none
+    /// (a failure is not the page's: `main` reads everything then).
+    fn helper<'a>(&self, helper: &'a mut Option<Client>, route: &Route) -> Option<&'a mut Client> {
+        if !matches!(route, Route::Status { .. } | Route::Api(_)) {
+            return None;
+        }
+        if helper.as_ref().is_none_or(Client::is_closed) {
+            *helper = connect(&self.pg)
+                .map_err(|e| log::debug!("serve: helper session: {e}"))
+                .ok();
+        }
+        helper.as_mut()
+    }
+
     fn render(&self, route: &Route) -> Response {
-        let mut session = lock(&self.client);
-        if session.as_ref().is_none_or(Client::is_closed) {
-            *session = match connect(&self.pg) {
+        let mut sessions = lock(&self.sessions);
+        let Sessions { main, helper } = &mut *sessions;
+        if main.as_ref().is_none_or(Client::is_closed) {
+            *main = match connect(&self.pg) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     log::warn!("serve: {e}");
@@ -285,19 +313,28 @@ impl Pages {
                 }
             };
         }
-        let Some(client) = session.as_mut() else {
+        let Some(client) = main.as_mut() else {
             return refuse(503, "database unavailable");
         };
+        let helper = self.helper(helper, route);
         let now_ms = unix_ms_now();
         let result = data::read_only(client, |tx| match route {
             Route::Status { selection, group } => {
-                let (views, more) = data::targets(tx, selection, now_ms)?;
+                let started = Instant::now();
+                let (views, more) = data::targets(tx, helper, selection, now_ms)?;
+                let read = started.elapsed();
                 let page = html::status_page(&views, more, selection, *group, now_ms);
-                Ok(Response::new(200, HTML, page).with_header("Content-Security-Policy", CSP))
+                Ok(Response::new(200, HTML, page)
+                    .with_header("Content-Security-Policy", CSP)
+                    .with_header("Server-Timing", server_timing(read, started.elapsed())))
             }
             Route::Api(selection) => {
-                let (views, more) = data::targets(tx, selection, now_ms)?;
-                Ok(Response::new(200, JSON, api_json(&views, more, now_ms)))
+                let started = Instant::now();
+                let (views, more) = data::targets(tx, helper, selection, now_ms)?;
+                let read = started.elapsed();
+                let json = api_json(&views, more, now_ms);
+                Ok(Response::new(200, JSON, json)
+                    .with_header("Server-Timing", server_timing(read, started.elapsed())))
             }
             Route::Target(id) => {
                 let Some(view) = one_target(tx, id, now_ms)? else {
@@ -314,12 +351,31 @@ impl Pages {
             Err(e) => {
                 log::warn!("serve: {}", crate::sink::db::describe(&e));
                 if client.is_closed() {
-                    *session = None;
+                    *main = None;
+                }
+                if helper_broke(&sessions.helper) {
+                    sessions.helper = None;
                 }
                 refuse(503, "database unavailable")
             }
         }
     }
+}
+
+fn helper_broke(helper: &Option<Client>) -> bool {
+    helper.as_ref().is_some_and(Client::is_closed)
+}
+
+/// `Server-Timing` (W3C; browsers' developer tools show it): the database reads and the whole
+/// page as built, in ms, sending not included. A cached answer repeats the figures of the
+/// request that built it. Bench section 9 reports them as the server-side time.
+fn server_timing(read: Duration, total: Duration) -> String {
+    format!(
+        "db;dur={:.1}, render;dur={:.1}, total;dur={:.1}",
+        read.as_secs_f64() * 1000.0,
+        (total - read).as_secs_f64() * 1000.0,
+        total.as_secs_f64() * 1000.0
+    )
 }
 
 fn one_target(
@@ -331,7 +387,10 @@ fn one_target(
         target: Some(id.to_string()),
         ..Selection::default()
     };
-    Ok(data::targets(tx, &selection, now_ms)?.0.into_iter().next())
+    Ok(data::targets(tx, None, &selection, now_ms)?
+        .0
+        .into_iter()
+        .next())
 }
 
 fn badge(
@@ -387,7 +446,7 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
         .map(|v| {
             let (checks, ups) = v
                 .days
-                .values()
+                .iter()
                 .fold((0, 0), |(c, s), (dc, ds)| (c + dc, s + ds));
             let ratio = |up: i64, n: i64| (n > 0).then(|| up as f64 / n as f64);
             let hist = v.hist_24h();
