@@ -532,8 +532,8 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
         "{workers} workers started for 10 fast targets"
     );
 
-    // A burst: 40 fast targets due at once. A worker keeps taking jobs, and the last of them
-    // starts a few ms late at most, so the pool grows little if at all (growth counting
+    // A burst: 40 fast targets due at once. A worker keeps taking jobs, and checks due at one
+    // instant are no rate to grow for, so the pool grows little if at all (growth counting
     // merely "a job waiting" reached 16).
     let cfg = fleet("", "b", 40, &fast.url("/"), "500ms");
     let running = Running::start(&cfg, 16, NO_JITTER, None);
@@ -547,12 +547,14 @@ fn the_worker_pool_grows_to_its_cap_only_when_checks_wait() {
 
 #[test]
 fn the_worker_pool_grows_when_checks_start_late_though_every_worker_keeps_taking_jobs() {
-    // 2,000 fast targets due at once: one worker takes job after job (so "a job waiting for
-    // a worker" never fires), but the later checks would start ever later. The pool grows,
-    // and every check runs.
+    // 2,000 fast targets coming due within 200 ms, faster than one worker runs them: it takes
+    // job after job (so "a job waiting for a worker" never fires), but the checks start ever
+    // later. The pool grows, and every check runs. (Due at one instant, as with jitter 0, they
+    // grow nothing: the first test.)
     let fast = HttpServer::start(|_, _| Reply::status(200, "fast"));
     let cfg = fleet("", "l", 2000, &fast.url("/"), "1h");
-    let running = Running::start(&cfg, 16, NO_JITTER, None);
+    let spread = sitewatch::config::Jitter::Fixed(Duration::from_millis(200));
+    let running = Running::start(&cfg, 16, spread, None);
     running.wait_until("a check of every target", |recs| recs.len() >= 2000);
     let (summary, _, workers) = running.stop();
     assert!(workers > 1, "one worker ran a backlog of 2,000 due checks");

@@ -39,11 +39,10 @@ use queue::{Queue, TargetId};
 
 /// How long a due check waits, with no worker taking any job, before the pool grows by one.
 pub const GROW_AFTER: Duration = Duration::from_millis(10);
-/// How late a check may be handed to a worker before the pool grows by one (then at most one
-/// more per [`GROW_AFTER`] while checks stay this late). Above the few ms a round of 100
-/// targets due at once queues on one worker, so such a round still runs on one (bench section
-/// 6 counts every worker's memory); below the hundreds of ms a sustained burst piles up.
-pub const LATE_GROW: Duration = Duration::from_millis(20);
+/// How late a check may be handed to a worker before the pool grows by one (see
+/// `Pool::grow_if_late`: a round due at one instant grows it by one at most, bench section 6
+/// counts every worker's memory); well below the hundreds of ms a sustained burst piled up.
+pub const LATE_GROW: Duration = Duration::from_millis(10);
 /// How long a worker waits for a job before it ends (long runs; the last worker stays).
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// A round is over once no check has run for this long; then, if the next one is at least this
@@ -316,7 +315,7 @@ impl Scheduler {
             target: target.clone(),
             prober: self.prober.clone(),
         };
-        self.pool.grow_if_late(now.saturating_duration_since(due));
+        self.pool.grow_if_late(due, now);
         if !self.hand_to_worker(job) {
             return false;
         }

@@ -41,9 +41,10 @@ pub(crate) struct Pool {
     /// `taken` when last looked at, and since when it has not moved while a job waits.
     last_taken: u64,
     waiting_since: Option<Instant>,
-    /// When the pool last grew because checks started late, and how late they were then
-    /// ([`Pool::grow_if_late`]); `None` once checks are on time again.
-    grew_late: Option<(Instant, Duration)>,
+    /// When the pool last grew because checks started late, and the due time of the first
+    /// of the checks late since ([`Pool::grow_if_late`]).
+    grew_late_at: Option<Instant>,
+    late_from: Option<Instant>,
     job_rx: Arc<Mutex<Receiver<Job>>>,
     result_tx: SyncSender<CheckResult>,
     done_tx: mpsc::Sender<Done>,
@@ -89,7 +90,8 @@ impl Pool {
             taken: Arc::new(AtomicU64::new(0)),
             last_taken: 0,
             waiting_since: None,
-            grew_late: None,
+            grew_late_at: None,
+            late_from: None,
             job_rx: Arc::new(Mutex::new(job_rx)),
             result_tx: results,
             done_tx,
@@ -153,24 +155,25 @@ impl Pool {
         true
     }
 
-    /// Grows the pool by one when a check is handed out `late` by [`LATE_GROW`] or more: more
-    /// checks are due than the workers run, although each worker keeps taking jobs (which
-    /// [`Pool::grow_if_waiting`] cannot see). Then once more per [`GROW_AFTER`] only while
-    /// checks get later still: once the backlog shrinks the workers are enough, and more
-    /// would only contend for the same cores. A burst of 100,000 targets every 60 s spread
-    /// over 6 s (the default 10% jitter), ~16,700 checks a second, was served by one worker
-    /// 280 ms late at the median (bench/slip-ab).
-    pub(crate) fn grow_if_late(&mut self, late: Duration) {
-        if late < LATE_GROW {
-            self.grew_late = None;
+    /// Grows the pool by one when checks come due faster than the workers run them, although
+    /// each worker keeps taking jobs (which [`Pool::grow_if_waiting`] cannot see): the check
+    /// due at `due`, handed out at `now`, is [`LATE_GROW`] or more late, and so was every check
+    /// since one due at least [`LATE_GROW`] before it (a rate, not one instant: a round of
+    /// checks due at the same moment, as with jitter 0, grows nothing, and bench section 6
+    /// counts every worker's memory), and it came due after the pool last grew (checks
+    /// already due then say nothing about the new worker). A burst of 100,000 targets every
+    /// 60 s spread over 6 s (the default 10% jitter), ~16,700 checks a second, was served by
+    /// one worker 280 ms late at the median (bench/slip-ab).
+    pub(crate) fn grow_if_late(&mut self, due: Instant, now: Instant) {
+        if now.saturating_duration_since(due) < LATE_GROW {
+            self.late_from = None;
             return;
         }
-        let grow = match self.grew_late {
-            None => true,
-            Some((at, then)) => at.elapsed() >= GROW_AFTER && late > then,
-        };
-        if grow {
-            self.grew_late = Some((Instant::now(), late));
+        let from = *self.late_from.get_or_insert(due);
+        if due.saturating_duration_since(from) >= LATE_GROW
+            && self.grew_late_at.is_none_or(|at| due > at)
+        {
+            self.grew_late_at = Some(now);
             self.grow();
         }
     }
