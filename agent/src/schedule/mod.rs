@@ -39,9 +39,10 @@ use queue::{Queue, TargetId};
 
 /// How long a due check waits, with no worker taking any job, before the pool grows by one.
 pub const GROW_AFTER: Duration = Duration::from_millis(10);
-/// How late a check may be handed to a worker before the pool grows by one (see
-/// `Pool::grow_if_late`: a round due at one instant grows it by one at most, bench section 6
-/// counts every worker's memory); well below the hundreds of ms a sustained burst piled up.
+/// How late checks may be handed to workers, for this long of their due times, before the
+/// pool grows by one (see `Pool::grow_if_late`: a round due at one instant grows nothing, as
+/// bench section 6 counts every worker's memory); well below the hundreds of ms a sustained
+/// burst piled up on one worker.
 pub const LATE_GROW: Duration = Duration::from_millis(10);
 /// How long a worker waits for a job before it ends (long runs; the last worker stays).
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
