@@ -280,7 +280,7 @@ impl ChannelWorker {
     /// are released untried, so none overtakes it. An event is sent only while its lease still
     /// covers a whole request, so no other notifier can take it meanwhile.
     fn pass(&mut self, c: &mut Client) -> Result<bool, SinkError> {
-        let lease = self.channel.timeout + LEASE_SLACK;
+        let lease = self.lease();
         let claimed_at = Instant::now();
         let rows = c.query(
             CLAIM,
@@ -316,12 +316,17 @@ impl ChannelWorker {
         Ok(true)
     }
 
+    /// How long a claim leases its deliveries: the request's timeout and some slack.
+    fn lease(&self) -> Duration {
+        self.channel.timeout + LEASE_SLACK
+    }
+
     /// Sends one event; a failure is written at once (`failed`, or pending with a backoff),
     /// a delivery is left for the batch's mark.
     fn deliver(&mut self, c: &mut Client, ev: &Event) -> Result<Outcome, SinkError> {
         let name = &self.channel.name;
         // A request may take the channel's timeout, longer than the default budget.
-        self.hb.busy(self.channel.timeout + LEASE_SLACK);
+        self.hb.busy(self.lease());
         let e = match send(&self.agent, &self.channel, ev) {
             Ok(status) => {
                 self.backoff.reset();

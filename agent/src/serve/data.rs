@@ -29,6 +29,18 @@ pub const STATEMENT_TIMEOUT: &str = "5s";
 
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
+/// Hours in the response time chart.
+pub const CHART_HOURS: i64 = 24;
+
+/// Start (unix ms) of the uptime bar's first day as of `now_ms`: [`TargetView::days`]`[0]`.
+pub fn first_day_ms(now_ms: i64) -> i64 {
+    now_ms - now_ms.rem_euclid(DAY_MS) - (BAR_DAYS - 1) * DAY_MS
+}
+
+/// Start (unix ms) of the chart's first hour as of `now_ms`: [`TargetView::hours`]`[0]`.
+pub fn first_hour_ms(now_ms: i64) -> i64 {
+    now_ms - now_ms.rem_euclid(HOUR_MS) - (CHART_HOURS - 1) * HOUR_MS
+}
 
 /// One target as the status page shows it.
 #[derive(Debug, Clone, Default)]
@@ -299,7 +311,7 @@ fn read_days(
     index: &HashMap<&str, usize>,
     now_ms: i64,
 ) -> Result<Vec<Vec<(i64, i64)>>, postgres::Error> {
-    let first_day_ms = now_ms - now_ms.rem_euclid(DAY_MS) - (BAR_DAYS - 1) * DAY_MS;
+    let first_day_ms = first_day_ms(now_ms);
     let first_day = crate::sink::db::system_time(first_day_ms);
     let rows = tx.query(
         "SELECT target, period_start, checks, successes \
@@ -337,7 +349,7 @@ fn read_hours(
     index: &HashMap<&str, usize>,
     now_ms: i64,
 ) -> Result<Hours, postgres::Error> {
-    let first_hour_ms = now_ms - now_ms.rem_euclid(HOUR_MS) - 23 * HOUR_MS;
+    let first_hour_ms = first_hour_ms(now_ms);
     let from = crate::sink::db::system_time(first_hour_ms - HOUR_MS);
     let rows = tx.query(
         "SELECT target, period_start, checks, successes, \
@@ -364,7 +376,7 @@ fn read_hours(
         let (hours, checks, successes) = &mut per_view[i];
         *checks += r.get::<_, i64>(2);
         *successes += r.get::<_, i64>(3);
-        let Some(hist) = slot(hours, 24, first_hour_ms, HOUR_MS, start) else {
+        let Some(hist) = slot(hours, CHART_HOURS, first_hour_ms, HOUR_MS, start) else {
             continue;
         };
         // Locations of one hour add up; a histogram of another length adds what it has.

@@ -6,7 +6,10 @@
 use std::fmt::Write as _;
 
 use super::badge::{GREEN, State, YELLOW, uptime_colour};
-use super::data::{BAR_DAYS, CheckView, DAY_MS, HOUR_MS, LocationView, Selection, TargetView};
+use super::data::{
+    BAR_DAYS, CheckView, DAY_MS, HOUR_MS, LocationView, Selection, TargetView, first_day_ms,
+    first_hour_ms,
+};
 use crate::sink::rollup::quantile;
 use crate::util::format_rfc3339_ms;
 
@@ -103,11 +106,24 @@ fn percent(successes: i64, checks: i64) -> Option<f64> {
 }
 
 fn fmt_percent(p: f64) -> String {
-    if p >= 100.0 {
-        "100%".into()
-    } else {
-        format!("{:.2}%", (p * 100.0).floor() / 100.0)
+    let mut out = String::new();
+    push_percent(&mut out, (p * 100.0).floor() as i64);
+    out
+}
+
+/// A percentage given in hundredths (rounded down by the caller): "99.95%", "100%".
+fn push_percent(out: &mut String, hundredths: i64) {
+    if hundredths >= 10_000 {
+        out.push_str("100%");
+        return;
     }
+    push_int(out, hundredths / 100);
+    out.push('.');
+    if hundredths % 100 < 10 {
+        out.push('0');
+    }
+    push_int(out, hundredths % 100);
+    out.push('%');
 }
 
 /// What the pages share: the time they are drawn for and the dates of the bar's days, built
@@ -120,7 +136,7 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(now_ms: i64) -> Frame {
-        let first_day = now_ms - now_ms.rem_euclid(DAY_MS) - (BAR_DAYS - 1) * DAY_MS;
+        let first_day = first_day_ms(now_ms);
         let dates = (0..BAR_DAYS)
             .map(|i| format_rfc3339_ms(first_day + i * DAY_MS)[..10].to_string())
             .collect();
@@ -144,17 +160,7 @@ fn day_look(cell: Option<i64>, text: &mut String) -> &'static str {
     let Some(bp) = cell else {
         return "bn";
     };
-    if bp >= 10_000 {
-        text.push_str("100%");
-    } else {
-        push_int(text, bp / 100);
-        text.push('.');
-        if bp % 100 < 10 {
-            text.push('0');
-        }
-        push_int(text, bp % 100);
-        text.push('%');
-    }
+    push_percent(text, bp);
     uptime_class(bp as f64 / 100.0)
 }
 
@@ -260,7 +266,7 @@ fn response_chart(out: &mut String, view: &TargetView, now_ms: i64, per_hour: bo
         (Some(a), Some(b)) => format!("24-hour response time: p50 ≤ {a} ms, p95 ≤ {b} ms"),
         _ => "24-hour response time: no data".into(),
     };
-    let first_hour = now_ms - now_ms.rem_euclid(HOUR_MS) - 23 * HOUR_MS;
+    let first_hour = first_hour_ms(now_ms);
     let bars: Vec<(usize, i64, f64, f64)> = (view.hours.iter().enumerate())
         .filter_map(|(i, h)| {
             let start = first_hour + i as i64 * HOUR_MS;
@@ -292,7 +298,7 @@ fn response_chart(out: &mut String, view: &TargetView, now_ms: i64, per_hour: bo
             );
         }
     } else {
-        for (class, pick) in [("p95", 1), ("p50", 0)] {
+        for (class, p95) in [("p95", true), ("p50", false)] {
             out.push_str("<path class=\"");
             out.push_str(class);
             out.push_str("\" d=\"");
@@ -300,7 +306,7 @@ fn response_chart(out: &mut String, view: &TargetView, now_ms: i64, per_hour: bo
                 out.push('M');
                 push_int(out, i as i64 * 10);
                 out.push(' ');
-                push_int(out, 400 - height(if pick == 0 { a } else { b }));
+                push_int(out, 400 - height(if p95 { b } else { a }));
                 out.push_str("h8V400h-8z");
             }
             out.push_str("\"/>");

@@ -30,7 +30,7 @@ use crate::service::Shutdown;
 use crate::sink::SinkError;
 use crate::sink::rollup::quantile;
 use crate::util::{format_rfc3339_ms, unix_ms_now};
-use data::{DAY_MS, HOUR_MS, Selection, TargetView};
+use data::{HOUR_MS, Selection, TargetView};
 
 /// How long an answer is reused: a page refresh storm costs one set of queries per path.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
@@ -319,23 +319,17 @@ impl Pages {
         let helper = self.helper(helper, route);
         let now_ms = unix_ms_now();
         let result = data::read_only(client, |tx| match route {
-            Route::Status { selection, group } => {
-                let started = Instant::now();
-                let (views, more) = data::targets(tx, helper, selection, now_ms)?;
-                let read = started.elapsed();
-                let page = html::status_page(&views, more, selection, *group, now_ms);
-                Ok(Response::new(200, HTML, page)
-                    .with_header("Content-Security-Policy", CSP)
-                    .with_header("Server-Timing", server_timing(read, started.elapsed())))
-            }
-            Route::Api(selection) => {
-                let started = Instant::now();
-                let (views, more) = data::targets(tx, helper, selection, now_ms)?;
-                let read = started.elapsed();
-                let json = api_json(&views, more, now_ms);
-                Ok(Response::new(200, JSON, json)
-                    .with_header("Server-Timing", server_timing(read, started.elapsed())))
-            }
+            Route::Status { selection, group } => timed(
+                || data::targets(tx, helper, selection, now_ms),
+                |views, more| {
+                    let page = html::status_page(views, more, selection, *group, now_ms);
+                    Response::new(200, HTML, page).with_header("Content-Security-Policy", CSP)
+                },
+            ),
+            Route::Api(selection) => timed(
+                || data::targets(tx, helper, selection, now_ms),
+                |views, more| Response::new(200, JSON, api_json(views, more, now_ms)),
+            ),
             Route::Target(id) => {
                 let Some(view) = one_target(tx, id, now_ms)? else {
                     return Ok(refuse(404, "no such target"));
@@ -353,29 +347,33 @@ impl Pages {
                 if client.is_closed() {
                     *main = None;
                 }
-                if helper_broke(&sessions.helper) {
-                    sessions.helper = None;
-                }
+
                 refuse(503, "database unavailable")
             }
         }
     }
 }
 
-fn helper_broke(helper: &Option<Client>) -> bool {
-    helper.as_ref().is_some_and(Client::is_closed)
-}
-
-/// `Server-Timing` (W3C; browsers' developer tools show it): the database reads and the whole
-/// page as built, in ms, sending not included. A cached answer repeats the figures of the
-/// request that built it. Bench section 9 reports them as the server-side time.
-fn server_timing(read: Duration, total: Duration) -> String {
-    format!(
+/// A list of targets `read`, then `build` into an answer, with `Server-Timing` (W3C; browsers'
+/// developer tools show it): the database reads and the whole answer as built, in ms, sending
+/// not included. A cached answer repeats the figures of the request that built it. Bench
+/// section 9 reports them as the server-side time.
+fn timed(
+    read: impl FnOnce() -> Result<(Vec<TargetView>, bool), postgres::Error>,
+    build: impl FnOnce(&[TargetView], bool) -> Response,
+) -> Result<Response, postgres::Error> {
+    let started = Instant::now();
+    let (views, more) = read()?;
+    let read = started.elapsed();
+    let response = build(&views, more);
+    let total = started.elapsed();
+    let timing = format!(
         "db;dur={:.1}, render;dur={:.1}, total;dur={:.1}",
         read.as_secs_f64() * 1000.0,
         (total - read).as_secs_f64() * 1000.0,
         total.as_secs_f64() * 1000.0
-    )
+    );
+    Ok(response.with_header("Server-Timing", timing))
 }
 
 fn one_target(
@@ -450,7 +448,7 @@ fn api_json(views: &[TargetView], more: bool, now_ms: i64) -> String {
                 .fold((0, 0), |(c, s), (dc, ds)| (c + dc, s + ds));
             let ratio = |up: i64, n: i64| (n > 0).then(|| up as f64 / n as f64);
             let hist = v.hist_24h();
-            let since_90d = now_ms - now_ms.rem_euclid(DAY_MS) - (data::BAR_DAYS - 1) * DAY_MS;
+            let since_90d = data::first_day_ms(now_ms);
             serde_json::json!({
                 "id": v.id,
                 "url": v.url,
